@@ -1,0 +1,307 @@
+"""Typed, frozen, self-validating configuration (DeepSeek-V3 `config.json` fields, V3 report §4.2).
+
+A `Config` holds four sections: `model` (the architecture, every field of the HF DeepSeek-V3
+`config.json` under a short name), `train`, `mesh` and `fp8`. YAML files hold values only and are
+loaded strictly by `deepseek_jax.config_io` (unknown keys, wrong types and impossible values raise
+`ConfigError` naming the field, the value and the rule). The model config counts its own parameters
+and training FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration error: names the field, the value and the rule."""
+
+
+def _check(ok: bool, field: str, value, rule: str) -> None:
+  if not ok:
+    raise ConfigError(f"{field}={value!r}: {rule}")
+
+
+def _positive(section: str, obj, *names: str) -> None:
+  for n in names:
+    v = getattr(obj, n)
+    _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{section}.{n}", v,
+           "must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnConfig:
+  """YaRN context extension (HF `rope_scaling` with type yarn)."""
+  factor: float = 40.0
+  original_max_position_embeddings: int = 4096
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  mscale_all_dim: float = 1.0
+
+  def __post_init__(self):
+    _check(self.factor >= 1.0, "model.yarn.factor", self.factor, "must be >= 1")
+    _positive("model.yarn", self, "original_max_position_embeddings")
+    _check(self.beta_fast > self.beta_slow > 0, "model.yarn.beta_fast", self.beta_fast,
+           f"must exceed beta_slow ({self.beta_slow}) and both must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """DeepSeek-V3 architecture. Defaults are the 671B model; YAML files override them."""
+  vocab_size: int = 129280
+  d_model: int = 7168
+  num_layers: int = 61
+  num_heads: int = 128
+  q_lora_rank: int | None = 1536          # None: plain query projection (V2-Lite)
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  ffn_dim: int = 18432                    # dense MLP hidden (HF intermediate_size)
+  first_k_dense_replace: int = 3
+  # DeepSeekMoE (V3 §2.1.2)
+  n_routed_experts: int = 256
+  n_shared_experts: int = 1
+  num_experts_per_tok: int = 8
+  moe_ffn_dim: int = 2048                 # per expert (HF moe_intermediate_size)
+  n_group: int = 8
+  topk_group: int = 4
+  scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+  routing_bias: bool = True               # e_score_correction_bias (aux-loss-free balancing)
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 2.5
+  balance_loss_alpha: float = 1e-4        # sequence-wise balance loss (V3 Eq. 17-20)
+  moe_dispatch: Literal["dense", "dropless"] = "dropless"
+  # Positions
+  rope_theta: float = 10000.0
+  yarn: YarnConfig | None = dataclasses.field(default_factory=YarnConfig)
+  max_position_embeddings: int = 163840
+  rms_norm_eps: float = 1e-6
+  # Multi-token prediction (V3 §2.2)
+  num_mtp_layers: int = 1
+  # Numerics and implementation
+  dtype: Literal["float32", "bfloat16"] = "float32"
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  init_std: float = 0.006
+  scan_layers: bool = True
+  remat: Literal["none", "full", "dots"] = "none"
+
+  def __post_init__(self):
+    _positive("model", self, "vocab_size", "d_model", "num_layers", "num_heads", "kv_lora_rank",
+              "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "ffn_dim",
+              "n_routed_experts", "num_experts_per_tok", "moe_ffn_dim", "n_group", "topk_group",
+              "max_position_embeddings")
+    _check(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+           "model.q_lora_rank", self.q_lora_rank, "must be a positive integer or null (plain query)")
+    _check(self.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim", self.qk_rope_head_dim,
+           "must be even (RoPE rotates pairs)")
+    _check(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
+           "model.n_shared_experts", self.n_shared_experts, "must be an integer >= 0")
+    _check(0 <= self.first_k_dense_replace <= self.num_layers, "model.first_k_dense_replace",
+           self.first_k_dense_replace, f"must lie in [0, num_layers={self.num_layers}]")
+    _check(self.num_experts_per_tok <= self.n_routed_experts, "model.num_experts_per_tok",
+           self.num_experts_per_tok, f"must be <= n_routed_experts={self.n_routed_experts}")
+    _check(self.n_routed_experts % self.n_group == 0, "model.n_group", self.n_group,
+           f"must divide n_routed_experts={self.n_routed_experts}")
+    _check(self.topk_group <= self.n_group, "model.topk_group", self.topk_group,
+           f"must be <= n_group={self.n_group}")
+    per_group = self.n_routed_experts // self.n_group
+    _check(self.topk_group * per_group >= self.num_experts_per_tok, "model.topk_group",
+           self.topk_group, f"kept groups hold {self.topk_group}*{per_group} experts, fewer than "
+           f"num_experts_per_tok={self.num_experts_per_tok}")
+    _check(self.n_group == 1 or per_group >= 2 or not self.routing_bias, "model.n_group",
+           self.n_group, "with routing_bias each group needs >= 2 experts (group score = top-2 sum)")
+    _check(self.scoring_func in ("sigmoid", "softmax"), "model.scoring_func", self.scoring_func,
+           "must be 'sigmoid' (V3) or 'softmax' (V2)")
+    _check(self.moe_dispatch in ("dense", "dropless"), "model.moe_dispatch", self.moe_dispatch,
+           "must be 'dense' or 'dropless' (expert parallelism is chosen by the mesh)")
+    _check(self.routed_scaling_factor > 0, "model.routed_scaling_factor",
+           self.routed_scaling_factor, "must be > 0")
+    _check(self.balance_loss_alpha >= 0, "model.balance_loss_alpha", self.balance_loss_alpha,
+           "must be >= 0")
+    _check(self.rope_theta > 1, "model.rope_theta", self.rope_theta, "must be > 1")
+    _check(0 < self.rms_norm_eps < 1, "model.rms_norm_eps", self.rms_norm_eps,
+           "must lie in (0, 1)")
+    _check(isinstance(self.num_mtp_layers, int) and self.num_mtp_layers >= 0,
+           "model.num_mtp_layers", self.num_mtp_layers, "must be an integer >= 0")
+    for n in ("dtype", "param_dtype"):
+      v = getattr(self, n)
+      _check(v in ("float32", "bfloat16"), f"model.{n}", v, "must be 'float32' or 'bfloat16'")
+    _check(self.remat in ("none", "full", "dots"), "model.remat", self.remat,
+           "must be 'none', 'full' or 'dots'")
+    _check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+
+  # ---- derived sizes ----
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_layers - self.first_k_dense_replace
+
+  @property
+  def cache_values_per_token(self) -> int:
+    """Latent cache width: (C + R) * L values per token (V3: 576 * 61)."""
+    return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_layers
+
+  def param_counts(self) -> dict[str, int]:
+    """Parameter counts from the shapes (norm weights and router biases included).
+
+    `active` counts what one token touches through matmuls: attention, dense FFNs, the shared and
+    K routed experts, the router and the output head, *without* the embedding lookup (V3 report's
+    "37B" is 36.6B this way); `active_with_embedding` adds the lookup table (37.5B).
+    """
+    D, N, C, R = self.d_model, self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim
+    H, J, E = self.qk_nope_head_dim, self.v_head_dim, self.n_routed_experts
+    if self.q_lora_rank is None:
+      q = D * N * (H + R)
+    else:
+      q = D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * N * (H + R)
+    attn = q + D * (C + R) + C + C * N * (H + J) + N * J * D
+    norms = 2 * D
+    dense_ffn = 3 * D * self.ffn_dim
+    expert = 3 * D * self.moe_ffn_dim
+    router = E * D + (E if self.routing_bias else 0)
+    moe_total = E * expert + self.n_shared_experts * expert + router
+    moe_active = (self.num_experts_per_tok + self.n_shared_experts) * expert + router
+    embed = self.vocab_size * D
+    head = self.vocab_size * D + D  # lm_head + final norm
+    dense_layer = attn + norms + dense_ffn
+    moe_layer_total = attn + norms + moe_total
+    moe_layer_active = attn + norms + moe_active
+    nd, nm = self.first_k_dense_replace, self.num_moe_layers
+    total = embed + head + nd * dense_layer + nm * moe_layer_total
+    active = head + nd * dense_layer + nm * moe_layer_active
+    mtp_one = 2 * D * D + 2 * D + moe_layer_total  # eh_proj, enorm, hnorm, block (MoE), shared norm
+    mtp_one += D
+    return {
+        "total": total,
+        "active": active,
+        "active_with_embedding": active + embed,
+        "embedding": embed,
+        "mtp_total": self.num_mtp_layers * mtp_one,
+        "mtp_active": self.num_mtp_layers * (mtp_one - moe_layer_total + moe_layer_active),
+    }
+
+  def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), MTP excluded.
+
+    Matmuls: 6 * (active matmul parameters without the embedding lookup). Attention: per layer the
+    score (H+R per head) and value (J per head) products over the visible context, which averages
+    seq_len/2 under a causal mask; 2 FLOPs per MAC, times 3 for the backward. This is the method
+    that gives the paper's Table 2 (V3: 250 GFLOPs at 4096).
+    """
+    _check(isinstance(seq_len, int) and seq_len > 0, "seq_len", seq_len, "must be a positive integer")
+    p = self.param_counts()
+    norm_params = self.num_layers * 2 * self.d_model + self.d_model
+    if self.q_lora_rank is not None:
+      norm_params += self.num_layers * self.q_lora_rank
+    norm_params += self.num_layers * self.kv_lora_rank
+    bias = self.num_moe_layers * self.n_routed_experts if self.routing_bias else 0
+    matmul = p["active"] - norm_params - bias
+    ctx = seq_len / 2 if causal else seq_len
+    attn = self.num_layers * 2 * self.num_heads * (self.qk_head_dim + self.v_head_dim) * ctx
+    return 6.0 * matmul + 3.0 * attn
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training run: optimisation, schedule, data and checkpointing."""
+  steps: int = 300
+  batch_size: int = 8
+  seq_len: int = 128
+  learning_rate: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 30
+  weight_decay: float = 0.1
+  adam_b1: float = 0.9
+  adam_b2: float = 0.95
+  grad_clip: float = 1.0
+  bf16_moments: bool = False
+  grad_accum: int = 1
+  mtp_loss_weight: float = 0.3           # lambda (V3: 0.3, later 0.1)
+  bias_update_gamma: float = 1e-3        # aux-loss-free balancing speed
+  seed: int = 0
+  data: str = "stdlib"                   # stdlib | synthetic | path to .txt/.jsonl files
+  tokenizer: str = "bytes"               # bytes | path to a HF tokenizer.json
+  eval_every: int = 50
+  eval_batches: int = 4
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  max_bad_steps: int = 5
+  log_every: int = 10
+
+  def __post_init__(self):
+    _positive("train", self, "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
+              "eval_batches", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "log_every")
+    _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+    _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,
+           "must lie in [0, 1]")
+    _check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps,
+           "train.warmup_steps", self.warmup_steps, f"must lie in [0, steps={self.steps}]")
+    _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+    for n in ("adam_b1", "adam_b2"):
+      v = getattr(self, n)
+      _check(0 <= v < 1, f"train.{n}", v, "must lie in [0, 1)")
+    _check(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0")
+    _check(self.mtp_loss_weight >= 0, "train.mtp_loss_weight", self.mtp_loss_weight, "must be >= 0")
+    _check(self.bias_update_gamma >= 0, "train.bias_update_gamma", self.bias_update_gamma,
+           "must be >= 0")
+    _check(self.batch_size % self.grad_accum == 0, "train.grad_accum", self.grad_accum,
+           f"must divide batch_size={self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes; one may be -1 (fill with the remaining devices)."""
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = {n: getattr(self, n) for n in ("data", "fsdp", "expert", "tensor")}
+    for n, v in sizes.items():
+      _check(isinstance(v, int) and (v > 0 or v == -1), f"mesh.{n}", v, "must be > 0 or -1 (fill)")
+    fills = [n for n, v in sizes.items() if v == -1]
+    _check(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1,
+           "at most one mesh axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Config:
+  """FP8 recipe by name, with per-layer-path overrides ("pattern=recipe" strings)."""
+  recipe: str = "none"
+  overrides: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for o in self.overrides:
+      _check(isinstance(o, str) and o.count("=") == 1, "fp8.overrides", o,
+             "each entry must read 'path_pattern=recipe'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  fp8: FP8Config = dataclasses.field(default_factory=FP8Config)
+
+  def __post_init__(self):
+    m, t = self.model, self.train
+    _check(t.seq_len <= m.max_position_embeddings, "train.seq_len", t.seq_len,
+           f"must be <= model.max_position_embeddings={m.max_position_embeddings}")
+
+
+def yarn_mscale(scale: float, mscale: float) -> float:
+  """YaRN attention temperature m = 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def load_config(path=None, overrides=()) -> Config:
+  """Loads a YAML config strictly and applies dotted `section.field=value` overrides."""
+  from deepseek_jax import config_io  # local: keeps the dataclasses import-light
+  return config_io.load_config(path, overrides)

@@ -1,0 +1,97 @@
+"""Basic layers: RMSNorm, the parameter-holding Dense layer (the single FP8 seam) and SwiGLU MLP.
+
+V3 report §2.1 (SwiGLU experts, RMSNorm everywhere). Every matmul against a parameter in the model
+goes through `Dense`, and every `Dense` multiplies through one `dot_general`: the one chosen for its
+module path by the FP8 policy (V3 report §3.3), or `jax.lax.dot_general` when there is none.
+Parameters carry logical axis names only; `sharding/rules.py` maps them onto a mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+DotGeneral = Callable[..., jax.Array]
+
+
+def dtype_of(name: str) -> Dtype:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def module_path(module: nn.Module) -> str:
+  """'/'-joined module path (e.g. 'blocks/attn/wq_b'); stable under nn.scan and remat."""
+  return "/".join(str(p) for p in module.scope.path) if module.scope is not None else ""
+
+
+class RMSNorm(nn.Module):
+  """y = w * cast(x * rsqrt(mean(x^2) + eps)): reduce in f32, cast to the input dtype, then weight."""
+  eps: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                   (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+class Dense(nn.Module):
+  """y = x . W contracting the last `len(in_features)` axes of x with W's leading axes.
+
+  W has shape `in_features + out_features` and logical axes `axes` (one name per dimension).
+  The product runs through `fp8_policy.dot_general_for(path)` when a policy is set and selects
+  this layer, else through `jax.lax.dot_general`: the one seam for mixed precision.
+  """
+  in_features: Sequence[int]
+  out_features: Sequence[int]
+  axes: Sequence[str]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
+  fp8_policy: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ins, outs = tuple(self.in_features), tuple(self.out_features)
+    if len(self.axes) != len(ins) + len(outs):
+      raise ValueError(f"{module_path(self)}: {len(self.axes)} logical axes for a "
+                       f"{len(ins) + len(outs)}-d kernel")
+    if x.shape[x.ndim - len(ins):] != ins:
+      raise ValueError(f"{module_path(self)}: input trailing shape {x.shape[x.ndim - len(ins):]} "
+                       f"!= in_features {ins}")
+    init = nn.initializers.normal(self.init_std)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
+                        ins + outs, self.param_dtype)
+    dot = jax.lax.dot_general
+    if self.fp8_policy is not None:
+      dot = self.fp8_policy.dot_general_for(module_path(self)) or dot
+    contract = (tuple(range(x.ndim - len(ins), x.ndim)), tuple(range(len(ins))))
+    return dot(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+
+
+class MLP(nn.Module):
+  """SwiGLU: w2(silu(w1 x) * w3 x) (HF gate_proj = w1, up_proj = w3, down_proj = w2); no biases."""
+  d_model: int
+  hidden: int
+  hidden_axis: str = "mlp"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
+  fp8_policy: Any = None
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std,
+              fp8_policy=self.fp8_policy)
+    D, F = self.d_model, self.hidden
+    gate_BTF = Dense((D,), (F,), ("embed", self.hidden_axis), name="gate_proj", **kw)(x_BTD)
+    up_BTF = Dense((D,), (F,), ("embed", self.hidden_axis), name="up_proj", **kw)(x_BTD)
+    return Dense((F,), (D,), (self.hidden_axis, "embed"), name="down_proj", **kw)(
+        nn.silu(gate_BTF) * up_BTF)
