@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
                    (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return w.astype(x.dtype) * y.astype(x.dtype)
+    return w.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * y.astype(x.dtype)
 
 
 class Dense(nn.Module):
@@ -57,23 +57,26 @@ class Dense(nn.Module):
   init_std: float = 0.02
   fp8_policy: Any = None
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def setup(self):
     ins, outs = tuple(self.in_features), tuple(self.out_features)
     if len(self.axes) != len(ins) + len(outs):
       raise ValueError(f"{module_path(self)}: {len(self.axes)} logical axes for a "
                        f"{len(ins) + len(outs)}-d kernel")
+    init = nn.initializers.normal(self.init_std)
+    # Read directly (not only through __call__) by MLA's absorbed decode.
+    self.kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
+                             ins + outs, self.param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ins = tuple(self.in_features)
     if x.shape[x.ndim - len(ins):] != ins:
       raise ValueError(f"{module_path(self)}: input trailing shape {x.shape[x.ndim - len(ins):]} "
                        f"!= in_features {ins}")
-    init = nn.initializers.normal(self.init_std)
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
-                        ins + outs, self.param_dtype)
     dot = jax.lax.dot_general
     if self.fp8_policy is not None:
       dot = self.fp8_policy.dot_general_for(module_path(self)) or dot
     contract = (tuple(range(x.ndim - len(ins), x.ndim)), tuple(range(len(ins))))
-    return dot(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    return dot(x.astype(self.dtype), self.kernel.astype(self.dtype), (contract, ((), ())))
 
 
 class MLP(nn.Module):

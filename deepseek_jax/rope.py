@@ -61,7 +61,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Arra
   """
   R = x.shape[-1]
   inv_freq = jnp.asarray(inv_frequencies(R, cfg.rope_theta, cfg.yarn), jnp.float32)
-  angle_BTP = positions.astype(jnp.float32)[..., None] * inv_freq  # P = R/2 pairs
+  angle_BTP = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # P = R/2 pairs
   scale = cos_sin_scale(cfg.yarn)
   cos, sin = jnp.cos(angle_BTP) * scale, jnp.sin(angle_BTP) * scale
   extra = x.ndim - angle_BTP.ndim  # broadcast over head axes between T and R

@@ -1,0 +1,136 @@
+"""Multi-head Latent Attention (V3 report §2.1.1; V2 report §2.1.2-2.1.3).
+
+Keys and values are compressed into one latent c_KV [C] per token (plus one rope key k_R [R] shared
+by all heads), so a cache of `[c_KV ; k_R]` holds (C + R) values per token per layer. Two paths:
+
+* expanded (training, prefill): k_nope = c_KV W_UK and v = c_KV W_UV per head, ordinary attention;
+* absorbed (decode): W_UK is folded into the query (q~ = q_nope W_UK^T, [N, C]) and W_UV into the
+  output, so scores and values are read straight from the latent cache.
+
+Both compute the same function; tests check it. Cache slots are indexed by absolute position and a
+query at position p attends to slots s <= p, so batches with ragged positions and multi-token decode
+steps work under one compiled step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import Dense, RMSNorm, dtype_of
+from deepseek_jax.rope import apply_rope, softmax_scale
+
+
+class LatentCache(NamedTuple):
+  """Per-layer latent cache: kv_norm(c_KV) [B, S, C] and rope(k_R) [B, S, R]."""
+  latent_BSC: jax.Array
+  rope_BSR: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, layers: int | None = None,
+               dtype=None) -> LatentCache:
+  """Zeroed cache for `layers` stacked layers (default cfg.num_layers): [L, B, S, C] and [L, B, S, R]."""
+  L = cfg.num_layers if layers is None else layers
+  dt = dtype or dtype_of(cfg.dtype)
+  return LatentCache(jnp.zeros((L, batch, max_len, cfg.kv_lora_rank), dt),
+                     jnp.zeros((L, batch, max_len, cfg.qk_rope_head_dim), dt))
+
+
+def _write(cache_BSF: jax.Array, new_BTF: jax.Array, start_B: jax.Array) -> jax.Array:
+  """Writes each row's new entries at its own start position (positions are contiguous per row)."""
+  def one(c_SF, n_TF, s):
+    return jax.lax.dynamic_update_slice(c_SF, n_TF.astype(c_SF.dtype), (s, 0))
+  return jax.vmap(one)(cache_BSF, new_BTF, start_B)
+
+
+def _softmax(scores_BNTS: jax.Array, mask_BTS: jax.Array, dtype) -> jax.Array:
+  scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, -jnp.inf)
+  return jax.nn.softmax(scores_BNTS.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+class MLA(nn.Module):
+  """MLA attention. Call with `cache=None` for the expanded causal path, else a `LatentCache`."""
+  cfg: ModelConfig
+  fp8_policy: Any = None
+  absorb: bool = True
+
+  def setup(self):
+    cfg = self.cfg
+    kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+              init_std=cfg.init_std, fp8_policy=self.fp8_policy)
+    D, N, C, R = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    H, J = cfg.qk_nope_head_dim, cfg.v_head_dim
+    norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=dtype_of(cfg.param_dtype))
+    if cfg.q_lora_rank is None:
+      self.q_proj = Dense((D,), (N, H + R), ("embed", "heads", "qk_head_dim"), **kw)
+    else:
+      Q = cfg.q_lora_rank
+      self.q_a_proj = Dense((D,), (Q,), ("embed", "q_latent"), **kw)
+      self.q_a_layernorm = RMSNorm(axis_name="q_latent", **norm_kw)
+      self.q_b_proj = Dense((Q,), (N, H + R), ("q_latent", "heads", "qk_head_dim"), **kw)
+    self.kv_a_proj_with_mqa = Dense((D,), (C + R,), ("embed", "kv_latent"), **kw)
+    self.kv_a_layernorm = RMSNorm(axis_name="kv_latent", **norm_kw)
+    self.kv_b_proj = Dense((C,), (N, H + J), ("kv_latent", "heads", "kv_head_dim"), **kw)
+    self.o_proj = Dense((N, J), (D,), ("heads", "v_head_dim", "embed"), **kw)
+
+  def _query(self, x_BTD, positions_BT):
+    cfg = self.cfg
+    if cfg.q_lora_rank is None:
+      q_BTNF = self.q_proj(x_BTD)
+    else:
+      q_BTNF = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+    H = cfg.qk_nope_head_dim
+    return q_BTNF[..., :H], apply_rope(q_BTNF[..., H:], positions_BT, cfg)
+
+  def _latent(self, x_BTD, positions_BT):
+    C = self.cfg.kv_lora_rank
+    kv_BTF = self.kv_a_proj_with_mqa(x_BTD)
+    latent_BTC = self.kv_a_layernorm(kv_BTF[..., :C])
+    rope_BTR = apply_rope(kv_BTF[..., C:], positions_BT, self.cfg)
+    return latent_BTC, rope_BTR
+
+  def _expanded(self, q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, mask_BTS):
+    """Per-head K/V expansion from the latent (training, prefill, and the decode baseline)."""
+    H = self.cfg.qk_nope_head_dim
+    kv_BSNF = self.kv_b_proj(latent_BSC)
+    k_nope_BSNH, v_BSNJ = kv_BSNF[..., :H], kv_BSNF[..., H:]
+    f32 = jnp.float32
+    scores_BNTS = (jnp.einsum("BTNH,BSNH->BNTS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=f32)
+                   + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, rope_BSR, preferred_element_type=f32))
+    probs_BNTS = _softmax(scores_BNTS * softmax_scale(self.cfg), mask_BTS, v_BSNJ.dtype)
+    return jnp.einsum("BNTS,BSNJ->BTNJ", probs_BNTS, v_BSNJ)
+
+  def _absorbed(self, q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, mask_BTS):
+    """W_UK folded into the query and W_UV into the output: attention reads the latent directly."""
+    H = self.cfg.qk_nope_head_dim
+    w_CNF = self.kv_b_proj.kernel.astype(latent_BSC.dtype)
+    w_uk_CNH, w_uv_CNJ = w_CNF[..., :H], w_CNF[..., H:]
+    q_lat_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w_uk_CNH)
+    f32 = jnp.float32
+    scores_BNTS = (jnp.einsum("BTNC,BSC->BNTS", q_lat_BTNC, latent_BSC, preferred_element_type=f32)
+                   + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, rope_BSR, preferred_element_type=f32))
+    probs_BNTS = _softmax(scores_BNTS * softmax_scale(self.cfg), mask_BTS, latent_BSC.dtype)
+    out_lat_BTNC = jnp.einsum("BNTS,BSC->BTNC", probs_BNTS, latent_BSC)
+    return jnp.einsum("BTNC,CNJ->BTNJ", out_lat_BTNC, w_uv_CNJ)
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+               cache: LatentCache | None = None) -> tuple[jax.Array, LatentCache | None]:
+    """Returns (output [B, T, D], updated cache or None)."""
+    q_nope_BTNH, q_rope_BTNR = self._query(x_BTD, positions_BT)
+    latent_BTC, rope_BTR = self._latent(x_BTD, positions_BT)
+    if cache is None:
+      mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
+      out_BTNJ = self._expanded(q_nope_BTNH, q_rope_BTNR, latent_BTC, rope_BTR, mask_BTS)
+      return self.o_proj(out_BTNJ), None
+    start_B = positions_BT[:, 0]
+    cache = LatentCache(_write(cache.latent_BSC, latent_BTC, start_B),
+                        _write(cache.rope_BSR, rope_BTR, start_B))
+    S = cache.latent_BSC.shape[1]
+    mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+    attend = self._absorbed if self.absorb else self._expanded
+    out_BTNJ = attend(q_nope_BTNH, q_rope_BTNR, cache.latent_BSC, cache.rope_BSR, mask_BTS)
+    return self.o_proj(out_BTNJ), cache
