@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -15,6 +16,8 @@ from typing import Any, Literal
 import yaml
 
 from deepseek_jax.config import Config, ConfigError
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp) -> str:
@@ -63,6 +66,8 @@ def _convert(value: Any, tp, field: str):
       raise ConfigError(f"{field}={value!r}: must be an integer")
     return value
   if tp is float:
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+      value = float(value)  # YAML 1.1 reads '1e-4' (no dot) as a string
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{field}={value!r}: must be a number")
     return float(value)
