@@ -1,0 +1,163 @@
+"""`python -m deepseek_jax.codesign`: the co-design calculator's command line ("Insights" §2-4).
+
+Prints the paper's Tables 1-2, the EP TPOT bound and node-limited routing numbers next to the
+same quantities for `--config` on `--hardware`, and a per-device memory plan on `--mesh` (or an
+FSDP + EP mesh for `--devices`). `--plot DIR` writes PNG charts; `--roofline B,T` compiles and
+times our own train step. User errors print one line to stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+
+from deepseek_jax.config import ConfigError
+
+DEFAULT_CONFIG = "deepseek_v3_671b"
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, exit 2 (argparse's default prints the usage too)
+    raise ConfigError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+  try:
+    v = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if v <= 0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+  return v
+
+
+def _positive_float(text: str) -> float:
+  try:
+    v = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not (math.isfinite(v) and v > 0):
+    raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+  return v
+
+
+def _shape(text: str) -> tuple[int, int]:
+  parts = text.split(",")
+  if len(parts) != 2:
+    raise argparse.ArgumentTypeError(f"{text!r} must read BATCH,SEQ (e.g. 2,64)")
+  return _positive_int(parts[0]), _positive_int(parts[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="python -m deepseek_jax.codesign",
+              description="Reproduce the tables of 'Insights into DeepSeek-V3' and plan memory, "
+                          "communication and speed for a config.")
+  p.add_argument("--config", help="model YAML (default: configs/deepseek_v3_671b.yaml)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, e.g. model.num_layers=4 (repeatable)")
+  p.add_argument("--hardware", default="h800",
+                 help="preset: h800, h100, h200, gb200_nvl72, tpu_v5p")
+  p.add_argument("--seq-len", type=_positive_int,
+                 help="sequence length for this model's FLOPs and memory (default: train.seq_len)")
+  p.add_argument("--tokens-per-device", type=_positive_int, default=32,
+                 help="decode tokens per device for the EP bound (32)")
+  p.add_argument("--ep-size", type=_positive_int, help="devices in the EP group "
+                 "(default: routed + shared experts, one per device)")
+  p.add_argument("--bandwidth", type=_positive_float, metavar="GB/s",
+                 help="all-to-all bandwidth per device for the EP bound "
+                      "(default: the preset's tier)")
+  p.add_argument("--mesh", help="axis=size,... e.g. data=2,fsdp=16,expert=64,tensor=1")
+  p.add_argument("--devices", type=_positive_int, default=2048,
+                 help="devices for the automatic FSDP + EP mesh when --mesh is not given (2048)")
+  p.add_argument("--rules", choices=("project", "planning"), default="project",
+                 help="logical -> mesh rules: sharding/rules.py with the config's mesh.rules "
+                      "(project) or codesign's shard-everything table (planning)")
+  p.add_argument("--micro-batch", type=_positive_int,
+                 help="sequences per micro-step, all devices (default: one per batch shard)")
+  p.add_argument("--bf16-moments", action="store_true", help="Adam moments in BF16 (V3 recipe)")
+  p.add_argument("--no-zero1", action="store_true",
+                 help="keep optimizer state replicated over the data axis")
+  p.add_argument("--sample-tokens", type=int, default=2048,
+                 help="tokens routed by the real router for the node-limited table (0: skip)")
+  p.add_argument("--no-eval-shape", action="store_true",
+                 help="skip the model's eval_shape (parameter check and memory plan)")
+  p.add_argument("--roofline", type=_shape, metavar="B,T",
+                 help="compile and time our train step on B x T tokens (small configs only)")
+  p.add_argument("--roofline-steps", type=_positive_int, default=3)
+  p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
+  return p
+
+
+def run(argv=None) -> list[str]:
+  from deepseek_jax.codesign import kv_cache, memory, plots, report  # noqa: PLC0415
+  from deepseek_jax.codesign.hardware import get_hardware  # noqa: PLC0415
+  from deepseek_jax.config import load_config  # noqa: PLC0415
+  args = build_parser().parse_args(argv)
+  if args.sample_tokens < 0:
+    raise ConfigError(f"--sample-tokens={args.sample_tokens}: must be >= 0")
+  hw = get_hardware(args.hardware)
+  path = args.config or report.CONFIG_DIR / f"{DEFAULT_CONFIG}.yaml"
+  cfg = load_config(path, args.set)
+  m = cfg.model
+  seq_len = args.seq_len or cfg.train.seq_len
+  rules = memory.project_rules(cfg.mesh) if args.rules == "project" else memory.PLANNING_RULES
+  mesh = memory.parse_mesh(args.mesh) if args.mesh else memory.auto_mesh(m, args.devices, rules)
+  memory.check_rules(rules, mesh)
+  plot_dir = pathlib.Path(args.plot) if args.plot else None
+  if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
+    raise ConfigError(f"--plot {args.plot!r}: exists and is not a directory")
+  v2, v3 = report.reference_model("deepseek_v2_236b"), report.reference_model(DEFAULT_CONFIG)
+  bandwidth = None if args.bandwidth is None else args.bandwidth * 1e9
+  moment_bytes = 2 if args.bf16_moments else 4
+
+  variables = None
+  if not args.no_eval_shape:
+    from deepseek_jax.codesign.params import abstract_variables  # noqa: PLC0415
+    variables = abstract_variables(m)
+  lines = [f"# co-design report for {path} on {hw.name}"]
+  lines += report.section_model(m, seq_len, variables)
+  lines += report.section_table1(v3)
+  lines += report.section_table2(v2, v3)
+  lines += report.section_ep(m, hw, args.tokens_per_device, args.ep_size, bandwidth)
+  lines += report.section_node_limited(m, hw, args.sample_tokens)
+  plan = None
+  if variables is not None:
+    mem_lines, plan = report.section_memory(
+        m, mesh, args.micro_batch, seq_len, moment_bytes, not args.no_zero1, hw, rules,
+        variables=variables)
+    lines += mem_lines
+  if args.roofline:
+    lines += report.section_roofline(m, *args.roofline, args.roofline_steps)
+  if plot_dir is not None:
+    written = [plots.plot_kv_cache(kv_cache.table1(v3), plot_dir / "kv_cache_table1.png"),
+               plots.plot_tpot_vs_bandwidth(plot_dir / "tpot_vs_bandwidth.png")]
+    if plan is not None:
+      n = math.prod(mesh.values())
+      by_mesh = report.plans_by_mesh(m, n, mesh if args.mesh else None, seq_len,
+                                     moment_bytes, not args.no_zero1, variables, rules)
+      written.append(plots.plot_memory_by_mesh(
+          by_mesh, plot_dir / "memory_by_mesh.png", hw.hbm_bytes,
+          f"{pathlib.Path(str(path)).stem} on {n} devices: full remat, one sequence of "
+          f"{seq_len} per batch shard"))
+    lines.append("== Plots ==")
+    lines += [f"  {w}" for w in written]
+  return lines
+
+
+def main(argv=None) -> int:
+  try:
+    lines = run(argv)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:   # e.g. --plot into a directory that cannot be written
+    print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    return 2
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,63 @@
+"""Parameter counts, total and active (V3 report §4.2: "671B total, 37B activated per token").
+
+Two independent routes that must agree: `ModelConfig.param_counts()` (arithmetic on the config) and
+`eval_shape_param_counts` (the shapes of the real model's variables under `jax.eval_shape`, nothing
+allocated). Active parameters are what one token multiplies through: everything except the
+embedding table and the routed experts it was not sent to (K of E per MoE layer); V3's "37B" is
+36.6B this way and 37.5B with the embedding lookup counted.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.codesign.dense_models import DenseModel
+from deepseek_jax.config import ModelConfig
+
+
+def param_counts(model: ModelConfig | DenseModel) -> dict[str, int]:
+  """Config arithmetic: total, active, active_with_embedding, embedding (+ MTP for DeepSeek)."""
+  if not isinstance(model, (ModelConfig, DenseModel)):
+    raise TypeError(f"expected a ModelConfig or DenseModel, got {type(model).__name__}")
+  return model.param_counts()
+
+
+def abstract_variables(model: ModelConfig):
+  """`jax.eval_shape` of `Transformer(model).init`: ShapeDtypeStructs with logical-axis boxes."""
+  from deepseek_jax.model import Transformer  # noqa: PLC0415 (heavy; only this route needs it)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(Transformer(model).init, jax.random.PRNGKey(0), tokens)
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
+def eval_shape_param_counts(model: ModelConfig, variables=None) -> dict[str, int]:
+  """Counts from the model's abstract variables (`params` and `router_state`).
+
+  Keys match `ModelConfig.param_counts()`: the MTP subtree is reported apart ('mtp_total',
+  'mtp_active') and the main model's 'active' scales each routed-expert tensor by K/E and drops
+  the embedding table.
+  """
+  import flax.linen as nn  # noqa: PLC0415
+  if variables is None:
+    variables = abstract_variables(model)
+  variables = nn.unbox(variables)
+  frac = model.num_experts_per_tok / model.n_routed_experts
+  out = dict.fromkeys(("total", "active", "embedding", "mtp_total", "mtp_active"), 0)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    names = _path_names(path)
+    size = int(leaf.size)
+    routed = "experts" in names[:-1] and names[names.index("experts") - 1] == "mlp"
+    active = size * frac if routed else size
+    prefix = "mtp_" if "mtp" in names else ""
+    out[prefix + "total"] += size
+    if "embed_tokens" in names:
+      out["embedding"] += size
+      continue
+    out[prefix + "active"] += active
+  out = {k: int(round(v)) for k, v in out.items()}
+  out["active_with_embedding"] = out["active"] + out["embedding"]
+  return out
