@@ -209,30 +209,39 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The training run: optimisation, schedule, data and checkpointing."""
+  """The training run: optimisation (V3 report §4.2), data, evaluation, checkpoints and logging."""
   steps: int = 300
-  batch_size: int = 8
+  batch_size: int = 8                    # sequences per optimizer step (all microbatches)
   seq_len: int = 128
+  # AdamW + schedule: warmup, constant, cosine to min_lr_ratio * lr, constant tail (V3 shape)
   learning_rate: float = 3e-3
   min_lr_ratio: float = 0.1
   warmup_steps: int = 30
+  decay_start_frac: float = 0.676        # cosine starts here (V3: 10T of 14.8T tokens)
+  decay_end_frac: float = 0.966          # and ends here (V3: 14.3T of 14.8T tokens)
   weight_decay: float = 0.1
   adam_b1: float = 0.9
   adam_b2: float = 0.95
+  adam_eps: float = 1e-8
   grad_clip: float = 1.0
-  bf16_moments: bool = False
-  grad_accum: int = 1
+  bf16_moments: bool = False             # Adam moments stored in BF16 (V3 §3.3.4)
+  grad_accum: int = 1                    # microbatches per step (divides batch_size)
   mtp_loss_weight: float = 0.3           # lambda (V3: 0.3, later 0.1)
-  bias_update_gamma: float = 1e-3        # aux-loss-free balancing speed
+  bias_update_gamma: float = 1e-3        # aux-loss-free balancing speed (V3: 0.001)
   seed: int = 0
-  data: str = "stdlib"                   # stdlib | synthetic | path to .txt/.jsonl files
+  # Data: stdlib (this Python's standard library) | synthetic | .txt/.jsonl file, dir or glob
+  data: str = "stdlib"
   tokenizer: str = "bytes"               # bytes | path to a HF tokenizer.json
+  val_fraction: float = 0.05             # share of files (documents for one file) held out
+  # Evaluation, checkpoints, logging
   eval_every: int = 50
   eval_batches: int = 4
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
-  max_bad_steps: int = 5
+  async_checkpoint: bool = True
+  max_bad_steps: int = 5                 # consecutive non-finite steps that stop the run
   log_every: int = 10
+  peak_flops: float = 0.0                # FLOP/s for MFU; 0: declared per accelerator, or measured
 
   def __post_init__(self):
     _positive("train", self, "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
@@ -240,47 +249,101 @@ class TrainConfig:
     _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
     _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,
            "must lie in [0, 1]")
-    _check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps,
-           "train.warmup_steps", self.warmup_steps, f"must lie in [0, steps={self.steps}]")
+    _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "train.warmup_steps",
+           self.warmup_steps, "must be an integer >= 0")
+    _check(0 <= self.decay_start_frac <= self.decay_end_frac <= 1, "train.decay_start_frac",
+           self.decay_start_frac, f"must satisfy 0 <= decay_start_frac <= decay_end_frac "
+           f"({self.decay_end_frac}) <= 1")
     _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
     for n in ("adam_b1", "adam_b2"):
       v = getattr(self, n)
       _check(0 <= v < 1, f"train.{n}", v, "must lie in [0, 1)")
+    _check(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
     _check(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0")
     _check(self.mtp_loss_weight >= 0, "train.mtp_loss_weight", self.mtp_loss_weight, "must be >= 0")
     _check(self.bias_update_gamma >= 0, "train.bias_update_gamma", self.bias_update_gamma,
            "must be >= 0")
     _check(self.batch_size % self.grad_accum == 0, "train.grad_accum", self.grad_accum,
            f"must divide batch_size={self.batch_size}")
+    _check(self.seq_len >= 2, "train.seq_len", self.seq_len, "must be >= 2")
+    _check(isinstance(self.seed, int) and self.seed >= 0, "train.seed", self.seed,
+           "must be an integer >= 0")
+    _check(bool(self.data), "train.data", self.data,
+           "must be 'stdlib', 'synthetic' or a path to .txt/.jsonl files")
+    _check(bool(self.tokenizer), "train.tokenizer", self.tokenizer,
+           "must be 'bytes' or a path to a HF tokenizer.json")
+    _check(0 < self.val_fraction < 1, "train.val_fraction", self.val_fraction,
+           "must lie in (0, 1)")
+    _check(self.peak_flops >= 0, "train.peak_flops", self.peak_flops,
+           "must be >= 0 (0: declared per accelerator, or measured at start)")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh axis sizes; one may be -1 (fill with the remaining devices)."""
+  """Device mesh and expert-parallel dispatch (`sharding/mesh.py`, `sharding/expert_parallel.py`).
+
+  Axis sizes `data`, `fsdp`, `expert`, `tensor`; one may be -1 (fill with the remaining devices).
+  `rules` overrides single entries of `sharding.rules.DEFAULT_RULES`, each "logical=axis[,axis]"
+  ("logical=" replicates). The expert-parallel MoE (used when the mesh splits the experts) sends
+  each token once per destination shard into fixed buffers of `capacity_factor` x the expected
+  rows (null: room for every local token, exact and never dropping); `alltoall` picks the
+  collective ("auto": ragged where the backend has it, i.e. not XLA:CPU); `dispatch_dtype` and
+  `combine_dtype` set the wire format of the two all-to-alls ("model": the compute dtype).
+  """
   data: int = -1
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
+  rules: tuple[str, ...] = ()
+  capacity_factor: float | None = None
+  alltoall: Literal["auto", "dense", "ragged"] = "auto"
+  dispatch_dtype: Literal["model", "bfloat16"] = "model"
+  combine_dtype: Literal["model", "bfloat16"] = "model"
 
   def __post_init__(self):
     sizes = {n: getattr(self, n) for n in ("data", "fsdp", "expert", "tensor")}
     for n, v in sizes.items():
-      _check(isinstance(v, int) and (v > 0 or v == -1), f"mesh.{n}", v, "must be > 0 or -1 (fill)")
+      _check(isinstance(v, int) and not isinstance(v, bool) and (v > 0 or v == -1), f"mesh.{n}", v,
+             "must be > 0 or -1 (fill)")
     fills = [n for n, v in sizes.items() if v == -1]
     _check(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1,
            "at most one mesh axis may be -1")
+    for r in self.rules:
+      _check(isinstance(r, str) and r.count("=") == 1 and r.split("=")[0].strip() != "",
+             "mesh.rules", r, "each entry must read 'logical_name=mesh_axis[,mesh_axis]' or "
+             "'logical_name=' (replicated)")
+    _check(self.capacity_factor is None or self.capacity_factor > 0, "mesh.capacity_factor",
+           self.capacity_factor, "must be > 0, or null for exact (never-dropping) buffers")
+    _check(self.alltoall in ("auto", "dense", "ragged"), "mesh.alltoall", self.alltoall,
+           "must be 'auto', 'dense' or 'ragged'")
+    for n in ("dispatch_dtype", "combine_dtype"):
+      v = getattr(self, n)
+      _check(v in ("model", "bfloat16"), f"mesh.{n}", v, "must be 'model' or 'bfloat16'")
 
 
 @dataclasses.dataclass(frozen=True)
 class FP8Config:
-  """FP8 recipe by name, with per-layer-path overrides ("pattern=recipe" strings)."""
+  """FP8 recipe by name, with per-layer-path overrides ("pattern=recipe" strings).
+
+  Recipes are defined in `deepseek_jax.fp8.policy` (which checks that `RECIPES` lists exactly
+  its names); patterns are `fnmatch` globs over '/'-joined module paths, e.g. "*attn*=none".
+  """
+  # A plain class attribute (no annotation), so not a config field.
+  RECIPES = ("none", "deepseek_v3", "deepseek_v3_fused", "deepseek_v3_hopper", "tensor_current",
+             "tensor_delayed", "rowwise")
   recipe: str = "none"
   overrides: tuple[str, ...] = ()
 
   def __post_init__(self):
+    _check(self.recipe in self.RECIPES, "fp8.recipe", self.recipe,
+           f"must be one of {list(self.RECIPES)}")
     for o in self.overrides:
       _check(isinstance(o, str) and o.count("=") == 1, "fp8.overrides", o,
              "each entry must read 'path_pattern=recipe'")
+      pattern, name = o.split("=")
+      _check(pattern.strip() != "", "fp8.overrides", o, "the path pattern must not be empty")
+      _check(name.strip() in self.RECIPES, "fp8.overrides", o,
+             f"the recipe after '=' must be one of {list(self.RECIPES)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""Expert-parallel MoE (shard_map + all-to-all) against single-device dropless dispatch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax import dispatch, router
+from deepseek_jax.config import MeshConfig
+from sharding import expert_parallel as ep
+from sharding import mesh as mesh_lib
+from sharding import rules as rules_lib
+from tests.sharding import common
+
+X, D, M, E, K, G = 64, 16, 8, 16, 4, 4
+
+
+def _inputs(seed=0, topk_group=2):
+  k = jax.random.split(jax.random.key(seed), 6)
+  cfg = common.small_cfg(n_routed_experts=E, num_experts_per_tok=K, n_group=G,
+                         topk_group=topk_group)
+  logits = jax.random.normal(k[0], (X, E))
+  bias = 0.1 * jax.random.normal(k[1], (E,))
+  weights_XK, experts_XK, _ = router.route(logits, bias, cfg)
+  x_XD = jax.random.normal(k[2], (X, D))
+  w = [0.3 * jax.random.normal(kk, s) for kk, s in zip(k[3:], [(E, D, M), (E, D, M), (E, M, D)])]
+  return (x_XD, weights_XK, experts_XK, *w)
+
+
+def _run(shape, args, mesh_cfg=None, topk_group=2, rules=rules_lib.DEFAULT_RULES, grads=True):
+  """(y, stats, grads or None) from one compiled function on the mesh."""
+  mesh_cfg = mesh_cfg or MeshConfig(*shape)
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  f = functools.partial(ep.moe_ffn, n_group=G, topk_group=topk_group)
+
+  def loss(*a):
+    y, stats = f(*a)
+    return jnp.sum(jnp.sin(y)), (y, stats)
+
+  with mesh_lib.activate(mesh, rules, mesh_cfg):
+    assert ep.enabled()
+    if grads:
+      (_, (y, stats)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5),
+                                                      has_aux=True))(*args)
+    else:
+      (y, stats), g = jax.jit(f)(*args), None
+  return np.asarray(y), jax.tree.map(int, stats._asdict()), g
+
+
+def _reference(args, keep_XK=None):
+  x, w, e, *ws = args
+  w = w if keep_XK is None else w * keep_XK
+  f = lambda x, w, *ws: dispatch.dropless_ffn(x, w, e, *ws)  # noqa: E731
+  y = f(x, w, *ws)
+  grads = jax.grad(lambda x, w, *ws: jnp.sum(jnp.sin(f(x, w, *ws))), argnums=(0, 1, 2, 3, 4))(
+      x, w, *ws)
+  return np.asarray(y), grads
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 4, 1), (1, 2, 2, 2)])
+def test_equals_dropless_with_enough_capacity(shape):
+  args = _inputs()
+  y, stats, grads = _run(shape, args)
+  y_ref, grads_ref = _reference(args)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+  assert stats["dropped_assignments"] == 0 and stats["assignments"] == X * K
+
+
+def _numpy_keep(experts_XK, token_shards, shards, cap):
+  """First `cap` tokens of each source shard bound for each destination keep their row."""
+  e = np.asarray(experts_XK)
+  dest = e // (E // shards)
+  keep = np.zeros(e.shape, bool)
+  per = e.shape[0] // token_shards
+  for s in range(token_shards):
+    for p in range(shards):
+      tokens = [t for t in range(s * per, (s + 1) * per) if (dest[t] == p).any()]
+      for t in tokens[:cap]:
+        keep[t] |= dest[t] == p
+  return keep
+
+
+def test_capacity_drops_are_counted_and_exact():
+  args = _inputs(seed=1)
+  factor = 0.5
+  y, stats, _ = _run(None, args, MeshConfig(2, 1, 4, 1, capacity_factor=factor), grads=False)
+  token_shards, shards = 8, 4
+  cap = ep.capacity(X // token_shards, ep.max_destinations(K, shards, G, 2), shards, factor)
+  keep = _numpy_keep(args[2], token_shards, shards, cap)
+  assert stats["dropped_assignments"] == int((~keep).sum()) > 0
+  y_ref, _ = _reference(args, jnp.asarray(keep, jnp.float32))
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 4, 1), (1, 1, 8, 1)])
+def test_node_limited_routing_bounds_nodes(shape):
+  """topk_group=2 of 4 groups: every token reaches <= 2 nodes; unlimited routing reaches more."""
+  limited, unlimited = _inputs(seed=2, topk_group=2), _inputs(seed=2, topk_group=G)
+  nodes = mesh_lib.expert_nodes(common.small_cfg(), mesh_lib.make_mesh(MeshConfig(*shape)))
+  per_node = E // nodes
+  spans = lambda e: np.array([len(set(row)) for row in np.asarray(e) // per_node])  # noqa: E731
+  assert spans(limited[2]).max() <= 2 < spans(unlimited[2]).max()
+  _, s_lim, _ = _run(shape, limited, topk_group=2, grads=False)
+  _, s_all, _ = _run(shape, unlimited, topk_group=G, grads=False)
+  assert s_lim["max_nodes_per_token"] <= 2 < s_all["max_nodes_per_token"]
+  assert s_lim["rows"] == sum(len(set(r)) for r in np.asarray(limited[2]) // (E // shape[2]))
+  assert s_lim["cross_node_rows"] < s_all["cross_node_rows"]
+
+
+def _emulated_ragged(operand, output, in_off, send, out_off, recv, axis_name):
+  """ragged_all_to_all from its documented semantics, through all_gather (XLA:CPU lacks it)."""
+  del recv
+  ops, ins, sends, outs = (jax.lax.all_gather(a, axis_name) for a in (operand, in_off, send,
+                                                                       out_off))
+  me = jax.lax.axis_index(axis_name)
+  n = operand.shape[0]
+  rows = jnp.arange(n)
+  result = output
+  for q in range(ops.shape[0]):
+    valid = rows < sends[q, me]
+    src = jnp.clip(ins[q, me] + rows, 0, n - 1)
+    dst = jnp.where(valid, outs[q, me] + rows, n)
+    result = result.at[dst].set(ops[q][src], mode="drop")
+  return result
+
+
+def test_ragged_alltoall_matches(monkeypatch):
+  args = _inputs(seed=3)
+  cfg = MeshConfig(2, 1, 4, 1, alltoall="ragged")
+  with mesh_lib.activate(mesh_lib.make_mesh(cfg), mesh_cfg=cfg):
+    text = jax.jit(lambda *a: ep.moe_ffn(*a, n_group=G, topk_group=2)[0]).lower(*args).as_text()
+  assert "ragged_all_to_all" in text
+  monkeypatch.setattr(ep, "_ragged_collective", _emulated_ragged)
+  y, stats, grads = _run(None, args, cfg)
+  y_ref, grads_ref = _reference(args)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_wire_formats():
+  args = _inputs(seed=4)
+  cfg = MeshConfig(1, 1, 8, 1, dispatch_dtype="bfloat16", combine_dtype="bfloat16")
+  with mesh_lib.activate(mesh_lib.make_mesh(cfg), mesh_cfg=cfg):
+    f = jax.jit(lambda *a: ep.moe_ffn(*a, n_group=G, topk_group=2)[0])
+    text = f.lower(*args).as_text()    # XLA:CPU later moves the converts across the collective
+    y = np.asarray(f(*args))
+  a2a = [line for line in text.splitlines() if "all_to_all" in line and "x16x" in line]
+  assert len(a2a) == 2 and all("bf16>" in line for line in a2a)
+  y_ref, _ = _reference(args)
+  np.testing.assert_allclose(y, y_ref, rtol=3e-2, atol=3e-2)
+  assert not np.allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_enabled_only_when_experts_split():
+  assert not ep.enabled()
+  with mesh_lib.activate(mesh_lib.make_mesh(MeshConfig(8, 1, 1, 1))):
+    assert not ep.enabled()
+  with mesh_lib.activate(mesh_lib.make_mesh(MeshConfig(4, 1, 2, 1))):
+    assert ep.enabled()
+
+
+def test_tokens_must_split_over_expert_axis():
+  rules = rules_lib.with_overrides(rules_lib.DEFAULT_RULES, ["act_tokens=data"])
+  with pytest.raises(ValueError, match=r"token axes \('data',\) .* must include the expert axes"):
+    _run((2, 1, 4, 1), _inputs(), rules=rules)
+
+
+def test_padding_when_tokens_do_not_divide():
+  args = _inputs(seed=5)
+  cut = tuple(a[:X - 3] if i < 3 else a for i, a in enumerate(args))
+  y, stats, _ = _run((1, 1, 8, 1), cut, grads=False)
+  y_ref, _ = _reference(cut)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  assert stats["assignments"] == (X - 3) * K
+
+
+def test_node_limit_halves_sized_buffers_in_hlo():
+  """capacity_factor=1: buffers sized by max nodes per token (2 vs 4), so half the a2a bytes."""
+  from sharding import hlo
+  args = _inputs(seed=6)
+  cfg = MeshConfig(2, 1, 4, 1, capacity_factor=1.0)
+  got = {}
+  with mesh_lib.activate(mesh_lib.make_mesh(cfg), mesh_cfg=cfg):
+    for topk_group in (2, G):
+      f = jax.jit(lambda *a, t=topk_group: ep.moe_ffn(*a, n_group=G, topk_group=t)[0])
+      got[topk_group] = hlo.collectives(f.lower(*args).compile().as_text())["all-to-all"]
+  assert got[2].count == got[G].count == 4     # dispatch x, ids, weights; combine y
+  assert got[2].bytes * 2 == got[G].bytes
+
+
+def test_hlo_collectives_reads_kinds_and_bytes():
+  from jax.sharding import PartitionSpec as P
+  from sharding import hlo
+  mesh = mesh_lib.make_mesh(MeshConfig(8, 1, 1, 1))
+  f = jax.jit(jax.shard_map(lambda x: (jax.lax.psum(x, "data"),
+                                       jax.lax.all_to_all(x, "data", 0, 0, tiled=True)),
+                            mesh=mesh, in_specs=P("data"), out_specs=(P(), P("data")),
+                            check_vma=False))
+  got = hlo.collectives(f.lower(jnp.zeros((64, 4), jnp.float32)).compile().as_text())
+  assert got["all-reduce"] == hlo.Collective(1, 8 * 4 * 4)
+  assert got["all-to-all"].count == 1 and got["all-to-all"].bytes == 8 * 4 * 4
