@@ -1,0 +1,130 @@
+"""DeepSeekMoE block: shared experts + routed experts behind one dispatch interface (V3 §2.1.2).
+
+h' = sum_{shared} FFN_s(u) + sum_{chosen i} g_i FFN_i(u)   (V3 Eq. 12; the shared sum unscaled)
+
+Parameter names follow the HF checkpoint (`mlp.gate.weight`, `mlp.gate.e_score_correction_bias`,
+`mlp.experts.{j}.{gate,up,down}_proj.weight`, `mlp.shared_experts.*`):
+- `gate/kernel` [D, E] f32, the router, computed in f32 and never through the FP8 seam (§3.3);
+- `gate/e_score_correction_bias` [E] f32 in the `router_state` collection (selection only; moved
+  by `router.update_router_bias`, never by the optimizer);
+- `experts/{gate_proj, up_proj}` [E, D, M] and `experts/down_proj` [E, M, D], stacked;
+- `shared_experts`: a `layers.MLP` of hidden n_shared_experts * moe_ffn_dim.
+The dispatch strategy is `cfg.moe_dispatch` ("dense" oracle or "dropless", see `dispatch.py`);
+"dropless" becomes `sharding/expert_parallel.py` when traced under a mesh whose rules split the
+experts (`sharding.mesh.activate`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax import dispatch, router
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import MLP, dtype_of, module_path
+
+_ACT_BTD = ("act_batch", "act_seq", "act_embed")
+
+
+class Gate(nn.Module):
+  """Router: f32 logits x W_g, then `router.route` with the selection bias from router_state."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_XD: jax.Array) -> router.RouterOutput:
+    cfg = self.cfg
+    D, E = cfg.d_model, cfg.n_routed_experts
+    kernel_DE = self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                               ("embed", "experts")), (D, E), jnp.float32)
+    bias_E = None
+    if cfg.routing_bias:
+      bias_E = self.variable(
+          "router_state", "e_score_correction_bias",
+          nn.with_logical_partitioning(lambda: jnp.zeros((E,), jnp.float32), ("experts",))).value
+    logits_XE = jnp.einsum("XD,DE->XE", x_XD.astype(jnp.float32), kernel_DE,
+                           precision=jax.lax.Precision.HIGHEST)
+    return router.route(logits_XE, bias_E, cfg)
+
+
+class RoutedExperts(nn.Module):
+  """E stacked SwiGLU experts; `__call__(x_XD, weights_XK, experts_XK) -> y_XD` (weighted sum)."""
+  cfg: ModelConfig
+  fp8_policy: Any = None
+  dropless_impl: str | None = None   # "block" | "ragged" | None (by backend)
+  dropless_block: int | None = None  # rows per block of the "block" path (None: automatic)
+
+  def _dots(self) -> dispatch.ExpertDots | None:
+    if self.fp8_policy is None:
+      return None
+    path = module_path(self)
+    chosen = {n: self.fp8_policy.dot_general_for(f"{path}/{n}")
+              for n in dispatch.ExpertDots._fields}
+    if all(d is None for d in chosen.values()):
+      return None
+    return dispatch.ExpertDots(**{n: d or jax.lax.dot_general for n, d in chosen.items()})
+
+  @nn.compact
+  def __call__(self, x_XD, weights_XK, experts_XK) -> jax.Array:
+    cfg = self.cfg
+    E, D, M = cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_dim
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    init = nn.initializers.normal(cfg.init_std)
+    in_axes, out_axes = ("experts", "embed", "moe_mlp"), ("experts", "moe_mlp", "embed")
+    w_gate_EDM = self.param("gate_proj", nn.with_logical_partitioning(init, in_axes),
+                            (E, D, M), param_dtype)
+    w_up_EDM = self.param("up_proj", nn.with_logical_partitioning(init, in_axes),
+                          (E, D, M), param_dtype)
+    w_down_EMD = self.param("down_proj", nn.with_logical_partitioning(init, out_axes),
+                            (E, M, D), param_dtype)
+    args = (x_XD.astype(dtype), weights_XK, experts_XK, w_gate_EDM.astype(dtype),
+            w_up_EDM.astype(dtype), w_down_EMD.astype(dtype))
+    if cfg.moe_dispatch == "dense":
+      return dispatch.dense_ffn(*args, dots=self._dots())
+    from sharding import expert_parallel  # noqa: PLC0415 (the mesh chooses expert parallelism)
+    if expert_parallel.enabled():
+      y_XD, stats = expert_parallel.moe_ffn(*args, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                                            dots=self._dots(), impl=self.dropless_impl)
+      self.sow("intermediates", "dropped_assignments", stats.dropped_assignments)
+      return y_XD
+    return dispatch.dropless_ffn(*args, dots=self._dots(), impl=self.dropless_impl,
+                                 block=self.dropless_block)
+
+
+class MoE(nn.Module):
+  """`__call__(x_BTD) -> (y_BTD, aux)`; aux = {"load": [E] f32 assignment counts,
+  "balance_loss": alpha * sequence-wise balance loss (V3 Eq. 17-20)}."""
+  cfg: ModelConfig
+  fp8_policy: Any = None
+  dropless_impl: str | None = None   # see RoutedExperts
+  dropless_block: int | None = None
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    cfg = self.cfg
+    B, T, D = x_BTD.shape
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    if D != cfg.d_model:
+      raise ValueError(f"{module_path(self)}: input width {D} != model.d_model={cfg.d_model}")
+    dtype = dtype_of(cfg.dtype)
+    x_BTD = nn.with_logical_constraint(x_BTD, _ACT_BTD)
+    x_XD = x_BTD.reshape(B * T, D)
+    routing = Gate(cfg, name="gate")(x_XD)
+    y_XD = RoutedExperts(cfg, self.fp8_policy, self.dropless_impl, self.dropless_block,
+                         name="experts")(
+        x_XD, routing.weights_XK, routing.experts_XK)
+    y_BTD = y_XD.reshape(B, T, D).astype(dtype)
+    if cfg.n_shared_experts > 0:
+      shared = MLP(d_model=D, hidden=cfg.n_shared_experts * cfg.moe_ffn_dim, hidden_axis="moe_mlp",
+                   dtype=dtype, param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.init_std,
+                   fp8_policy=self.fp8_policy, name="shared_experts")
+      y_BTD = y_BTD + shared(x_BTD).astype(dtype)
+    aux = {
+        "load": router.expert_load(routing.experts_XK, E),
+        "balance_loss": router.balance_loss(routing.scores_XE.reshape(B, T, E),
+                                            routing.experts_XK.reshape(B, T, K), cfg),
+    }
+    return nn.with_logical_constraint(y_BTD, _ACT_BTD), aux
