@@ -32,9 +32,9 @@ def best_time(fn, *args, repeat: int = 5) -> float:
   return min(times)
 
 
-def matmul_peak(n: int = 2048) -> float:
-  """f32 GFLOP/s of an n^3 matmul through XLA (best of several runs)."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+def matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
+  """GFLOP/s of an n^3 matmul in `dtype` through XLA (best of several runs)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
   return 2 * n**3 / best_time(f, a, a) / 1e9
 
@@ -93,15 +93,21 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="configs/tiny.yaml")
   ap.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=128)
+  ap.add_argument("--context", type=int, default=2048)
   args = ap.parse_args()
   cfg = load_config(args.config).model
-  peak = matmul_peak(1024 if args.quick else 2048)
-  batch, seq = (2, 64) if args.quick else (8, 128)
+  gpu = jax.default_backend() != "cpu"
+  # The peak in the model's compute dtype: f32 on CPU, bf16 (8192^3) on an accelerator.
+  peak = matmul_peak(1024 if args.quick else (8192 if gpu else 2048),
+                     jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
+  batch, seq = (2, 64) if args.quick else (args.batch, args.seq)
   res = {"backend": jax.default_backend(), "matmul_peak_gflops_s": peak,
          "train_fwd_bwd": train_mfu(cfg, batch, seq, peak)}
   c4, c32 = compile_time(cfg, 4), compile_time(cfg, 8 if args.quick else 32)
   res["compile_s"] = {"layers_4": c4, "layers_32": c32, "ratio": c32 / c4}
-  res["decode_b8"] = decode_ratio(cfg, 2 if args.quick else 8, 256 if args.quick else 2048)
+  res["decode_b8"] = decode_ratio(cfg, 2 if args.quick else 8, 256 if args.quick else args.context)
   print(json.dumps(res, indent=2))
 
 
