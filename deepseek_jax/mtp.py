@@ -32,7 +32,8 @@ class MTPLayer(nn.Module):
   fp8_policy: Any = None
 
   @nn.compact
-  def __call__(self, h_BTD, emb_BTD, positions_BT, lm_head):
+  def __call__(self, h_BTD, emb_BTD, positions_BT, lm_head, cache=None):
+    """-> (h, logits, aux, cache); with a `LatentCache` the block decodes through it (drafting)."""
     from deepseek_jax.model import Block  # noqa: PLC0415 (model imports this module lazily)
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -42,9 +43,10 @@ class MTPLayer(nn.Module):
                              RMSNorm(name="hnorm", **norm_kw)(h_BTD)], axis=-1)
     x_BTD = Dense((2 * D,), (D,), ("mtp_in", "embed"), dtype=dt, param_dtype=pdt,
                   init_std=cfg.init_std, fp8_policy=self.fp8_policy, name="eh_proj")(x_BTF)
-    h_BTD, (_, aux) = Block(cfg, self.fp8_policy, moe=True, name="block")(x_BTD, positions_BT, None)
+    h_BTD, (cache, aux) = Block(cfg, self.fp8_policy, moe=True, name="block")(x_BTD, positions_BT,
+                                                                              cache)
     logits_BTV = lm_head(RMSNorm(name="shared_head_norm", **norm_kw)(h_BTD)).astype(jnp.float32)
-    return h_BTD, logits_BTV, aux
+    return h_BTD, logits_BTV, aux, cache
 
 
 class MTP(nn.Module):
@@ -59,7 +61,7 @@ class MTP(nn.Module):
       # Depth k embeds t_{i+k} = next_tokens[i+k-1]; positions past the end hold a filler token
       # whose outputs only reach positions without a target (causal attention).
       emb_BTD = embed(shift_left(next_tokens_BT, k - 1)).astype(h_BTD.dtype)
-      h_BTD, logits_BTV, aux = MTPLayer(self.cfg, self.fp8_policy, name=f"layers_{k - 1}")(
+      h_BTD, logits_BTV, aux, _ = MTPLayer(self.cfg, self.fp8_policy, name=f"layers_{k - 1}")(
           h_BTD, emb_BTD, positions_BT, lm_head)
       logits.append(logits_BTV)
       loads.append(aux["load"])
