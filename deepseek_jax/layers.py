@@ -66,6 +66,11 @@ class Dense(nn.Module):
     # Read directly (not only through __call__) by MLA's absorbed decode.
     self.kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
                              ins + outs, self.param_dtype)
+    # FP8 hook: delayed scaling (deepseek_jax/fp8/delayed.py) keeps an explicit amax history per
+    # layer in the 'fp8_state' collection (train state, checkpointed); stateless recipes add none.
+    dot = None if self.fp8_policy is None else self.fp8_policy.dot_general_for(module_path(self))
+    if getattr(dot, "init_fp8_state", None) is not None:
+      self.variable("fp8_state", "amax_history", dot.init_fp8_state)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     ins = tuple(self.in_features)
@@ -75,6 +80,8 @@ class Dense(nn.Module):
     dot = jax.lax.dot_general
     if self.fp8_policy is not None:
       dot = self.fp8_policy.dot_general_for(module_path(self)) or dot
+      if getattr(dot, "init_fp8_state", None) is not None:  # FP8 hook: pass the amax history
+        dot = dot.bind(self.get_variable("fp8_state", "amax_history"))
     contract = (tuple(range(x.ndim - len(ins), x.ndim)), tuple(range(len(ins))))
     return dot(x.astype(self.dtype), self.kernel.astype(self.dtype), (contract, ((), ())))
 

@@ -89,8 +89,9 @@ class BlockStack(nn.Module):
       block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     kw = dict(cfg=cfg, fp8_policy=self.fp8_policy, moe=self.moe, absorb=self.absorb)
     if cfg.scan_layers:
-      scanned = nn.scan(block_cls, variable_axes={"params": 0, "router_state": 0, "intermediates": 0},
-                        split_rngs={"params": True}, in_axes=(nn.broadcast, 0), length=self.n,
+      axes = {"params": 0, "router_state": 0, "fp8_state": 0, "intermediates": 0}
+      scanned = nn.scan(block_cls, variable_axes=axes, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, 0), length=self.n,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       h_BTD, (cache, aux) = scanned(name="layers", **kw)(h_BTD, positions_BT, cache)
       return h_BTD, cache, aux

@@ -1,0 +1,173 @@
+"""GEMM accumulation of quantised operands (V3 report §3.3.2; P1 §3.1.1).
+
+`gemm(a, b, accum)` computes `[B, M, K] x [B, K, N] -> [B, M, N]` in f32 from two `QArray`s:
+
+- `f32`: dequantise both operands, one f32 dot at HIGHEST precision. The fast emulator; equal to
+  `promote` up to f32 reassociation.
+- `promote(N_C)`: the paper's fix. For each N_C-slice of K, an f32 partial sum of the raw operand
+  values, then `out += partial * (scale_a * scale_b)` in f32, slice after slice (DeepGEMM's
+  promotion on CUDA cores). Scales must be constant within a slice.
+- `limited(mantissa_bits, round_toward_zero, promote, kstep)`: the Hopper accumulator the paper
+  criticises. Products are summed `kstep` at a time (32 = one FP8 WGMMA's K) in f32, and each
+  chunk is added into an accumulator that keeps only `mantissa_bits` fraction bits (13 in P1's
+  "FP22"), truncated (round toward zero) or rounded to nearest even. With `promote=N_C` the
+  accumulator is flushed into f32 (times the scales) every N_C; with None it runs over the whole
+  K, which needs scales constant along K (tensor or axis), as tensor cores cannot apply group
+  scales. The alignment of products inside one WGMMA is not modelled (chunk sums are f32).
+
+`backend='fp8'` feeds the materialised FP8 data straight into `dot_general` with
+`preferred_element_type=f32` (real FP8 GEMMs on Hopper-class GPUs; bit-identical to the emulator
+on CPU) and rescales outputs or per-slice partials; `backend='emulate'` casts to f32 first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.fp8.scaling import QArray
+
+MODES = ("f32", "promote", "limited")
+BACKENDS = ("emulate", "fp8")
+_BATCHED = (((2,), (1,)), ((0,), (0,)))  # [B, M, K] x [B, K, N] -> [B, M, N]
+UNROLL_MAX_STEPS = 8  # promote slices unrolled statically up to this many, else a fori_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Accum:
+  """Accumulation mode of a GEMM (see the module docstring)."""
+  mode: str = "promote"
+  interval: int | None = 128       # N_C: promotion interval (limited: None = never promote)
+  mantissa_bits: int = 13          # limited only
+  round_toward_zero: bool = True   # limited only
+  kstep: int = 32                  # limited only: products per tensor-core step
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"accum.mode={self.mode!r}: must be one of {MODES}")
+    if self.mode == "promote" and not (isinstance(self.interval, int) and self.interval > 0):
+      raise ValueError(f"accum.interval={self.interval!r}: promote needs a positive N_C")
+    if self.mode == "limited":
+      if not (isinstance(self.mantissa_bits, int) and 1 <= self.mantissa_bits <= 23):
+        raise ValueError(f"accum.mantissa_bits={self.mantissa_bits!r}: must lie in [1, 23]")
+      if not (isinstance(self.kstep, int) and self.kstep > 0):
+        raise ValueError(f"accum.kstep={self.kstep!r}: must be a positive integer")
+      if self.interval is not None and (self.interval <= 0 or self.interval % self.kstep):
+        raise ValueError(f"accum.interval={self.interval!r}: must be a positive multiple of "
+                         f"kstep={self.kstep} (or None: never promote)")
+
+
+F32 = Accum("f32", interval=None)
+
+
+def promote(n_c: int = 128) -> Accum:
+  return Accum("promote", interval=n_c)
+
+
+def limited(mantissa_bits: int = 13, round_toward_zero: bool = True, promote: int | None = None,
+            kstep: int = 32) -> Accum:
+  return Accum("limited", interval=promote, mantissa_bits=mantissa_bits,
+               round_toward_zero=round_toward_zero, kstep=kstep)
+
+
+def truncate_mantissa(x: jax.Array, mantissa_bits: int, round_toward_zero: bool) -> jax.Array:
+  """Keeps `mantissa_bits` fraction bits of f32 `x` (exponent range unchanged)."""
+  if not round_toward_zero:
+    return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=mantissa_bits)
+  mask = jnp.uint32((0xFFFFFFFF << (23 - mantissa_bits)) & 0xFFFFFFFF)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(bits & mask, jnp.float32)
+
+
+def _operand(q: QArray, backend: str) -> jax.Array:
+  if backend == "fp8" and q.fmt is not None:
+    return q.data
+  return q.data.astype(jnp.float32)
+
+
+def _dot(a, b):
+  # f32 emulation must not drop to TF32/bf16 passes on GPUs; FP8 operands keep DEFAULT, the
+  # precision XLA's FP8 GEMM rewrite expects.
+  hi = a.dtype == jnp.float32 and b.dtype == jnp.float32
+  kw = dict(precision=jax.lax.Precision.HIGHEST if hi else None,
+            preferred_element_type=jnp.float32)
+  if a.shape[0] == 1:  # a plain 2-d dot (no batch dim): remat policies and backends prefer it
+    return jax.lax.dot_general(a[0], b[0], (((1,), (0,)), ((), ())), **kw)[None]
+  return jax.lax.dot_general(a, b, _BATCHED, **kw)
+
+
+def _k_block(q: QArray, k_axis: int) -> int | None:
+  """Scale block length along K, or None when one scale covers all of K."""
+  return None if q.scale_inv.shape[k_axis] == 1 else q.blocks[k_axis]
+
+
+def gemm(a: QArray, b: QArray, accum: Accum, backend: str = "emulate") -> jax.Array:
+  """f32 `[B, M, N]` product of quantised `a [B, M, K]` and `b [B, K, N]`."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
+  if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+    raise ValueError(f"gemm: shapes {a.shape} x {b.shape} do not chain as [B,M,K] x [B,K,N]")
+  ka, kb = _k_block(a, 2), _k_block(b, 1)
+  if accum.mode == "f32":
+    if backend == "emulate":
+      return _dot(a.dequantize(), b.dequantize())
+    if ka is None and kb is None:  # scales factor out of the whole K: rescale the output
+      return _dot(a.data, b.data) * (a.scales_full((0, 1)) * b.scales_full((0, 2)))
+    accum = promote(max(k for k in (ka, kb) if k is not None))
+  if accum.mode == "limited" and backend == "fp8":
+    raise ValueError("accum.mode='limited' emulates a hardware accumulator; use backend='emulate'")
+  interval = accum.interval
+  if interval is None:  # limited without promotion: one accumulator over all of K
+    if ka is not None or kb is not None:
+      raise ValueError("accum=limited(promote=None) needs scales constant along K (tensor or "
+                       "axis granularity): the tensor core cannot apply per-block scales")
+    interval = -(-a.shape[2] // accum.kstep) * accum.kstep
+  for name, k in (("lhs", ka), ("rhs", kb)):
+    if k is not None and k % interval:
+      raise ValueError(f"accum interval {interval}: the {name} scale block along K is {k}; "
+                       "it must be a multiple of the promotion interval")
+  return _promoted(a, b, accum, interval, backend)
+
+
+def _promoted(a: QArray, b: QArray, accum: Accum, interval: int, backend: str) -> jax.Array:
+  B, M, K = a.shape
+  N = b.shape[2]
+  steps = -(-K // interval)
+  pad = steps * interval - K
+  a_data, b_data = _operand(a, backend), _operand(b, backend)
+  if pad:
+    a_data = jnp.pad(a_data, ((0, 0), (0, 0), (0, pad)))
+    b_data = jnp.pad(b_data, ((0, 0), (0, pad), (0, 0)))
+  sa_BMk, sb_BkN = a.scales_full((0, 1)), b.scales_full((0, 2))   # K keeps its block count
+  ka, kb = _k_block(a, 2), _k_block(b, 1)
+  limited_mode = accum.mode == "limited"
+  chunks = interval // accum.kstep if limited_mode else 1
+  chunk = interval // chunks
+
+  def slice_partial(k0):
+    if not limited_mode:
+      return _dot(jax.lax.dynamic_slice_in_dim(a_data, k0, chunk, 2),
+                  jax.lax.dynamic_slice_in_dim(b_data, k0, chunk, 1))
+
+    def add_chunk(c, acc):
+      p = _dot(jax.lax.dynamic_slice_in_dim(a_data, k0 + c * chunk, chunk, 2),
+               jax.lax.dynamic_slice_in_dim(b_data, k0 + c * chunk, chunk, 1))
+      return truncate_mantissa(acc + p, accum.mantissa_bits, accum.round_toward_zero)
+    return jax.lax.fori_loop(0, chunks, add_chunk, jnp.zeros((B, M, N), jnp.float32))
+
+  def scaled(k0, partial):
+    sa = jax.lax.dynamic_slice_in_dim(sa_BMk, 0 if ka is None else k0 // ka, 1, 2)
+    sb = jax.lax.dynamic_slice_in_dim(sb_BkN, 0 if kb is None else k0 // kb, 1, 1)
+    return partial * (sa * sb)
+
+  if not limited_mode and steps <= UNROLL_MAX_STEPS:  # static slices: no loop on small GEMMs
+    out = None
+    for i in range(steps):
+      k0 = i * interval
+      term = scaled(k0, _dot(a_data[:, :, k0:k0 + interval], b_data[:, k0:k0 + interval]))
+      out = term if out is None else out + term
+    return out
+  return jax.lax.fori_loop(1, steps, lambda i, out: out + scaled(i * interval, slice_partial(
+      i * interval)), scaled(0, slice_partial(0)))

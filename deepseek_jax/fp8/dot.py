@@ -1,0 +1,237 @@
+"""`fp8_dot_general`: one custom_vjp holding all FP8 GEMM numerics (V3 report §3.3, Fig. 6).
+
+A drop-in for `jax.lax.dot_general`, injected at the single seam of `layers.Dense`. Any
+`dimension_numbers` are canonicalised to `[B, M, K] x [B, K, N]` (batch dims flattened to B,
+e.g. experts; several contracting axes flattened to one K, which is what tiles run along), then:
+
+- fprop  y  = x . w       slots `fprop_x` (tiles along K), `fprop_w`
+- dgrad  dx = g . w^T     slots `dgrad_g` (tiles along N), `dgrad_w`
+- wgrad  dw = x^T . g     slots `wgrad_x`, `wgrad_g` (tiles along M, the token axis)
+
+Each slot is an `Operand(format, scaling)` or None (high precision). With `cache='fp8'` the
+backward gets x from the quantised forward copy (FP8 bytes are the only activation residual) and
+re-tiles it for wgrad, which is lossless with power-of-two scales; with `cache='hp'` it re-reads x
+in high precision (TransformerEngine's choice); `cache_fmt` caches x in another format (V3 keeps
+the input of the post-attention linear in E5M6). The quantised weight is reused for dgrad when
+the two slots agree and the granularity is transpose-invariant (tensor, square blocks). Emulation
+computes in f32 at HIGHEST precision whatever `precision` says; the output takes
+`preferred_element_type` (else the inputs' result type) and the gradients the inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.fp8 import delayed
+from deepseek_jax.fp8.accumulate import BACKENDS, Accum, gemm, promote
+from deepseek_jax.fp8.formats import E4M3, Format
+from deepseek_jax.fp8.scaling import QArray, Scaling, quantize, tensor_amax, unquantized
+
+SLOTS = ("fprop_x", "fprop_w", "dgrad_g", "dgrad_w", "wgrad_x", "wgrad_g")
+_COLUMN = {"fprop_x": 0, "wgrad_x": 0, "fprop_w": 1, "dgrad_w": 1, "dgrad_g": 2, "wgrad_g": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+  """How one GEMM operand slot is quantised."""
+  fmt: Format = E4M3
+  scaling: Scaling = Scaling()
+
+
+# DeepSeek-V3's operands: E4M3 everywhere, 1x128 tiles for activations and gradients, 128x128
+# blocks for weights, power-of-two scales. DeepGEMM floors amax at 1e-4, which assumes gradients
+# near 1 (a loss scale); our losses are means with gradients down to ~1e-8, so gradient slots
+# use the smallest floor instead (a 1e-4 floor would push such tiles into E4M3's subnormals).
+GRAD_AMAX_FLOOR = 1e-30
+X_TILE = Operand(E4M3, Scaling("tile"))
+W_BLOCK = Operand(E4M3, Scaling("block"))
+G_TILE = Operand(E4M3, Scaling("tile", amax_floor=GRAD_AMAX_FLOOR))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmSpec:
+  """Formats and scaling of the six operand slots, accumulation, activation cache, backend.
+
+  The defaults are DeepSeek-V3's recipe (policy preset `deepseek_v3`)."""
+  fprop_x: Operand | None = X_TILE
+  fprop_w: Operand | None = W_BLOCK
+  dgrad_g: Operand | None = G_TILE
+  dgrad_w: Operand | None = W_BLOCK
+  wgrad_x: Operand | None = X_TILE
+  wgrad_g: Operand | None = G_TILE
+  accum: Accum = promote(128)
+  cache: str = "fp8"
+  cache_fmt: Format | None = None   # cache x in this format (1x128, pow2) instead of fprop's copy
+  backend: str = "emulate"
+
+  def __post_init__(self):
+    for s in SLOTS:
+      v = getattr(self, s)
+      if v is not None and not isinstance(v, Operand):
+        raise ValueError(f"GemmSpec.{s}={v!r}: must be an Operand or None (high precision)")
+    if self.cache_fmt is not None and not isinstance(self.cache_fmt, Format):
+      raise ValueError(f"GemmSpec.cache_fmt={self.cache_fmt!r}: must be a Format or None")
+    if self.cache not in ("fp8", "hp"):
+      raise ValueError(f"GemmSpec.cache={self.cache!r}: must be 'fp8' or 'hp'")
+    if self.backend not in BACKENDS:
+      raise ValueError(f"GemmSpec.backend={self.backend!r}: must be one of {BACKENDS}")
+    hist = {o.scaling.history for o in self.operands() if o.scaling.mode == "delayed"}
+    if len(hist) > 1:
+      raise ValueError(f"GemmSpec: delayed slots disagree on history length {sorted(hist)}; "
+                       "one site keeps one history")
+
+  def operands(self):
+    return [getattr(self, s) for s in SLOTS if getattr(self, s) is not None]
+
+  @property
+  def delayed(self) -> bool:
+    return any(o.scaling.mode == "delayed" for o in self.operands())
+
+  @property
+  def history(self) -> int:
+    return max((o.scaling.history for o in self.operands() if o.scaling.mode == "delayed"),
+               default=0)
+
+  @property
+  def reuse_weight(self) -> bool:
+    w = self.fprop_w
+    return (w is not None and w == self.dgrad_w and
+            (w.scaling.granularity == "tensor" or w.scaling.granularity == "block"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  spec: GemmSpec
+  out_dtype: Any
+  x_dtype: Any
+  w_dtype: Any
+
+
+def _quantize(a, slot: Operand | None, contract: int, est, col: int) -> QArray:
+  if slot is None:
+    return unquantized(a, contract)
+  amax = None
+  if slot.scaling.mode == "delayed":  # empty history or no state: the current amax
+    amax = tensor_amax(a) if est is None else jnp.where(est[col] > 0, est[col], tensor_amax(a))
+  return quantize(a, slot.fmt, slot.scaling, contract, amax)
+
+
+def _fwd(x, w, state, st: _Static):
+  spec = st.spec
+  est = None if state is None else delayed.estimates(state)
+  qx = _quantize(x, spec.fprop_x, 2, est, _COLUMN["fprop_x"])
+  qw = _quantize(w, spec.fprop_w, 1, est, _COLUMN["fprop_w"])
+  y = gemm(qx, qw, spec.accum, spec.backend).astype(st.out_dtype)
+  if spec.cache == "fp8" and spec.cache_fmt is not None:   # V3's E5M6 cache of o_proj's input
+    x_res = quantize(x, spec.cache_fmt, Scaling("tile"), 2)
+  else:
+    x_res = qx if (spec.cache == "fp8" and spec.fprop_x is not None) else x
+  w_res = qw if spec.reuse_weight else w
+  obs_xw = None if state is None else jnp.stack([tensor_amax(x), tensor_amax(w)])
+  return y, (x_res, w_res, state, obs_xw)
+
+
+def _bwd(st: _Static, res, g):
+  spec = st.spec
+  x_res, w_res, state, obs_xw = res
+  est = None if state is None else delayed.estimates(state)
+  g = g.astype(jnp.float32)
+  qg = _quantize(g, spec.dgrad_g, 2, est, _COLUMN["dgrad_g"])
+  qw = w_res if isinstance(w_res, QArray) else _quantize(w_res, spec.dgrad_w, 2, est,
+                                                        _COLUMN["dgrad_w"])
+  dx = gemm(qg, qw.T, spec.accum, spec.backend)
+  x_hp = x_res.dequantize() if isinstance(x_res, QArray) else x_res
+  qx_t = _quantize(x_hp, spec.wgrad_x, 1, est, _COLUMN["wgrad_x"])
+  qg_t = _quantize(g, spec.wgrad_g, 1, est, _COLUMN["wgrad_g"])
+  dw = gemm(qx_t.T, qg_t, spec.accum, spec.backend)
+  obs = None
+  if state is not None:
+    obs = delayed.observation(jnp.concatenate([obs_xw, tensor_amax(g)[None]]), state)
+  return dx.astype(st.x_dtype), dw.astype(st.w_dtype), obs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fp8_gemm(x_BMK, w_BKN, state, st: _Static):
+  return _fwd(x_BMK, w_BKN, state, st)[0]
+
+
+_fp8_gemm.defvjp(_fwd, _bwd)
+
+
+def _canonical_dims(lhs_ndim, rhs_ndim, dimension_numbers):
+  try:
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(d) % n for d in ds) for ds, n in
+                      ((lc, lhs_ndim), (rc, rhs_ndim), (lb, lhs_ndim), (rb, rhs_ndim)))
+  except (TypeError, ValueError):
+    raise ValueError(f"fp8_dot_general: dimension_numbers={dimension_numbers!r} must read "
+                     "((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))") from None
+  if len(lc) != len(rc) or len(lb) != len(rb) or not lc:
+    raise ValueError(f"fp8_dot_general: dimension_numbers={dimension_numbers!r}: contracting and "
+                     "batch dims must pair up, with at least one contracting dim")
+  lf = tuple(d for d in range(lhs_ndim) if d not in lc and d not in lb)
+  rf = tuple(d for d in range(rhs_ndim) if d not in rc and d not in rb)
+  return lc, rc, lb, rb, lf, rf
+
+
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
+                    spec: GemmSpec = GemmSpec(), fp8_state: jax.Array | None = None):
+  """`lax.dot_general` with FP8 numerics per `spec` (fprop, dgrad and wgrad).
+
+  `fp8_state` is the `[H, 3]` amax history of a spec with delayed scaling (its gradient is this
+  step's observation, see `delayed.py`); without one, delayed slots scale from the current
+  amax, exactly as with a fresh (all-zero) history, e.g. on call sites that carry no state.
+  `precision` is ignored: quantised products are exact in f32 and emulation always accumulates
+  at HIGHEST precision.
+  """
+  del precision
+  lc, rc, lb, rb, lf, rf = _canonical_dims(lhs.ndim, rhs.ndim, dimension_numbers)
+  if [lhs.shape[d] for d in lc] != [rhs.shape[d] for d in rc] or \
+     [lhs.shape[d] for d in lb] != [rhs.shape[d] for d in rb]:
+    raise ValueError(f"fp8_dot_general: shapes {lhs.shape} x {rhs.shape} do not match on "
+                     f"dimension_numbers={dimension_numbers}")
+  if not spec.delayed:
+    fp8_state = None
+  elif fp8_state is not None and fp8_state.shape != (spec.history, len(delayed.COLUMNS)):
+    raise ValueError(f"fp8_dot_general: fp8_state shape {fp8_state.shape} != "
+                     f"({spec.history}, {len(delayed.COLUMNS)}) (see fp8.delayed.init_state)")
+  size = lambda a, ds: math.prod(a.shape[d] for d in ds)
+  x_BMK = jnp.transpose(lhs, lb + lf + lc).reshape(size(lhs, lb), size(lhs, lf), size(lhs, lc))
+  w_BKN = jnp.transpose(rhs, rb + rc + rf).reshape(size(rhs, rb), size(rhs, rc), size(rhs, rf))
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
+  st = _Static(spec, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
+  y_BMN = _fp8_gemm(x_BMK, w_BKN, fp8_state, st)
+  out_shape = ([lhs.shape[d] for d in lb] + [lhs.shape[d] for d in lf] +
+               [rhs.shape[d] for d in rf])
+  return y_BMN.reshape(out_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Dot:
+  """The callable a policy hands to `Dense`: `lax.dot_general`'s signature, bound to a spec.
+
+  `init_fp8_state` is None for stateless specs, else the initialiser of the `[H, 3]` amax
+  history that `Dense` keeps in its `fp8_state` collection.
+  """
+  spec: GemmSpec
+
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+               fp8_state=None):
+    return fp8_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                           spec=self.spec, fp8_state=fp8_state)
+
+  def bind(self, fp8_state: jax.Array):
+    """This dot with its delayed-scaling state bound (what `Dense` calls)."""
+    return functools.partial(self.__call__, fp8_state=fp8_state)
+
+  @property
+  def init_fp8_state(self):
+    if not self.spec.delayed:
+      return None
+    return functools.partial(delayed.init_state, self.spec.history)

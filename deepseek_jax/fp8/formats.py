@@ -1,0 +1,98 @@
+"""Low-precision number formats and their saturating casts (V3 report §3.3, App. B; P1 §3.1).
+
+A `Format` is what a quantised operand is stored in: the hardware FP8 types E4M3 (OCP "fn": no
+infinities, max 448) and E5M2 (max 57344), their AMD "fnuz" variants, and formats that exist only
+as an emulation through `lax.reduce_precision`, such as the E5M6 that DeepSeek-V3 caches for the
+input of the post-attention linear.
+
+Casts saturate: values beyond +-max are clipped *before* `astype`, because XLA converts e4m3
+overflow and +-inf to NaN (measured: 465 -> NaN) and e5m2 overflow to inf. NaN propagates and is
+never sanitised. Emulated formats are stored in the narrowest standard dtype that holds them
+exactly (E5M6 fits bfloat16) and, like XLA's `reduce_precision`, flush their own subnormals to
+zero. On CPU, XLA also treats f32 subnormal *inputs* as zero (denormals-are-zero), which the
+quantiser in `scaling.py` makes explicit so every platform agrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """A floating-point storage format with `exponent_bits` and `mantissa_bits`.
+
+  `dtype` is the storage dtype: a real FP8 dtype, or for emulated formats a wider standard dtype
+  holding every value exactly (then `emulated` is True and `cast` rounds through reduce_precision).
+  """
+  name: str
+  exponent_bits: int
+  mantissa_bits: int
+  max: float
+  dtype: Any
+  emulated: bool = False
+
+  def cast(self, x: jax.Array) -> jax.Array:
+    """Saturating round-to-nearest-even cast of (f32) `x` into this format's storage dtype."""
+    x = jnp.clip(x.astype(jnp.float32), -self.max, self.max)
+    if self.emulated:
+      x = jax.lax.reduce_precision(x, exponent_bits=self.exponent_bits,
+                                   mantissa_bits=self.mantissa_bits)
+    return x.astype(self.dtype)
+
+  @property
+  def bits(self) -> int:
+    return 1 + self.exponent_bits + self.mantissa_bits
+
+
+def _ieee_max(exponent_bits: int, mantissa_bits: int) -> float:
+  """Largest finite value of an IEEE-like format (top exponent reserved for inf/NaN)."""
+  bias = 2 ** (exponent_bits - 1) - 1
+  return float((2.0 - 2.0 ** -mantissa_bits) * 2.0 ** bias)
+
+
+def emulated(name: str, exponent_bits: int, mantissa_bits: int) -> Format:
+  """An IEEE-like format emulated through `lax.reduce_precision` (e.g. the paper's E5M6)."""
+  if not (isinstance(exponent_bits, int) and 2 <= exponent_bits <= 8):
+    raise ValueError(f"emulated format {name!r}: exponent_bits={exponent_bits!r} must be an "
+                     "integer in [2, 8] (f32 holds the computation)")
+  if not (isinstance(mantissa_bits, int) and 0 <= mantissa_bits <= 23):
+    raise ValueError(f"emulated format {name!r}: mantissa_bits={mantissa_bits!r} must be an "
+                     "integer in [0, 23]")
+  fits_bf16 = exponent_bits <= 8 and mantissa_bits <= 7
+  return Format(name, exponent_bits, mantissa_bits, _ieee_max(exponent_bits, mantissa_bits),
+                jnp.bfloat16 if fits_bf16 else jnp.float32, emulated=True)
+
+
+def _real(name: str, dtype, exponent_bits: int, mantissa_bits: int) -> Format:
+  return Format(name, exponent_bits, mantissa_bits, float(ml_dtypes.finfo(dtype).max),
+                jnp.dtype(dtype))
+
+
+E4M3 = _real("e4m3", jnp.float8_e4m3fn, 4, 3)          # max 448, no inf
+E5M2 = _real("e5m2", jnp.float8_e5m2, 5, 2)            # max 57344, has inf
+E4M3FNUZ = _real("e4m3fnuz", jnp.float8_e4m3fnuz, 4, 3)  # max 240 (AMD MI300)
+E5M2FNUZ = _real("e5m2fnuz", jnp.float8_e5m2fnuz, 5, 2)  # max 57344 (AMD MI300)
+E5M6 = emulated("e5m6", 5, 6)                          # max 65024; V3's cached attention-out input
+BF16 = emulated("bf16", 8, 7)                          # for communication experiments
+
+FORMATS = {f.name: f for f in (E4M3, E5M2, E4M3FNUZ, E5M2FNUZ, E5M6, BF16)}
+
+
+def format_by_name(name: str) -> Format:
+  if name not in FORMATS:
+    raise ValueError(f"fp8 format {name!r}: unknown (valid: {', '.join(sorted(FORMATS))})")
+  return FORMATS[name]
+
+
+def min_normal(fmt: Format) -> float:
+  """Smallest positive normal value of `fmt` (below it, values lose mantissa bits)."""
+  bias = 2 ** (fmt.exponent_bits - 1) - 1
+  if fmt.dtype in (jnp.dtype(jnp.float8_e4m3fnuz), jnp.dtype(jnp.float8_e5m2fnuz)):
+    bias += 1  # fnuz formats shift the exponent bias by one
+  return float(2.0 ** (1 - bias))

@@ -1,0 +1,130 @@
+"""FP8 policy: named recipes and a layer-path map onto the Dense seam (V3 report §3.3).
+
+A `Policy` is a frozen, hashable list of `(path_pattern, GemmSpec | None)` rules (first match
+wins; `fnmatch` patterns over the '/'-joined flax module path) and a default spec. `Dense` asks it
+`dot_general_for(path)` and gets an `Fp8Dot` or None (keep `lax.dot_general`).
+
+Recipes (`fp8.recipe` in the config):
+
+| name | operands | accumulation |
+|---|---|---|
+| deepseek_v3        | E4M3; x, g 1x128 tiles, w 128x128 blocks; pow2; FP8 x cache | promote/128 |
+| deepseek_v3_fused  | as deepseek_v3 (one f32 dot; = promote up to f32 order) | f32 |
+| deepseek_v3_hopper | as deepseek_v3                                   | 13-bit RZ, promote/128 |
+| tensor_current     | per-tensor current, E4M3 x/w, E5M2 g (TE "HYBRID") | f32 |
+| tensor_delayed     | per-tensor delayed (amax history 16), E4M3 x/w, E5M2 g | f32 |
+| rowwise            | E4M3 per-row (axis) scales everywhere, pow2 (torchao) | f32 |
+| none               | high precision | - |
+
+`deepseek_v3_fused` is the cheap emulator of the same numerics: with power-of-two scales the
+per-slice products and one f32 dot of the dequantised operands differ only in f32 summation order
+(tested within 4e-6 of the |x|.|w| bound), at about 60% of `deepseek_v3`'s cost on CPU.
+
+Whatever the recipe, the layers V3 keeps in BF16/FP32 stay high precision: output head, router
+('gate' without '_proj', or 'router'), MTP `eh_proj` (the references keep it unquantised),
+embedding and norms (these two never reach Dense). `overrides` ("pattern=recipe", from
+`fp8.overrides`) come first, so they can also force a recipe onto an excluded layer. The DeepSeek
+recipes then cache o_proj's input in E5M6 (V3 report §3.3.2); an override naming a recipe gives
+that recipe's plain spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+
+from deepseek_jax.config import FP8Config
+from deepseek_jax.fp8.accumulate import F32, limited, promote
+from deepseek_jax.fp8.dot import GRAD_AMAX_FLOOR, Fp8Dot, GemmSpec, Operand
+from deepseek_jax.fp8.formats import E4M3, E5M2, E5M6
+from deepseek_jax.fp8.scaling import Scaling
+
+HIGH_PRECISION_PATTERNS = ("*lm_head*", "*output_head*", "*gate", "*router*", "*eh_proj*",
+                           "*embed*", "*norm*")
+
+
+def _per_tensor(mode: str) -> GemmSpec:
+  x = Operand(E4M3, Scaling("tensor", mode=mode, pow2=False))
+  g = Operand(E5M2, Scaling("tensor", mode=mode, pow2=False, amax_floor=GRAD_AMAX_FLOOR))
+  return GemmSpec(fprop_x=x, fprop_w=x, dgrad_g=g, dgrad_w=x, wgrad_x=x, wgrad_g=g, accum=F32)
+
+
+def _rowwise() -> GemmSpec:
+  o = Operand(E4M3, Scaling("axis"))
+  g = Operand(E4M3, Scaling("axis", amax_floor=GRAD_AMAX_FLOOR))
+  return GemmSpec(fprop_x=o, fprop_w=o, dgrad_g=g, dgrad_w=o, wgrad_x=o, wgrad_g=g, accum=F32)
+
+
+RECIPES: dict[str, GemmSpec | None] = {
+    "none": None,
+    "deepseek_v3": GemmSpec(accum=promote(128)),
+    "deepseek_v3_fused": GemmSpec(accum=F32),
+    "deepseek_v3_hopper": GemmSpec(accum=limited(13, round_toward_zero=True, promote=128)),
+    "tensor_current": _per_tensor("current"),
+    "tensor_delayed": _per_tensor("delayed"),
+    "rowwise": _rowwise(),
+}
+# Layer-specific refinements of a recipe, applied after the user's overrides and the high-
+# precision layers: V3 caches the input of the post-attention linear (o_proj) in E5M6 (§3.3.2).
+RECIPE_RULES: dict[str, tuple[tuple[str, GemmSpec], ...]] = {
+    name: (("*o_proj", dataclasses.replace(RECIPES[name], cache_fmt=E5M6)),)
+    for name in ("deepseek_v3", "deepseek_v3_fused", "deepseek_v3_hopper")
+}
+if tuple(RECIPES) != FP8Config.RECIPES:  # config.py validates names without importing fp8/
+  raise ImportError(f"fp8 recipes {tuple(RECIPES)} != FP8Config.RECIPES {FP8Config.RECIPES}")
+
+
+def recipe(name: str) -> GemmSpec | None:
+  if name not in RECIPES:
+    raise ValueError(f"fp8 recipe {name!r}: unknown (valid: {', '.join(RECIPES)})")
+  return RECIPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Ordered `(pattern, spec)` rules, first match wins, else `default` (None = high precision)."""
+  rules: tuple[tuple[str, GemmSpec | None], ...] = ()
+  default: GemmSpec | None = RECIPES["deepseek_v3"]
+
+  def spec_for(self, path: str) -> GemmSpec | None:
+    return _resolve(self, path)
+
+  def dot_general_for(self, path: str) -> Fp8Dot | None:
+    spec = self.spec_for(path)
+    return None if spec is None else Fp8Dot(spec)
+
+  @property
+  def enabled(self) -> bool:
+    return self.default is not None or any(s is not None for _, s in self.rules)
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve(policy: Policy, path: str) -> GemmSpec | None:
+  for pattern, spec in policy.rules:
+    if fnmatch.fnmatchcase(path, pattern):
+      return spec
+  return policy.default
+
+
+def parse_override(item: str) -> tuple[str, GemmSpec | None]:
+  """'pattern=recipe' -> (pattern, spec)."""
+  pattern, sep, name = item.partition("=")
+  if not sep or not pattern.strip() or "=" in name:
+    raise ValueError(f"fp8.overrides entry {item!r}: must read 'path_pattern=recipe'")
+  return pattern.strip(), recipe(name.strip())
+
+
+def make_policy(name: str = "deepseek_v3", overrides=(),
+                keep_high_precision=HIGH_PRECISION_PATTERNS) -> Policy:
+  """The policy of recipe `name` with user `overrides` first, then the high-precision layers."""
+  rules = tuple(parse_override(o) for o in overrides)
+  rules += tuple((p, None) for p in keep_high_precision)
+  rules += RECIPE_RULES.get(name, ())
+  return Policy(rules=rules, default=recipe(name))
+
+
+def policy_from_config(fp8_cfg: FP8Config) -> Policy | None:
+  """The policy for `fp8.recipe` / `fp8.overrides`; None when nothing is quantised."""
+  policy = make_policy(fp8_cfg.recipe, fp8_cfg.overrides)
+  return policy if policy.enabled else None
