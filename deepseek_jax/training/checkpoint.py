@@ -1,0 +1,128 @@
+"""Checkpoints through orbax's `CheckpointManager`: async, keep N, exact resume, fallback.
+
+A checkpoint holds the whole `TrainState` (so the data position and router biases come back too)
+and a JSON record of the config. Saves are asynchronous (the device-to-host copy happens before
+`save` returns, so the donated state may be reused at once) and refuse parameters that are not
+finite. `restore` walks the steps newest first; a checkpoint that cannot be read is reported in one
+line, moved aside into `checkpoints_corrupt/` (never deleted) and the next older one is tried.
+Half-written checkpoints (a run killed mid-save) are orbax temporaries and are never listed.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from deepseek_jax.config import ConfigError
+
+
+def tree_all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _warn(msg: str) -> None:
+  print(f"train: {msg}", file=sys.stderr, flush=True)
+
+
+class Checkpointer:
+  """Saves and restores `TrainState`s under `<workdir>/checkpoints/<step>`."""
+
+  def __init__(self, workdir: str | pathlib.Path, keep: int, async_save: bool, config: dict):
+    self.root = pathlib.Path(workdir).absolute()
+    self.directory = self.root / "checkpoints"
+    self.config = config
+    self._finite = jax.jit(tree_all_finite)
+    self._manager = self._make_manager(keep, async_save)
+
+  def _make_manager(self, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                        create=True, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def params_finite(self, state) -> bool:
+    return bool(self._finite(state.params))
+
+  def save(self, state, *, force: bool = False) -> bool:
+    """Starts an async save of `state` at its step; False (with a message) if not saved."""
+    step = int(state.step)
+    if step in self._manager.all_steps():
+      return False
+    if int(state.bad_streak) > 0:
+      _warn(f"step {step}: not checkpointed, the last {int(state.bad_streak)} step(s) were not "
+            "finite")
+      return False
+    if not self.params_finite(state):
+      _warn(f"step {step}: parameters are not finite; checkpoint not written")
+      return False
+    meta = {"config": self.config, "step": step, "time": time.time()}
+    return self._manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def _check_config(self, step: int, meta: dict) -> None:
+    saved = meta.get("config", {})
+    if saved.get("model") != self.config.get("model"):
+      diff = sorted(k for k in set(saved.get("model", {})) | set(self.config["model"])
+                    if saved.get("model", {}).get(k) != self.config["model"].get(k))
+      raise ConfigError(f"--resume: checkpoint {self.directory / str(step)} holds a different "
+                        f"model (changed: model.{', model.'.join(diff[:4])}); use its config or a "
+                        "new --workdir")
+    changed = sorted(k for k, v in self.config.get("train", {}).items()
+                     if saved.get("train", {}).get(k) != v)
+    if changed:
+      _warn(f"resuming step {step} with changed train.{', train.'.join(changed)}")
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    dest_root = self.root / "checkpoints_corrupt"
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest = dest_root / f"{step}-{int(time.time())}"
+    shutil.move(str(self.directory / str(step)), str(dest))
+    self._manager.reload()
+    return dest
+
+  def restore(self, abstract_state) -> Any | None:
+    """Newest readable checkpoint restored into `abstract_state`'s shapes and shardings, or None.
+
+    `abstract_state`: a `TrainState` of `jax.ShapeDtypeStruct`s carrying shardings.
+    Raises ConfigError when the checkpoints belong to a different model.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        self._check_config(step, meta["meta"])
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        if int(restored.step) != step:
+          raise ValueError(f"holds step {int(restored.step)}")
+        if not self.params_finite(restored):
+          raise ValueError("parameters are not finite")
+        return restored
+      except ConfigError:
+        raise
+      except Exception as e:  # noqa: BLE001 (any unreadable checkpoint falls back the same way)
+        dest = self._move_aside(step)
+        _warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:120] if str(e) else ''}); moved to {dest}, "
+              "falling back to the previous one")
+    return None

@@ -1,0 +1,172 @@
+"""Training metrics: model FLOPs utilisation, JSONL + TensorBoard logs, a progress bar.
+
+MFU = (training FLOPs per token) * tokens/s / peak. FLOPs per token follow the method of
+"Insights into DeepSeek-V3" Table 2 (`ModelConfig.flops_per_token`: 6 x active matmul weights +
+causal attention) plus the MTP modules this run trains (V3 §2.2: per depth one MoE block, the
+eh_proj projection and the shared output head). The peak is `train.peak_flops` if set, else the
+declared dense BF16 peak of a known accelerator, else an f32 matmul rate measured in this process
+(CPU); the measured rate is the best of several large matmuls, so MFU is not flattered by a slow
+measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+
+TERA = 1e12
+# Dense BF16 peaks per device (vendor datasheets); matched against `device_kind`.
+DECLARED_PEAKS = {"H100": 989 * TERA, "H800": 989 * TERA, "H200": 989 * TERA, "H20": 148 * TERA,
+                  "A100": 312 * TERA, "TPU v4": 275 * TERA, "TPU v5 lite": 197 * TERA,
+                  "TPU v5e": 197 * TERA, "TPU v5p": 459 * TERA, "TPU v6": 918 * TERA}
+
+
+def measure_matmul_peak(sizes=(1024, 2048), repeats: int = 4) -> float:
+  """Best f32 FLOP/s over `repeats` n x n x n matmuls for each n, on the default device."""
+  best = 0.0
+  for n in sizes:
+    a = jnp.ones((n, n), jnp.float32) / n
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a).block_until_ready()
+      best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t))
+  return best
+
+
+def peak_flops(declared: float = 0.0) -> tuple[float, str]:
+  """(FLOP/s, how it was obtained) for the first local device."""
+  if declared > 0:
+    return declared, "train.peak_flops"
+  kind = jax.local_devices()[0].device_kind
+  for name, peak in DECLARED_PEAKS.items():
+    if name.lower() in kind.lower():
+      return peak, f"declared {name} BF16 dense peak"
+  return measure_matmul_peak(), f"measured f32 matmul peak ({kind})"
+
+
+def mtp_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token of the MTP modules (same method as `flops_per_token`)."""
+  if m.num_mtp_layers == 0:
+    return 0.0
+  one_moe_layer = ModelConfig(**{**_fields(m), "num_layers": 1, "first_k_dense_replace": 0,
+                                 "num_mtp_layers": 0})
+  # flops_per_token of a 1-layer MoE model = that layer + the output head (V x D): exactly what
+  # an MTP depth multiplies through, plus eh_proj [2D, D].
+  per_depth = one_moe_layer.flops_per_token(seq_len) + 6.0 * 2 * m.d_model * m.d_model
+  return m.num_mtp_layers * per_depth
+
+
+def _fields(m: ModelConfig) -> dict:
+  return {f: getattr(m, f) for f in m.__dataclass_fields__}
+
+
+def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+  return m.flops_per_token(seq_len) + mtp_flops_per_token(m, seq_len)
+
+
+def to_python(x):
+  """Device/NumPy metric values as JSON-friendly floats, ints, bools and lists."""
+  a = np.asarray(x)
+  if a.ndim:
+    return [to_python(v) for v in a]
+  v = a.item()
+  return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+
+class MetricsWriter:
+  """Appends metric rows to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tb`)."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int = 0, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0     # one writer per run, not per process
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._file, self._tb = None, None
+    if not self.enabled:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if self.path.exists():   # a killed run may have logged past its last checkpoint
+      keep = [r for r in self.read(self.path) if r.get("step", 0) <= resume_step]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    self._file = self.path.open("a")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415 (import is slow)
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+
+  @staticmethod
+  def read(path) -> list[dict]:
+    rows = []
+    for line in pathlib.Path(path).read_text().splitlines():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue   # a line cut short by a kill
+    return rows
+
+  def write(self, step: int, kind: str, values: dict) -> dict:
+    row = {"step": step, "kind": kind, **{k: to_python(v) for k, v in values.items()}}
+    if not self.enabled:
+      return row
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in row.items():
+        if k in ("step", "kind"):
+          continue
+        vals = v if isinstance(v, list) else [v]
+        for i, x in enumerate(vals):
+          if isinstance(x, (int, float)) and not isinstance(x, bool):
+            self._tb.add_scalar(f"{kind}/{k}" + (f"/{i}" if isinstance(v, list) else ""), x, step)
+    return row
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class ProgressBar:
+  """One self-overwriting line on a terminal; plain lines every `every` steps otherwise."""
+
+  def __init__(self, total: int, start: int = 0, every: int = 10, stream=None):
+    self.total, self.start, self.every = total, start, every
+    self.stream = stream or sys.stderr
+    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self.t0 = time.perf_counter()
+    self.closed = False
+
+  def update(self, step: int, text: str) -> None:
+    frac = step / max(self.total, 1)
+    done = int(30 * frac)
+    elapsed = time.perf_counter() - self.t0
+    rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate > 0 else float("nan")
+    line = (f"[{'#' * done}{'.' * (30 - done)}] {step}/{self.total} {text} "
+            f"eta {eta:4.0f}s")
+    if self.tty:
+      self.stream.write("\r" + line + "\033[K")
+      self.stream.flush()
+    elif step % self.every == 0 or step == self.total:
+      self.stream.write(line + "\n")
+
+  def note(self, text: str) -> None:
+    """A line that stays (the bar, on a terminal, is redrawn below it at the next update)."""
+    self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.tty and not self.closed:
+      self.stream.write("\n")
+    self.closed = True
+

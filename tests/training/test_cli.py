@@ -1,0 +1,46 @@
+"""The command line: user errors exit with code 2 and print one line."""
+
+import pytest
+
+import train
+from tests.training.conftest import RUN, STEPS
+
+
+@pytest.fixture(autouse=True)
+def _no_global_cache(monkeypatch, tmp_path):
+  # train.main() would otherwise switch on the persistent compilation cache in this process.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "configs/none.yaml"], "does not exist"),
+    (["model.no_such_field=1"], "model.no_such_field: unknown key"),
+    (["train.batch_size=0"], "train.batch_size=0: must be a positive integer"),
+    (["train.data=/no/such/corpus.txt"], "train.data='/no/such/corpus.txt'"),
+    (["--coordinator_address", "localhost:1234"], "give all three"),
+    (["train.batch_size=4"], "must be a multiple of 8"),     # 8 fake devices split the batch
+])
+def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path):
+  assert train.main(["--workdir", str(tmp_path / "w"), *argv]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("train: error:") and message in err, err
+
+
+def test_bad_flag_exits_2_with_one_line(capsys):
+  with pytest.raises(SystemExit) as e:
+    train.main(["--steps", "many"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--steps" in err, err
+
+
+def test_existing_run_needs_resume_and_the_same_model(run_a, capsys):
+  workdir, _ = run_a
+  assert train.main(["--workdir", str(workdir), "--steps", str(STEPS), *RUN]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "add --resume" in err, err
+  # (8 fake devices here: a batch of 8 splits over them.)
+  assert train.main(["--workdir", str(workdir), "--steps", str(STEPS), *RUN, "--resume",
+                     "model.d_model=48", "train.batch_size=8"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "different model (changed: model.d_model)" in err, err
