@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.training.metrics import measure_matmul_peak  # one peak measurement for all
 
 
 def _cost(compiled) -> dict:
@@ -98,19 +99,6 @@ class Roofline:
     if self.step_s is None or not self.matmul_peak:
       return None
     return self.achieved / self.matmul_peak
-
-
-def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of an n x n x n f32 matmul on the default device (best of `repeats`)."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2.0 * n ** 3 / best
 
 
 def _compile(model: ModelConfig, tokens_BT, seed: int):
