@@ -24,10 +24,18 @@ import numpy as np
 from deepseek_jax.config import ModelConfig
 
 TERA = 1e12
-# Dense BF16 peaks per device (vendor datasheets); matched against `device_kind`.
-DECLARED_PEAKS = {"H100": 989 * TERA, "H800": 989 * TERA, "H200": 989 * TERA, "H20": 148 * TERA,
-                  "A100": 312 * TERA, "TPU v4": 275 * TERA, "TPU v5 lite": 197 * TERA,
-                  "TPU v5e": 197 * TERA, "TPU v5p": 459 * TERA, "TPU v6": 918 * TERA}
+# Dense BF16 peaks of devices that `codesign.hardware.PRESETS` does not describe (vendor datasheets);
+# matched against `device_kind`. H100/H800/H200/TPU v5p come from the presets (one source of truth).
+_OTHER_PEAKS = {"H20": 148 * TERA, "A100": 312 * TERA, "TPU v4": 275 * TERA,
+                "TPU v5 lite": 197 * TERA, "TPU v5e": 197 * TERA, "TPU v6": 918 * TERA}
+
+
+def declared_peaks() -> dict[str, float]:
+  """device_kind substring -> dense BF16 FLOP/s."""
+  from deepseek_jax.codesign.hardware import PRESETS  # noqa: PLC0415 (codesign imports this module)
+  from_presets = {"H100": PRESETS["h100"], "H800": PRESETS["h800"], "H200": PRESETS["h200"],
+                  "TPU v5p": PRESETS["tpu_v5p"]}
+  return {**{k: hw.peak_bf16_flops for k, hw in from_presets.items()}, **_OTHER_PEAKS}
 
 
 def measure_matmul_peak(sizes=(1024, 2048), repeats: int = 4) -> float:
@@ -49,7 +57,7 @@ def peak_flops(declared: float = 0.0) -> tuple[float, str]:
   if declared > 0:
     return declared, "train.peak_flops"
   kind = jax.local_devices()[0].device_kind
-  for name, peak in DECLARED_PEAKS.items():
+  for name, peak in declared_peaks().items():
     if name.lower() in kind.lower():
       return peak, f"declared {name} BF16 dense peak"
   return measure_matmul_peak(), f"measured f32 matmul peak ({kind})"
