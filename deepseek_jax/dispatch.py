@@ -16,15 +16,22 @@ w_down_EMD, ...) -> y_XD` with y_t = sum_k w_{t,k} * Expert_{e_{t,k}}(x_t):
     * "ragged": `jax.lax.ragged_dot` on the unpadded sorted rows; for GPU/TPU.
   `dropless_ffn` is what the expert-parallel code runs on each shard's local experts.
 
-Expert matmuls go through `dots` (an `ExpertDots`, e.g. from the FP8 policy) as `dot_general`
-calls: 2-d x 2-d per block in "block"; [X, D] x [E, D, M] and a batch dimension over experts in
-`dense_ffn`. Local letters beyond the dimension key: P padded rows = W blocks x U rows per block.
+Expert matmuls go through `dots` (an `ExpertDots`, e.g. from the FP8 policy). In "block", dots
+whose numerics are known (`lax.dot_general`, or objects with `expert_numerics()` such as
+`fp8.Fp8Dot` with a per-block recipe) run `block_swiglu`: one scan forward and one backward with
+a hand-written VJP, operands prepared (quantised) once per array instead of once per block and
+use, and weight gradients added in place per expert. Any other `dot_general` callable is called
+per block, 2-d x 2-d, with autodiff for the backward. `dense_ffn` calls the dots on
+[X, D] x [E, D, M] with a batch dimension over experts. Local letters beyond the dimension key:
+P padded rows = W blocks x U rows per block.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,11 +124,11 @@ def _sort_by_expert(experts_A: jax.Array, num_experts: int):
   return order_A, count_E
 
 
-def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, block):
-  """Returns y_XKD: expert outputs per assignment, via the padded block layout (P = W * U)."""
-  X, D = x_XD.shape
-  K, E = experts_XK.shape[1], w_gate_EDM.shape[0]
-  A = X * K
+def _block_layout(experts_XK, num_experts: int, block: int | None):
+  """The padded block layout: (U, W, dest_A [A] padded row of each assignment, token_P [P]
+  source token of each padded row (X for padding), expert_W [W] expert of each block)."""
+  X, K = experts_XK.shape
+  E, A = num_experts, X * K
   U = block or auto_block_size(A, E)
   W = num_blocks(A, E, U)
   experts_A = experts_XK.reshape(A)
@@ -132,15 +139,32 @@ def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, bl
   sorted_e_A = experts_A[order_A]
   dest_sorted_A = pad_start_E[sorted_e_A] + jnp.arange(A, dtype=jnp.int32) - start_E[sorted_e_A]
   dest_A = jnp.zeros((A,), jnp.int32).at[order_A].set(dest_sorted_A, unique_indices=True)
-  # Padded row -> source token (X = the zero row appended below).
   token_A = jnp.arange(A, dtype=jnp.int32) // K
   token_P = jnp.full((W * U,), X, jnp.int32).at[dest_A].set(token_A, unique_indices=True)
   # Unused trailing blocks map to expert E-1: their rows are zeros, so they add nothing to any
   # output or gradient.
   expert_W = jnp.minimum(
       jnp.searchsorted(jnp.cumsum(blocks_E), jnp.arange(W), side="right"), E - 1)
+  return U, W, dest_A, token_P, expert_W.astype(jnp.int32)
+
+
+def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, block):
+  """Returns y_XKD: expert outputs per assignment, via the padded block layout (P = W * U)."""
+  X, D = x_XD.shape
+  K = experts_XK.shape[1]
+  U, W, dest_A, token_P, expert_W = _block_layout(experts_XK, w_gate_EDM.shape[0], block)
   x_pad_XD = jnp.concatenate([x_XD, jnp.zeros((1, D), x_XD.dtype)], axis=0)
   x_WUD = x_pad_XD[token_P].reshape(W, U, D)
+  numerics = block_numerics(dots)
+  if numerics is not None:
+    y_WUD = block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics)
+  else:
+    y_WUD = _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dots)
+  return y_WUD.reshape(W * U, D)[dest_A].reshape(X, K, D)
+
+
+def _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dots):
+  """Any `dot_general` callables, one call per block and projection, autodiff for the rest."""
   proj = (((1,), (0,)), ((), ()))                          # UD,DM->UM and UM,MD->UD
 
   def expert_block(x_UD, e):
@@ -154,7 +178,168 @@ def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, bl
   expert_block = jax.checkpoint(
       expert_block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   _, y_WUD = jax.lax.scan(lambda c, xs: (c, expert_block(*xs)), None, (x_WUD, expert_W))
-  return y_WUD.reshape(W * U, D)[dest_A].reshape(X, K, D)
+  return y_WUD
+
+
+# ---- the block path's own backward pass ----
+
+@dataclasses.dataclass(frozen=True)
+class HighPrecision:
+  """Expert-projection numerics of plain `lax.dot_general` (default precision, no quantisation).
+
+  The protocol `block_swiglu` expects of each projection (`fp8.grouped.ExpertNumerics` is the
+  FP8 one): operand preparers mapping arrays to same-shaped arrays (`weight`, `dgrad_weight`,
+  `fprop_x`, `dgrad_g`, `cached_x`, `wgrad_x`, `wgrad_g`) and `dot(a_RK, b_KN)`.
+  """
+
+  def weight(self, w_EKN):
+    return w_EKN
+
+  def dgrad_weight(self, w_EKN, w_fprop_EKN):
+    return w_fprop_EKN
+
+  def fprop_x(self, x):
+    return x
+
+  def dgrad_g(self, g):
+    return g
+
+  def cached_x(self, x, x_fprop):
+    return x
+
+  def wgrad_x(self, x):
+    return x
+
+  def wgrad_g(self, g):
+    return g
+
+  def dot(self, a_RK, b_KN):
+    return jax.lax.dot_general(a_RK, b_KN, (((1,), (0,)), ((), ())))
+
+
+class BlockNumerics(NamedTuple):
+  gate_proj: Any
+  up_proj: Any
+  down_proj: Any
+
+
+HIGH_PRECISION = BlockNumerics(HighPrecision(), HighPrecision(), HighPrecision())
+
+
+def block_numerics(dots: ExpertDots | None) -> BlockNumerics | None:
+  """The numerics `block_swiglu` runs for these dots, or None when some dot is an arbitrary
+  callable (then each block calls it, see `_generic_block_swiglu`)."""
+  if dots is None:
+    return HIGH_PRECISION
+  out = []
+  for d in dots:
+    if d is jax.lax.dot_general:
+      out.append(HighPrecision())
+      continue
+    numerics = getattr(d, "expert_numerics", None)
+    numerics = numerics() if callable(numerics) else None
+    if numerics is None:
+      return None
+    out.append(numerics)
+  return BlockNumerics(*out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD,
+                 numerics: BlockNumerics = HIGH_PRECISION):
+  """y[w] = SwiGLU_{expert_W[w]}(x[w]) for each block of U rows; one scan forward, one back.
+
+  Each operand is prepared once per array (the weights once per call, activations once per
+  array or block) rather than once per block and use, and each block's weight gradients are
+  added in place into an f32 `[E, ...]` accumulator; the autodiff of a per-block scan instead
+  recomputes the preparation under remat and pads every block's gradient to the full stack.
+  Numerically it is the per-block computation (row tiles are row-local and column tiles stay
+  inside one block); weight gradients accumulate in f32 over blocks.
+  """
+  return _block_fwd(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics)[0]
+
+
+def _block_fwd(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics):
+  ng, nu, nd = numerics
+  dtype = x_WUD.dtype
+  wg, wu, wd = ng.weight(w_gate_EDM), nu.weight(w_up_EDM), nd.weight(w_down_EMD)
+  xg_WUD = ng.fprop_x(x_WUD)
+  xu_WUD = xg_WUD if nu == ng else nu.fprop_x(x_WUD)
+
+  def body(_, xs):
+    xg_UD, xu_UD, e = xs
+    gate_UM = ng.dot(xg_UD, wg[e]).astype(dtype)
+    up_UM = nu.dot(xu_UD, wu[e]).astype(dtype)
+    h_1UM = (jax.nn.silu(gate_UM) * up_UM)[None]
+    hq_1UM = nd.fprop_x(h_1UM)
+    y_UD = nd.dot(hq_1UM[0], wd[e]).astype(dtype)
+    return None, (y_UD, gate_UM, up_UM, nd.cached_x(h_1UM, hq_1UM)[0])
+
+  _, (y_WUD, gate_WUM, up_WUM, h_WUM) = jax.lax.scan(body, None, (xg_WUD, xu_WUD, expert_W))
+  xg_cache = ng.cached_x(x_WUD, xg_WUD)
+  xu_cache = xg_cache if nu == ng else nu.cached_x(x_WUD, xu_WUD)
+  res = (xg_cache, xu_cache, expert_W, (w_gate_EDM, w_up_EDM, w_down_EMD), (wg, wu, wd),
+         gate_WUM, up_WUM, h_WUM,
+         x_WUD[:0, 0, 0])   # empty; carries x's dtype and manual-axis type for dx
+  return y_WUD, res
+
+
+def _block_bwd(numerics, res, dy_WUD):
+  ng, nu, nd = numerics
+  xg_cache, xu_cache, expert_W, weights, prepared, gate_WUM, up_WUM, h_WUM, x_cotangent_ref = res
+  dtype = dy_WUD.dtype
+  wg, wu, wd = (n.dgrad_weight(w, p) for n, w, p in zip(numerics, weights, prepared))
+  dy_rows, dy_cols, h_cols = nd.dgrad_g(dy_WUD), nd.wgrad_g(dy_WUD), nd.wgrad_x(h_WUM)
+  xg_cols = ng.wgrad_x(xg_cache)
+  xu_cols = xg_cols if nu == ng else nu.wgrad_x(xu_cache)
+  t = lambda a: a.T  # noqa: E731
+
+  def body(acc, xs):
+    dwg, dwu, dwd = acc
+    dyr_UD, dyc_UD, hc_UM, xgc_UD, xuc_UD, gate_UM, up_UM, e = xs
+    dwd = dwd.at[e].add(nd.dot(t(hc_UM), dyc_UD).astype(jnp.float32))
+    dh_UM = nd.dot(dyr_UD, t(wd[e])).astype(dtype)
+    _, swiglu_vjp = jax.vjp(lambda a, b: jax.nn.silu(a) * b, gate_UM, up_UM)
+    dgate_1UM, dup_1UM = (a[None] for a in swiglu_vjp(dh_UM))
+    dx_UD = (ng.dot(ng.dgrad_g(dgate_1UM)[0], t(wg[e])).astype(jnp.float32)
+             + nu.dot(nu.dgrad_g(dup_1UM)[0], t(wu[e])).astype(jnp.float32))
+    dwg = dwg.at[e].add(ng.dot(t(xgc_UD), ng.wgrad_g(dgate_1UM)[0]).astype(jnp.float32))
+    dwu = dwu.at[e].add(nu.dot(t(xuc_UD), nu.wgrad_g(dup_1UM)[0]).astype(jnp.float32))
+    return (dwg, dwu, dwd), dx_UD.astype(dtype)
+
+  xs = (dy_rows, dy_cols, h_cols, xg_cols, xu_cols, gate_WUM, up_WUM, expert_W)
+  acc = tuple(_varying_like(jnp.zeros(w.shape, jnp.float32), xs + weights + (wg, wu, wd))
+              for w in weights)
+  (dwg, dwu, dwd), dx_WUD = jax.lax.scan(body, acc, xs, reverse=True)
+  return ((_typed_like(dx_WUD, x_cotangent_ref), None)
+          + tuple(_typed_like(d.astype(w.dtype), w) for d, w in zip((dwg, dwu, dwd), weights)))
+
+
+block_swiglu.defvjp(_block_fwd, _block_bwd)
+
+
+def _varying_axes(x) -> frozenset:
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)   # jax >= 0.9; older versions call it `vma`
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _typed_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """A cotangent given the manual-axis type of its primal: summed over the axes the primal is
+  replicated on (what autodiff's transpose of the implicit broadcast does), broadcast over the
+  ones it varies on."""
+  extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+  if extra:
+    ct = jax.lax.psum(ct, extra)
+  return _varying_like(ct, (primal,))
+
+
+def _varying_like(z: jax.Array, refs) -> jax.Array:
+  """`z` marked as varying over every manual mesh axis any of `refs` varies over (inside a
+  `shard_map`, a scan carry must have the type of what the body makes of it)."""
+  vma = frozenset().union(*(_varying_axes(r) for r in refs))
+  missing = tuple(sorted(vma - _varying_axes(z)))
+  return jax.lax.pcast(z, missing, to="varying") if missing else z
 
 
 def _dropless_ragged(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD):

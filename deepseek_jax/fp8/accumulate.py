@@ -134,40 +134,50 @@ def gemm(a: QArray, b: QArray, accum: Accum, backend: str = "emulate") -> jax.Ar
 def _promoted(a: QArray, b: QArray, accum: Accum, interval: int, backend: str) -> jax.Array:
   B, M, K = a.shape
   N = b.shape[2]
-  steps = -(-K // interval)
-  pad = steps * interval - K
   a_data, b_data = _operand(a, backend), _operand(b, backend)
-  if pad:
-    a_data = jnp.pad(a_data, ((0, 0), (0, 0), (0, pad)))
-    b_data = jnp.pad(b_data, ((0, 0), (0, pad), (0, 0)))
   sa_BMk, sb_BkN = a.scales_full((0, 1)), b.scales_full((0, 2))   # K keeps its block count
   ka, kb = _k_block(a, 2), _k_block(b, 1)
-  limited_mode = accum.mode == "limited"
-  chunks = interval // accum.kstep if limited_mode else 1
-  chunk = interval // chunks
-
-  def slice_partial(k0):
-    if not limited_mode:
-      return _dot(jax.lax.dynamic_slice_in_dim(a_data, k0, chunk, 2),
-                  jax.lax.dynamic_slice_in_dim(b_data, k0, chunk, 1))
-
-    def add_chunk(c, acc):
-      p = _dot(jax.lax.dynamic_slice_in_dim(a_data, k0 + c * chunk, chunk, 2),
-               jax.lax.dynamic_slice_in_dim(b_data, k0 + c * chunk, chunk, 1))
-      return truncate_mantissa(acc + p, accum.mantissa_bits, accum.round_toward_zero)
-    return jax.lax.fori_loop(0, chunks, add_chunk, jnp.zeros((B, M, N), jnp.float32))
 
   def scaled(k0, partial):
     sa = jax.lax.dynamic_slice_in_dim(sa_BMk, 0 if ka is None else k0 // ka, 1, 2)
     sb = jax.lax.dynamic_slice_in_dim(sb_BkN, 0 if kb is None else k0 // kb, 1, 1)
     return partial * (sa * sb)
 
-  if not limited_mode and steps <= UNROLL_MAX_STEPS:  # static slices: no loop on small GEMMs
-    out = None
-    for i in range(steps):
-      k0 = i * interval
-      term = scaled(k0, _dot(a_data[:, :, k0:k0 + interval], b_data[:, k0:k0 + interval]))
-      out = term if out is None else out + term
+  if accum.mode != "limited":
+    # Slices [k0, k0 + N_C) with a shorter last one (no zero padding: a K of 32 or 200 costs
+    # what it costs); static up to UNROLL_MAX_STEPS slices, else a loop over the full ones.
+    full, rest = divmod(K, interval)
+    if full + (rest > 0) <= UNROLL_MAX_STEPS:
+      out = None
+      for k0 in range(0, K, interval):
+        k1 = min(k0 + interval, K)
+        term = scaled(k0, _dot(a_data[:, :, k0:k1], b_data[:, k0:k1]))
+        out = term if out is None else out + term
+      return out
+    part = lambda k0: _dot(jax.lax.dynamic_slice_in_dim(a_data, k0, interval, 2),  # noqa: E731
+                           jax.lax.dynamic_slice_in_dim(b_data, k0, interval, 1))
+    out = jax.lax.fori_loop(1, full, lambda i, o: o + scaled(i * interval, part(i * interval)),
+                            scaled(0, part(0)))
+    if rest:
+      k0 = full * interval
+      out = out + scaled(k0, _dot(a_data[:, :, k0:], b_data[:, k0:]))
     return out
+
+  # limited: kstep-sized tensor-core chunks, zero-padded to whole intervals (zeros add nothing).
+  steps = -(-K // interval)
+  pad = steps * interval - K
+  if pad:
+    a_data = jnp.pad(a_data, ((0, 0), (0, 0), (0, pad)))
+    b_data = jnp.pad(b_data, ((0, 0), (0, pad), (0, 0)))
+  chunks = interval // accum.kstep
+  chunk = interval // chunks
+
+  def slice_partial(k0):
+    def add_chunk(c, acc):
+      p = _dot(jax.lax.dynamic_slice_in_dim(a_data, k0 + c * chunk, chunk, 2),
+               jax.lax.dynamic_slice_in_dim(b_data, k0 + c * chunk, chunk, 1))
+      return truncate_mantissa(acc + p, accum.mantissa_bits, accum.round_toward_zero)
+    return jax.lax.fori_loop(0, chunks, add_chunk, jnp.zeros((B, M, N), jnp.float32))
+
   return jax.lax.fori_loop(1, steps, lambda i, out: out + scaled(i * interval, slice_partial(
       i * interval)), scaled(0, slice_partial(0)))

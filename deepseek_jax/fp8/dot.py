@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from deepseek_jax.fp8 import delayed
 from deepseek_jax.fp8.accumulate import BACKENDS, Accum, gemm, promote
 from deepseek_jax.fp8.formats import E4M3, Format
-from deepseek_jax.fp8.scaling import QArray, Scaling, quantize, tensor_amax, unquantized
+from deepseek_jax.fp8.scaling import (QArray, Scaling, fake_quantize, quantize, quantize_with_values,
+                                     tensor_amax, unquantized)
 
 SLOTS = ("fprop_x", "fprop_w", "dgrad_g", "dgrad_w", "wgrad_x", "wgrad_g")
 _COLUMN = {"fprop_x": 0, "wgrad_x": 0, "fprop_w": 1, "dgrad_w": 1, "dgrad_g": 2, "wgrad_g": 2}
@@ -113,25 +114,66 @@ class _Static:
   w_dtype: Any
 
 
+def _amax(a, slot: Operand, est, col: int):
+  if slot.scaling.mode != "delayed":
+    return None
+  # An empty history or no state: the current amax.
+  return tensor_amax(a) if est is None else jnp.where(est[col] > 0, est[col], tensor_amax(a))
+
+
 def _quantize(a, slot: Operand | None, contract: int, est, col: int) -> QArray:
   if slot is None:
     return unquantized(a, contract)
-  amax = None
-  if slot.scaling.mode == "delayed":  # empty history or no state: the current amax
-    amax = tensor_amax(a) if est is None else jnp.where(est[col] > 0, est[col], tensor_amax(a))
-  return quantize(a, slot.fmt, slot.scaling, contract, amax)
+  return quantize(a, slot.fmt, slot.scaling, contract, _amax(a, slot, est, col))
+
+
+def _values(a, slot: Operand | None, contract: int, est, col: int) -> jax.Array:
+  """f32 values of the quantised operand (`_quantize(...).dequantize()`), no FP8 bytes."""
+  if slot is None:
+    return a.astype(jnp.float32)
+  return fake_quantize(a, slot.fmt, slot.scaling, contract, _amax(a, slot, est, col))
+
+
+def _with_values(a, slot: Operand | None, contract: int, est, col: int):
+  if slot is None:
+    return unquantized(a, contract), a.astype(jnp.float32)
+  return quantize_with_values(a, slot.fmt, slot.scaling, contract, _amax(a, slot, est, col))
+
+
+def _fast(spec: GemmSpec) -> bool:
+  """Emulation on dequantised f32 values: equal to the QArray GEMM when scales factor exactly
+  out of each partial sum (power-of-two scales) or accumulation is one f32 dot anyway. XLA:CPU
+  converts FP8 in scalar code, so this skips every conversion but the cached copies' bytes."""
+  return spec.backend == "emulate" and (
+      spec.accum.mode == "f32" or all(o.scaling.pow2 for o in spec.operands()))
+
+
+def _values_gemm(a_BMK, b_BKN, spec: GemmSpec) -> jax.Array:
+  return gemm(unquantized(a_BMK, 2), unquantized(b_BKN, 1), spec.accum)
 
 
 def _fwd(x, w, state, st: _Static):
   spec = st.spec
   est = None if state is None else delayed.estimates(state)
-  qx = _quantize(x, spec.fprop_x, 2, est, _COLUMN["fprop_x"])
-  qw = _quantize(w, spec.fprop_w, 1, est, _COLUMN["fprop_w"])
-  y = gemm(qx, qw, spec.accum, spec.backend).astype(st.out_dtype)
+  cache_x = spec.cache == "fp8" and spec.fprop_x is not None and spec.cache_fmt is None
+  if _fast(spec):
+    if cache_x:
+      qx, x_val = _with_values(x, spec.fprop_x, 2, est, _COLUMN["fprop_x"])
+    else:
+      qx, x_val = None, _values(x, spec.fprop_x, 2, est, _COLUMN["fprop_x"])
+    if spec.reuse_weight:
+      qw, w_val = _with_values(w, spec.fprop_w, 1, est, _COLUMN["fprop_w"])
+    else:
+      qw, w_val = None, _values(w, spec.fprop_w, 1, est, _COLUMN["fprop_w"])
+    y = _values_gemm(x_val, w_val, spec).astype(st.out_dtype)
+  else:
+    qx = _quantize(x, spec.fprop_x, 2, est, _COLUMN["fprop_x"])
+    qw = _quantize(w, spec.fprop_w, 1, est, _COLUMN["fprop_w"])
+    y = gemm(qx, qw, spec.accum, spec.backend).astype(st.out_dtype)
   if spec.cache == "fp8" and spec.cache_fmt is not None:   # V3's E5M6 cache of o_proj's input
     x_res = quantize(x, spec.cache_fmt, Scaling("tile"), 2)
   else:
-    x_res = qx if (spec.cache == "fp8" and spec.fprop_x is not None) else x
+    x_res = qx if cache_x else x
   w_res = qw if spec.reuse_weight else w
   obs_xw = None if state is None else jnp.stack([tensor_amax(x), tensor_amax(w)])
   return y, (x_res, w_res, state, obs_xw)
@@ -142,14 +184,23 @@ def _bwd(st: _Static, res, g):
   x_res, w_res, state, obs_xw = res
   est = None if state is None else delayed.estimates(state)
   g = g.astype(jnp.float32)
-  qg = _quantize(g, spec.dgrad_g, 2, est, _COLUMN["dgrad_g"])
-  qw = w_res if isinstance(w_res, QArray) else _quantize(w_res, spec.dgrad_w, 2, est,
-                                                        _COLUMN["dgrad_w"])
-  dx = gemm(qg, qw.T, spec.accum, spec.backend)
   x_hp = x_res.dequantize() if isinstance(x_res, QArray) else x_res
-  qx_t = _quantize(x_hp, spec.wgrad_x, 1, est, _COLUMN["wgrad_x"])
-  qg_t = _quantize(g, spec.wgrad_g, 1, est, _COLUMN["wgrad_g"])
-  dw = gemm(qx_t.T, qg_t, spec.accum, spec.backend)
+  if _fast(spec):
+    g_val = _values(g, spec.dgrad_g, 2, est, _COLUMN["dgrad_g"])
+    w_val = (w_res.dequantize() if isinstance(w_res, QArray)
+             else _values(w_res, spec.dgrad_w, 2, est, _COLUMN["dgrad_w"]))
+    dx = _values_gemm(g_val, w_val.swapaxes(1, 2), spec)
+    x_t = _values(x_hp, spec.wgrad_x, 1, est, _COLUMN["wgrad_x"])
+    g_t = _values(g, spec.wgrad_g, 1, est, _COLUMN["wgrad_g"])
+    dw = _values_gemm(x_t.swapaxes(1, 2), g_t, spec)
+  else:
+    qg = _quantize(g, spec.dgrad_g, 2, est, _COLUMN["dgrad_g"])
+    qw = w_res if isinstance(w_res, QArray) else _quantize(w_res, spec.dgrad_w, 2, est,
+                                                          _COLUMN["dgrad_w"])
+    dx = gemm(qg, qw.T, spec.accum, spec.backend)
+    qx_t = _quantize(x_hp, spec.wgrad_x, 1, est, _COLUMN["wgrad_x"])
+    qg_t = _quantize(g, spec.wgrad_g, 1, est, _COLUMN["wgrad_g"])
+    dw = gemm(qx_t.T, qg_t, spec.accum, spec.backend)
   obs = None
   if state is not None:
     obs = delayed.observation(jnp.concatenate([obs_xw, tensor_amax(g)[None]]), state)
@@ -225,6 +276,12 @@ class Fp8Dot:
                fp8_state=None):
     return fp8_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                            spec=self.spec, fp8_state=fp8_state)
+
+  def expert_numerics(self):
+    """The grouped-GEMM numerics of this spec for `dispatch.py`'s block path, or None when the
+    spec needs the generic per-block call (see `fp8.grouped.supports`)."""
+    from deepseek_jax.fp8 import grouped  # noqa: PLC0415 (grouped builds on this module)
+    return grouped.ExpertNumerics(self.spec) if grouped.supports(self.spec) else None
 
   def bind(self, fp8_state: jax.Array):
     """This dot with its delayed-scaling state bound (what `Dense` calls)."""

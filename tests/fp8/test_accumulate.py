@@ -45,6 +45,16 @@ def test_promote_bitwise_vs_numpy(B, M, K, N, grans, backend, seed):
   np.testing.assert_array_equal(np.asarray(y).view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.parametrize("K", [1152, 1500])   # the loop over full slices, with and without a rest
+def test_promote_bitwise_vs_numpy_beyond_the_unrolled_slices(K):
+  assert K > acc.UNROLL_MAX_STEPS * 128
+  a, b = _exact_operands(np.random.default_rng(K), 1, 8, K, 16)
+  y, qa, qb = _quantized_gemm(a, b, "tile", "block", acc.promote(128))
+  want = ref.promoted_gemm(np.asarray(qa.data), np.asarray(qa.scale_inv), qa.blocks,
+                           np.asarray(qb.data), np.asarray(qb.scale_inv), qb.blocks, 128)
+  np.testing.assert_array_equal(np.asarray(y).view(np.uint32), want.view(np.uint32))
+
+
 @settings(max_examples=4)
 @given(st.integers(1, 16), st.integers(1, 400), st.integers(1, 64), st.integers(0, 2 ** 31))
 def test_promote_and_fused_on_gaussian_data(M, K, N, seed):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepseek_jax.fp8 import GemmSpec, fp8_dot_general
+from deepseek_jax.fp8 import dot as dot_mod
 from deepseek_jax.fp8.dot import Operand
 from deepseek_jax.fp8.formats import E4M3
 from deepseek_jax.fp8.policy import RECIPES
@@ -200,3 +201,22 @@ def test_user_errors_are_explained():
                     fp8_state=jnp.zeros((3, 3)))
   with pytest.raises(ValueError, match="cache='x'"):
     GemmSpec(cache="x")
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v3_fused", "deepseek_v3_hopper",
+                                  "rowwise", "tensor_current"])
+def test_emulator_on_f32_values_equals_the_qarray_path(name, monkeypatch):
+  """The emulator multiplies dequantised f32 values and never reads FP8 bytes back; the QArray
+  path converts the bytes and applies the scales to each partial sum. With power-of-two scales
+  (or plain f32 accumulation) the two agree bit for bit, K not a multiple of 128 included."""
+  x, w, g = _data(np.random.default_rng(8), 2, 70, 300, 200)
+  spec = RECIPES[name]
+  assert dot_mod._fast(spec)
+
+  def run():
+    return jax.jit(lambda a, b, c: (lambda y, vjp: (y,) + vjp(c))(
+        *jax.vjp(lambda u, v: fp8_dot_general(u, v, DN, spec=spec), a, b)))(x, w, g)
+  fast = run()
+  monkeypatch.setattr(dot_mod, "_fast", lambda spec: False)
+  for a, b in zip(fast, run()):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))

@@ -84,3 +84,24 @@ def test_bad_emulated_format_names_the_field():
     formats.emulated("x", 5, 30)
   with pytest.raises(ValueError, match="unknown"):
     formats.format_by_name("e3m4")
+
+
+_EDGES = [0.0, -0.0, np.inf, -np.inf, np.nan, 448.0, 464.0, 465.0, -465.0, 57344.0, 61440.0,
+          61441.0, 1e30, 2.0 ** -6, 2.0 ** -9, 2.0 ** -10, 3 * 2.0 ** -11, 2.0 ** -14,
+          2.0 ** -16, 2.0 ** -17, 3 * 2.0 ** -18, 1e-39, -1e-39]
+
+
+@pytest.mark.parametrize("fmt", list(formats.FORMATS.values()), ids=lambda f: f.name)
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1,
+                max_size=64), st.integers(-40, 20))
+def test_round_is_cast_read_back_bitwise(fmt, values, log2_scale):
+  """`Format.round` (the emulator's conversion-free path) equals `cast(x).astype(f32)` bit for
+  bit, over every binade, subnormals, ties, saturation, infinities and NaN."""
+  with np.errstate(over="ignore"):   # overflow to inf is one of the cases
+    x = jnp.asarray(np.asarray(values + _EDGES, np.float32) * np.float32(2.0 ** log2_scale))
+  got = np.asarray(jax.jit(fmt.round)(x))
+  want = np.asarray(jax.jit(lambda a: fmt.cast(a).astype(jnp.float32))(x))
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  ok = ~np.isnan(want)
+  np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))

@@ -64,6 +64,24 @@ def test_quantizer_bitwise_vs_numpy(x, granularity, contract, pow2, fmt_name):
   _check_against_reference(x, fmt, Scaling(granularity, pow2=pow2), contract)
 
 
+@given(_operands(), st.sampled_from(["tensor", "axis", "tile", "block"]), st.sampled_from([1, 2]),
+       st.booleans(), st.sampled_from(["e4m3", "e5m2"]))
+def test_values_without_fp8_bytes_equal_dequantize(x, granularity, contract, pow2, fmt_name):
+  """`fake_quantize` and `quantize_with_values` (no FP8 read-back) are `quantize(...)
+  .dequantize()` bit for bit, and the bytes `quantize_with_values` keeps are `quantize`'s."""
+  fmt = E4M3 if fmt_name == "e4m3" else E5M2
+  sc = Scaling(granularity, pow2=pow2)
+  q, (q2, v2), v3 = jax.jit(lambda a: (quantize(a, fmt, sc, contract),
+                                       scaling.quantize_with_values(a, fmt, sc, contract),
+                                       scaling.fake_quantize(a, fmt, sc, contract)))(
+      jnp.asarray(x))
+  _assert_same_bits(q2.data, q.data)
+  _assert_same_bits(q2.scale_inv, q.scale_inv)
+  want = q.dequantize()
+  _assert_same_bits(v2, want)
+  _assert_same_bits(v3, want)
+
+
 def test_nonfinite_tiles_dequantise_to_nan_and_stay_local():
   x = np.random.default_rng(0).standard_normal((1, 4, 300)).astype(np.float32)
   x[0, 0, 5] = np.nan

@@ -1,0 +1,105 @@
+"""The routed experts' block path with its own backward pass (`dispatch.block_swiglu`): FP8
+numerics identical to calling `fp8_dot_general` per block, and the f32 numerics identical to
+autodiff of the per-block scan."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepseek_jax import dispatch
+from deepseek_jax.fp8 import Fp8Dot, grouped
+from deepseek_jax.fp8.policy import RECIPES
+
+GROUPED_RECIPES = ["deepseek_v3", "deepseek_v3_fused", "deepseek_v3_hopper", "rowwise"]
+
+
+def _inputs(seed, X, D, M, E, K):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((X, D)) * np.exp(rng.standard_normal((X, 1)))   # token scales
+  experts = np.stack([rng.choice(E, K, replace=False) for _ in range(X)])
+  if X > 4:
+    experts[: X // 2, 0] = 0                                               # one crowded expert
+  weights = rng.random((X, K))
+  ws = [rng.standard_normal(s) / np.sqrt(s[1]) for s in ((E, D, M), (E, D, M), (E, M, D))]
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  return f32(x), f32(weights), jnp.asarray(experts, jnp.int32), *map(f32, ws)
+
+
+def _per_block(dot):
+  """The same dot as an opaque callable: `dispatch` must call it once per block."""
+  return lambda a, b, dn, **kw: dot(a, b, dn, **kw)
+
+
+@functools.partial(jax.jit, static_argnames=("dots", "block"))
+def _value_and_grads(x, weights, experts, wg, wu, wd, dots, block):
+  def loss(x, weights, wg, wu, wd):
+    y = dispatch.dropless_ffn(x, weights, experts, wg, wu, wd, dots=dots, impl="block",
+                              block=block)
+    return jnp.sum(jnp.sin(y) * 1e-3), y
+  (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+      x, weights, wg, wu, wd)
+  return (y,) + grads
+
+
+@settings(max_examples=6)
+@given(st.sampled_from(GROUPED_RECIPES), st.integers(1, 70), st.sampled_from([64, 200, 256]),
+       st.sampled_from([48, 128, 160]), st.sampled_from([(4, 2), (8, 3)]),
+       st.sampled_from([None, 8, 32]), st.integers(0, 2 ** 31))
+def test_fp8_block_path_equals_fp8_dot_general_per_block(name, X, D, M, EK, block, seed):
+  E, K = EK
+  args = _inputs(seed, X, D, M, E, K)
+  dot = Fp8Dot(RECIPES[name])
+  fast_dots = dispatch.ExpertDots(dot, dot, dot)
+  assert dispatch.block_numerics(fast_dots) is not None
+  slow_dots = dispatch.ExpertDots(*(_per_block(dot),) * 3)
+  assert dispatch.block_numerics(slow_dots) is None
+  fast = _value_and_grads(*args, dots=fast_dots, block=block)
+  slow = _value_and_grads(*args, dots=slow_dots, block=block)
+  for what, a, b in zip(("y", "dx", "dweights", "dgate", "dup", "ddown"), fast, slow):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.isfinite(a).all(), what
+    # Same tiles, blocks, promotion and summation order: equal up to f32 re-association of the
+    # per-block weight-gradient sums.
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max(), err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_high_precision_block_path_equals_autodiff_of_the_scan(dtype):
+  args = _inputs(3, 96, 64, 32, 8, 2)
+  x, weights, experts, *ws = args
+  cast = lambda a: a.astype(dtype)  # noqa: E731
+  args = (cast(x), weights, experts, *map(cast, ws))
+  own = _value_and_grads(*args, dots=None, block=16)
+  generic = _value_and_grads(*args, dots=dispatch.ExpertDots(*(_per_block(jax.lax.dot_general),)
+                                                             * 3), block=16)
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  for a, b in zip(own, generic):
+    assert a.dtype == b.dtype
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
+def test_per_tensor_and_delayed_recipes_keep_the_per_block_call():
+  """Per-tensor scales span blocks (and delayed ones carry state), so these recipes are not
+  eligible for the hoisted quantisation; they still run, one fp8_dot_general per block."""
+  for name in ("tensor_current", "tensor_delayed"):
+    dot = Fp8Dot(RECIPES[name])
+    assert not grouped.supports(RECIPES[name]) and dot.expert_numerics() is None
+    assert dispatch.block_numerics(dispatch.ExpertDots(dot, dot, dot)) is None
+  args = _inputs(4, 40, 64, 32, 4, 2)
+  dot = Fp8Dot(RECIPES["tensor_current"])
+  out = _value_and_grads(*args, dots=dispatch.ExpertDots(dot, dot, dot), block=8)
+  assert all(np.isfinite(np.asarray(a)).all() for a in out)
+  ref = _value_and_grads(*args, dots=None, block=8)
+  rel = np.linalg.norm(np.asarray(out[0] - ref[0])) / np.linalg.norm(np.asarray(ref[0]))
+  assert 0 < rel < 0.1
+
+
+def test_expert_numerics_rejects_ineligible_specs():
+  with pytest.raises(ValueError, match="per-block scales"):
+    grouped.ExpertNumerics(RECIPES["tensor_current"])
