@@ -47,8 +47,12 @@ def routing(cfg: ModelConfig, tokens: int, seed: int = 0):
   return router.route(logits, bias, cfg)
 
 
-def measure(cfg: ModelConfig, mesh_cfg: MeshConfig, tokens: int, d: int, m: int) -> dict:
-  """Dispatch stats and HLO all-to-all bytes of one fwd+bwd step of the routed experts."""
+def measure(cfg: ModelConfig, mesh_cfg: MeshConfig, tokens: int, d: int, m: int,
+            as_written: bool = False) -> dict:
+  """Dispatch stats and HLO all-to-all bytes of one fwd+bwd step of the routed experts.
+
+  `as_written`: count the HLO before XLA's passes (XLA:CPU moves dtype converts across the
+  collectives, so its compiled program would show f32 on every wire)."""
   E = cfg.n_routed_experts
   out = routing(cfg, tokens)
   k = jax.random.split(jax.random.key(1), 4)
@@ -63,9 +67,11 @@ def measure(cfg: ModelConfig, mesh_cfg: MeshConfig, tokens: int, d: int, m: int)
   mesh = mesh_lib.make_mesh(mesh_cfg)
   with mesh_lib.activate(mesh, mesh_cfg=mesh_cfg):
     g = jax.jit(jax.value_and_grad(step, argnums=(0, 1, 2, 3, 4), has_aux=True))
-    compiled = g.lower(x, out.weights_XK, *w).compile()
+    lowered = g.lower(x, out.weights_XK, *w)
+    compiled = lowered.compile()
     (_, stats), _ = compiled(x, out.weights_XK, *w)
-  a2a = hlo.collectives(compiled.as_text()).get("all-to-all", hlo.Collective(0, 0))
+  text = lowered.as_text(dialect="hlo") if as_written else compiled.as_text()
+  a2a = hlo.collectives(text).get("all-to-all", hlo.Collective(0, 0))
   s = {k: int(v) for k, v in stats._asdict().items()}
   devices = mesh.devices.size
   return dict(
@@ -116,6 +122,21 @@ def main(argv=None):
                        / results["unlimited/exact"]["hlo_a2a_bytes_step"]),
       paper_M_over_N=4 / 8,
   )
+  # Wire formats (node-limited, exact buffers): all-to-all bytes per fwd+bwd step vs bf16.
+  wires = {}
+  cfg = dataclasses.replace(base, topk_group=4)
+  for dispatch_dtype, combine_dtype in (("model", "model"), ("bfloat16", "bfloat16"),
+                                        ("fp8", "bfloat16"), ("fp8", "logfmt10"),
+                                        ("fp8", "logfmt8"), ("fp8", "fp8")):
+    mesh_cfg = MeshConfig(data=1, fsdp=1, expert=devices, tensor=1,
+                          dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype)
+    r = measure(cfg, mesh_cfg, tokens, args.d_model, args.moe_ffn_dim, as_written=True)
+    wires[f"{dispatch_dtype}/{combine_dtype}"] = r["hlo_a2a_bytes_step"]
+  bf16 = wires["bfloat16/bfloat16"]
+  summary["wire_bytes_vs_bf16"] = {k: round(v / bf16, 3) for k, v in wires.items()}
+  summary["wire_note"] = ("dispatch/combine wire; dispatch = tokens out and output gradients "
+                          "back to the experts, combine = outputs and input gradients home; "
+                          "includes the small routing exchange (ids, weights) in the model dtype")
   print(f"{'setting':28s} {'rows/tok':>8s} {'xnode/tok':>9s} {'max nodes':>9s} "
         f"{'dropped':>8s} {'HLO a2a MB/step':>15s}")
   for k, r in results.items():

@@ -288,7 +288,9 @@ class MeshConfig:
   each token once per destination shard into fixed buffers of `capacity_factor` x the expected
   rows (null: room for every local token, exact and never dropping); `alltoall` picks the
   collective ("auto": ragged where the backend has it, i.e. not XLA:CPU); `dispatch_dtype` and
-  `combine_dtype` set the wire format of the two all-to-alls ("model": the compute dtype).
+  `combine_dtype` set the wire format of the two all-to-all directions, token-to-expert and
+  back, in both passes: "model" (the compute dtype), "bfloat16", "fp8" (E4M3 with 1x128
+  power-of-two scales) or "logfmt8"/"logfmt10". V3 (§3.3.3): dispatch fp8, combine bfloat16.
   """
   data: int = -1
   fsdp: int = 1
@@ -297,8 +299,9 @@ class MeshConfig:
   rules: tuple[str, ...] = ()
   capacity_factor: float | None = None
   alltoall: Literal["auto", "dense", "ragged"] = "auto"
-  dispatch_dtype: Literal["model", "bfloat16"] = "model"
-  combine_dtype: Literal["model", "bfloat16"] = "model"
+  dispatch_dtype: Literal["model", "bfloat16", "fp8", "logfmt8", "logfmt10"] = "model"
+  combine_dtype: Literal["model", "bfloat16", "fp8", "logfmt8", "logfmt10"] = "model"
+  WIRES = ("model", "bfloat16", "fp8", "logfmt8", "logfmt10")
 
   def __post_init__(self):
     sizes = {n: getattr(self, n) for n in ("data", "fsdp", "expert", "tensor")}
@@ -318,7 +321,7 @@ class MeshConfig:
            "must be 'auto', 'dense' or 'ragged'")
     for n in ("dispatch_dtype", "combine_dtype"):
       v = getattr(self, n)
-      _check(v in ("model", "bfloat16"), f"mesh.{n}", v, "must be 'model' or 'bfloat16'")
+      _check(v in self.WIRES, f"mesh.{n}", v, f"must be one of {', '.join(self.WIRES)}")
 
 
 @dataclasses.dataclass(frozen=True)

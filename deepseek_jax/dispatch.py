@@ -36,6 +36,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import vma
+
 DotGeneral = Callable[..., jax.Array]
 
 
@@ -308,38 +310,14 @@ def _block_bwd(numerics, res, dy_WUD):
     return (dwg, dwu, dwd), dx_UD.astype(dtype)
 
   xs = (dy_rows, dy_cols, h_cols, xg_cols, xu_cols, gate_WUM, up_WUM, expert_W)
-  acc = tuple(_varying_like(jnp.zeros(w.shape, jnp.float32), xs + weights + (wg, wu, wd))
+  acc = tuple(vma.varying_like(jnp.zeros(w.shape, jnp.float32), xs + weights + (wg, wu, wd))
               for w in weights)
   (dwg, dwu, dwd), dx_WUD = jax.lax.scan(body, acc, xs, reverse=True)
-  return ((_typed_like(dx_WUD, x_cotangent_ref), None)
-          + tuple(_typed_like(d.astype(w.dtype), w) for d, w in zip((dwg, dwu, dwd), weights)))
+  dws = tuple(vma.cotangent_like(d.astype(w.dtype), w) for d, w in zip((dwg, dwu, dwd), weights))
+  return (vma.cotangent_like(dx_WUD, x_cotangent_ref), None) + dws
 
 
 block_swiglu.defvjp(_block_fwd, _block_bwd)
-
-
-def _varying_axes(x) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)   # jax >= 0.9; older versions call it `vma`
-  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def _typed_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
-  """A cotangent given the manual-axis type of its primal: summed over the axes the primal is
-  replicated on (what autodiff's transpose of the implicit broadcast does), broadcast over the
-  ones it varies on."""
-  extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
-  if extra:
-    ct = jax.lax.psum(ct, extra)
-  return _varying_like(ct, (primal,))
-
-
-def _varying_like(z: jax.Array, refs) -> jax.Array:
-  """`z` marked as varying over every manual mesh axis any of `refs` varies over (inside a
-  `shard_map`, a scan carry must have the type of what the body makes of it)."""
-  vma = frozenset().union(*(_varying_axes(r) for r in refs))
-  missing = tuple(sorted(vma - _varying_axes(z)))
-  return jax.lax.pcast(z, missing, to="varying") if missing else z
 
 
 def _dropless_ragged(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD):

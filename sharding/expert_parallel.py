@@ -19,9 +19,13 @@ L = min(K, E_loc) slots per row, C rows per (source, destination) pair. Scaling-
 Expert weights enter as W[E_expert, D, M_tensor]: `shard_map` all-gathers the fsdp split of D
 (ZeRO-3) and reduce-scatters its gradient. Tokens enter split over the act_tokens axes, which
 must include the expert axes. The collective is `all_to_all` on fixed buffers or, where the
-backend has it (not XLA:CPU), `ragged_all_to_all`, which moves only the filled rows. Buffers can
-travel in bfloat16 (dispatch and combine separately). With `capacity_factor=None` every buffer has
-room for all local tokens and the result equals single-device dropless dispatch.
+backend has it (not XLA:CPU), `ragged_all_to_all`, which moves only the filled rows. Each
+direction has a wire format (`WIRES`, from `mesh.dispatch_dtype` / `mesh.combine_dtype`): the
+model dtype, bfloat16, FP8 (E4M3, 1x128 tiles, power-of-two scales: `fp8.comm`) or LogFMT-8/10;
+the token-to-expert direction uses the dispatch format in both passes (tokens forward, output
+gradients backward) and the other direction the combine format (see `_exchange`). With
+`capacity_factor=None` every buffer has room for all local tokens and the result equals
+single-device dropless dispatch.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import dispatch
+from deepseek_jax import dispatch, vma
+from deepseek_jax.config import MeshConfig
+from deepseek_jax.fp8 import comm
 from sharding import rules as rules_lib
 
 
@@ -146,8 +152,65 @@ def make_plan(experts_XK: jax.Array, shards: int, local_experts: int, cap: int) 
   return Plan(src_R, row_XK, slot_XK, local_XK, present_XP, kept_XP, count_P)
 
 
-def _wire(x: jax.Array, name: str) -> jax.Array:
-  return x if name == "model" else x.astype(jnp.dtype(name))
+# Wire formats of the two exchange directions (`mesh.dispatch_dtype`, `mesh.combine_dtype`).
+WIRES = ("model", "bfloat16", "fp8", "logfmt8", "logfmt10")
+if WIRES != MeshConfig.WIRES:  # config.py validates names without importing fp8/
+  raise ImportError(f"expert_parallel.WIRES {WIRES} != MeshConfig.WIRES {MeshConfig.WIRES}")
+_CODECS = {"bfloat16": comm.BF16, "fp8": comm.FP8_DISPATCH, "logfmt8": comm.LOGFMT8,
+           "logfmt10": comm.LOGFMT10}
+
+
+class _Route(NamedTuple):
+  """One exchange: the collective, and the wire formats out (`there`) and back (`back`)."""
+  axes: tuple[str, ...]
+  shards: int
+  ragged: bool
+  there: str
+  back: str
+
+
+def _move(x_R, send_P, recv_P, me, route: _Route, wire: str):
+  """encode -> all-to-all of every payload leaf (rows first) -> decode."""
+  codec = _CODECS.get(wire)
+  if codec is None and wire != "model":
+    raise ValueError(f"expert-parallel wire {wire!r}: must be one of {WIRES}")
+  payload = x_R if codec is None else comm.encode(x_R, codec)
+  leaves, tree = jax.tree.flatten(payload)
+  R = x_R.shape[0]
+  moved = []
+  for leaf in leaves:   # FP8: data and 1x128 scales; LogFMT: codes and tile min/max
+    rows = leaf.reshape(R, -1)
+    if route.ragged:
+      rows = _ragged_a2a(rows, route.axes, route.shards, send_P, recv_P, me)
+    else:
+      rows = _dense_a2a(rows, route.axes, route.shards)
+    moved.append(rows.reshape(leaf.shape))
+  payload = jax.tree.unflatten(tree, moved)
+  return payload if codec is None else comm.decode(payload, codec, x_R.shape, x_R.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _exchange(x_R, send_P, recv_P, me, route: _Route):
+  """All-to-all of `x_R` in wire format `route.there`; its cotangent returns by the reverse
+  exchange in `route.back`. Tokens go out in the dispatch format and expert outputs come back
+  in the combine format, so the backward pass sends output gradients to the experts in the
+  dispatch format and input gradients back in the combine format: V3 §3.3.3's FP8 for "the
+  activation before the up-projection and the gradient before the down-projection", BF16 for
+  the combine both ways. Lossy codecs are straight-through for the gradient."""
+  return _move(x_R, send_P, recv_P, me, route, route.there)
+
+
+def _exchange_fwd(x_R, send_P, recv_P, me, route):
+  return _move(x_R, send_P, recv_P, me, route, route.there), (send_P, recv_P, me, x_R[:0])
+
+
+def _exchange_bwd(route, res, g_R):
+  send_P, recv_P, me, ref = res
+  g_R = _move(g_R, recv_P, send_P, me, route, route.back)   # rows retrace their way
+  return vma.cotangent_like(g_R.astype(ref.dtype), ref), None, None, None
+
+
+_exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
 def _dense_a2a(buf_R, axes, shards, *_):
@@ -260,23 +323,20 @@ def _local(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, *, ep
   w_RL = jnp.zeros((R, L), weights_XK.dtype).at[plan.row_XK, plan.slot_XK].set(weights_XK,
                                                                                mode="drop")
   # ---- AllToAll_expert: [P_dst*C, D] -> [P_src*C, D] ----
-  if alltoall == "ragged":
-    recv_P = jax.lax.all_to_all(plan.count_P, ep, 0, 0, tiled=True)
-    go = functools.partial(_ragged_a2a, axes=ep, shards=shards, send_P=plan.count_P,
-                           recv_P=recv_P, me=me)
-    back = functools.partial(_ragged_a2a, axes=ep, shards=shards, send_P=recv_P,
-                             recv_P=plan.count_P, me=me)
-  else:
-    go = back = functools.partial(_dense_a2a, axes=ep, shards=shards)
-  recv_RD = go(_wire(send_RD, opts.dispatch_dtype)).astype(x_XD.dtype)
-  ids_RL, w_RL = go(ids_RL), go(w_RL)
+  ragged = alltoall == "ragged"
+  send_P = plan.count_P
+  recv_P = jax.lax.all_to_all(send_P, ep, 0, 0, tiled=True) if ragged else send_P
+  out = _Route(ep, shards, ragged, opts.dispatch_dtype, opts.combine_dtype)
+  home = _Route(ep, shards, ragged, opts.combine_dtype, opts.dispatch_dtype)
+  recv_RD = _exchange(send_RD, send_P, recv_P, me, out)
+  ids_RL, w_RL = (_move(a, send_P, recv_P, me, out, "model") for a in (ids_RL, w_RL))
   if mlp:  # each M shard sees the same rows: typed as varying, so their gradient is psum'd
     recv_RD, w_RL = jax.lax.pcast((recv_RD, w_RL), mlp, to="varying")
   # ---- local experts (padding rows and slots carry weight 0) ----
   y_RD = dispatch.dropless_ffn(recv_RD, w_RL, ids_RL, w_gate_EDM, w_up_EDM, w_down_EMD,
                                dots=dots, impl=impl)
   # ---- AllToAll_expert back, then unpack: sum over destination shards ----
-  y_RD = back(_wire(y_RD, opts.combine_dtype))
+  y_RD = _exchange(y_RD, recv_P, send_P, me, home)
   out_XD = jnp.zeros((X + 1, D), jnp.float32).at[plan.src_R].add(y_RD.astype(jnp.float32))[:X]
   if mlp:
     out_XD = jax.lax.psum(out_XD, mlp)                     # {U_tensor}: partial sums over M
