@@ -87,11 +87,14 @@ def train_tiny(cfg, policy, batches, eval_batches, lr=3e-3):
 
 @pytest.mark.slow
 def test_deepseek_v3_recipe_trains_like_f32():
+  """30 AdamW steps at lr 1e-3, where training is smooth. At 3e-3 the 30-step loss is chaotic:
+  two recipes that differ only in f32 summation order (deepseek_v3 vs deepseek_v3_fused) then
+  end 11% apart, which says nothing about FP8; at 1e-3 they end 0.1% apart."""
   cfg = load_config(TINY, ["model.num_layers=2"]).model
   batches = corpus_batches(30, 8, 64)
-  evals = corpus_batches(4, 8, 64, seed=1)
-  ce32, eval32 = train_tiny(cfg, None, batches, evals)
-  ce8, eval8 = train_tiny(cfg, make_policy("deepseek_v3"), batches, evals)
+  evals = corpus_batches(8, 8, 64, seed=1)
+  ce32, eval32 = train_tiny(cfg, None, batches, evals, lr=1e-3)
+  ce8, eval8 = train_tiny(cfg, make_policy("deepseek_v3"), batches, evals, lr=1e-3)
   gap = (eval8 - eval32) / eval32
   print(f"eval CE after 30 steps: f32 {eval32:.4f}, deepseek_v3 {eval8:.4f}, rel gap {gap:+.4%}")
   assert ce32[-1] < 0.7 * ce32[0] and ce8[-1] < 0.7 * ce8[0]    # both learn
