@@ -48,12 +48,13 @@ class Block(nn.Module):
   absorb: bool = True
 
   @nn.compact
-  def __call__(self, h_BTD, positions_BT, cache):
+  def __call__(self, h_BTD, positions_BT, cache, layer=None):
+    """-> (h, (cache, aux)); `cache`/`layer` as in `MLA.__call__`."""
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed")
     attn_BTD, cache = MLA(cfg, self.fp8_policy, self.absorb, name="self_attn")(
-        RMSNorm(name="input_layernorm", **norm_kw)(h_BTD), positions_BT, cache)
+        RMSNorm(name="input_layernorm", **norm_kw)(h_BTD), positions_BT, cache, layer)
     h_BTD = h_BTD + attn_BTD
     x_BTD = RMSNorm(name="post_attention_layernorm", **norm_kw)(h_BTD)
     if self.moe:
@@ -65,6 +66,18 @@ class Block(nn.Module):
       aux = {}
     h_BTD = nn.with_logical_constraint(h_BTD + y_BTD, ACT_BTD)
     return h_BTD, (cache, aux)
+
+
+class StackBlock(Block):
+  """A `Block` that carries the whole `[L, ...]` cache stack and takes its layer index as the
+  scanned input: `((h, stack), positions, layer) -> ((h, stack), aux)`. Decoding scans this, so
+  each layer writes its new tokens into the stack in place instead of the scan slicing a layer
+  out (xs) and stacking it back (ys), which copies the whole cache every step."""
+
+  def __call__(self, carry, positions_BT, layer):
+    h_BTD, stack = carry
+    h_BTD, (stack, aux) = super().__call__(h_BTD, positions_BT, stack, layer)
+    return (h_BTD, stack), aux
 
 
 _REMAT_POLICIES = {
@@ -84,26 +97,31 @@ class BlockStack(nn.Module):
   @nn.compact
   def __call__(self, h_BTD, positions_BT, cache):
     cfg = self.cfg
-    block_cls = Block
+    block_cls = Block if cache is None else StackBlock
     if cfg.remat != "none":
-      block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+      block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat],
+                           prevent_cse=not cfg.scan_layers)
     kw = dict(cfg=cfg, fp8_policy=self.fp8_policy, moe=self.moe, absorb=self.absorb)
     if cfg.scan_layers:
       axes = {"params": 0, "router_state": 0, "fp8_state": 0, "intermediates": 0}
       scanned = nn.scan(block_cls, variable_axes=axes, split_rngs={"params": True},
                         in_axes=(nn.broadcast, 0), length=self.n,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      h_BTD, (cache, aux) = scanned(name="layers", **kw)(h_BTD, positions_BT, cache)
+      if cache is None:
+        h_BTD, (_, aux) = scanned(name="layers", **kw)(h_BTD, positions_BT, None)
+      else:
+        (h_BTD, cache), aux = scanned(name="layers", **kw)(
+            (h_BTD, cache), positions_BT, jnp.arange(self.n, dtype=jnp.int32))
       return h_BTD, cache, aux
-    caches, auxes = [], []
+    auxes = []
     for i in range(self.n):
-      layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-      h_BTD, (c, a) = block_cls(name=f"layers_{i}", **kw)(h_BTD, positions_BT, layer_cache)
-      caches.append(c)
+      block = block_cls(name=f"layers_{i}", **kw)
+      if cache is None:
+        h_BTD, (_, a) = block(h_BTD, positions_BT, None)
+      else:
+        (h_BTD, cache), a = block((h_BTD, cache), positions_BT, i)
       auxes.append(a)
-    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
-    cache = None if cache is None else jax.tree.map(stack, *caches)
-    return h_BTD, cache, jax.tree.map(stack, *auxes)
+    return h_BTD, cache, jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
 
 
 class Transformer(nn.Module):

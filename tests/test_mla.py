@@ -1,10 +1,14 @@
 """MLA: absorbed latent-cache decoding equals the expanded training path; cache size; ragged batches."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
+from deepseek_jax import mla
 from deepseek_jax.model import Transformer, init_model_cache
 from tests.helpers import init_model, mla_configs, random_tokens, small_config
 
@@ -75,3 +79,32 @@ def test_cache_holds_exactly_c_plus_r_per_layer(cfg):
   cache = init_model_cache(cfg, batch=1, max_len=1)
   values = sum(x.size for x in jax.tree.leaves(cache))
   assert values == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_layers == cfg.cache_values_per_token
+
+
+@pytest.mark.parametrize("rows", [3, mla.UNROLL_ROWS + 1])     # unrolled writes, then the loop
+@pytest.mark.parametrize("scan", [True, False])
+def test_stack_writes_touch_only_the_new_slots(rows, scan):
+  """The decode path writes each row's new latents into the `[L, B, S, .]` stack in place: every
+  other slot keeps its bits, and the step's logits match the full forward at ragged positions."""
+  cfg = dataclasses.replace(small_config(first_k_dense_replace=1), scan_layers=scan)
+  T = 7
+  tokens = random_tokens(cfg, rows, T)
+  model = Transformer(cfg)
+  variables = init_model(model, tokens)
+  full = jax.jit(model.apply)(variables, tokens).logits_BTV
+  cache = init_model_cache(cfg, rows, T + 1)
+  cache = jax.jit(lambda v, t, c: model.apply(v, t, cache=c).cache)(variables, tokens, cache)
+  pos_B = jnp.asarray([(3 * b) % T for b in range(rows)], jnp.int32)   # ragged
+  step_tokens = tokens[jnp.arange(rows), pos_B][:, None]
+  out = jax.jit(lambda v, t, p, c: model.apply(v, t, positions_BT=p, cache=c))(
+      variables, step_tokens, pos_B[:, None], cache)
+  want = full[jnp.arange(rows), pos_B]
+  np.testing.assert_allclose(np.asarray(out.logits_BTV[:, 0]), np.asarray(want), atol=1e-5)
+  for old, new in zip(jax.tree.leaves(cache), jax.tree.leaves(out.cache)):
+    old, new = np.asarray(old), np.asarray(new)                          # [L, B, S, F]
+    written = np.zeros(old.shape[:3], bool)
+    written[:, np.arange(rows), np.asarray(pos_B)] = True
+    np.testing.assert_array_equal(new[~written], old[~written])
+    # The slot was already filled by the prefill with the same token: rewritten to round-off.
+    np.testing.assert_allclose(new[written], old[written], atol=1e-5)
+
