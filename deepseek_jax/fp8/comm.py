@@ -11,7 +11,8 @@ custom_vjp, for use around the all-to-alls of `sharding/expert_parallel.py` or o
 
 Codecs: 'none' (identity), 'bf16', 'fp8' (format + tile, pow2 scales; quantised by the same
 quantiser as the GEMMs, so dispatched bytes equal the GEMM's fprop operand when the tiles agree),
-'logfmt' (`logfmt.py`, n bits). Open in the paper, chosen here: which all-to-all carries the
+'logfmt' (`logfmt.py`, n bits; codes of other widths than 8 and 16 are bit-packed for the
+wire, so LogFMT-10 moves 10 bits per value plus the tile min/max, as DeepEP's does). Open in the paper, chosen here: which all-to-all carries the
 "gradient before the down-projection" (the combine's backward); the presets below follow the
 V3 report (dispatch: FP8 forward, BF16 backward; combine: BF16 both ways) and anything else is
 one `Codec` away.
@@ -87,7 +88,8 @@ def encode(x: jax.Array, codec: Codec):
     return x.astype(jnp.bfloat16)
   if codec.kind == "fp8":
     return fp8_encode(x, codec)
-  return logfmt.encode(x, codec.n_bits, codec.tile)
+  enc = logfmt.encode(x, codec.n_bits, codec.tile)
+  return enc if codec.n_bits in (8, 16) else logfmt.pack(enc)   # n bits per code on the wire
 
 
 def decode(payload, codec: Codec, shape, dtype) -> jax.Array:
@@ -95,6 +97,8 @@ def decode(payload, codec: Codec, shape, dtype) -> jax.Array:
     return payload.astype(dtype)
   if codec.kind == "fp8":
     return fp8_decode(payload, shape, dtype)
+  if isinstance(payload, logfmt.PackedLogFmt):
+    payload = logfmt.unpack(payload)
   return logfmt.decode(payload).astype(dtype)
 
 

@@ -141,3 +141,47 @@ def roundtrip(x: jax.Array, n_bits: int = 8, tile: int = 128, rounding: str = "l
 def bits_per_element(n_bits: int, tile: int = 128) -> float:
   """Wire cost including the two f32 metadata values per tile."""
   return n_bits + 64 / tile
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedLogFmt:
+  """A LogFMT encoding as it travels: n-bit codes packed into bytes `[..., ceil(D*n/8)]` (bit i
+  of code j at bit j*n + i, little-endian), plus the per-tile min and max."""
+  packed: jax.Array
+  min_mag: jax.Array
+  max_mag: jax.Array
+  n_bits: int = dataclasses.field(metadata=dict(static=True))
+  tile: int = dataclasses.field(metadata=dict(static=True))
+  width: int = dataclasses.field(metadata=dict(static=True))   # D, the number of codes per row
+
+
+def _lanes(k: int, ndim: int, dtype) -> jax.Array:
+  """0..k-1 along a new last axis of an ndim-dimensional array (explicit rank, no promotion)."""
+  return jnp.arange(k, dtype=dtype).reshape((1,) * (ndim - 1) + (k,))
+
+
+def pack(enc: LogFmtArray) -> PackedLogFmt:
+  """Packs the codes densely: D codes of n bits take ceil(D*n/8) bytes (uint16 storage would
+  spend 16 bits on a 10-bit code). Pure bit shuffling, no arithmetic on the values."""
+  n, D = enc.n_bits, enc.codes.shape[-1]
+  codes = enc.codes.astype(jnp.uint32)
+  bits = ((codes[..., None] >> _lanes(n, codes.ndim + 1, jnp.uint32)) & 1).astype(jnp.uint8)
+  bits = bits.reshape(bits.shape[:-2] + (D * n,))
+  nbytes = -(-D * n // 8)
+  if nbytes * 8 != D * n:
+    bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, nbytes * 8 - D * n)])
+  bits = bits.reshape(bits.shape[:-1] + (nbytes, 8))
+  packed = jnp.sum(bits << _lanes(8, bits.ndim, jnp.uint8), axis=-1, dtype=jnp.uint8)
+  return PackedLogFmt(packed, enc.min_mag, enc.max_mag, n, enc.tile, D)
+
+
+def unpack(p: PackedLogFmt) -> LogFmtArray:
+  """Inverse of `pack` (bit-exact)."""
+  n, D = p.n_bits, p.width
+  bits = (p.packed[..., None] >> _lanes(8, p.packed.ndim + 1, jnp.uint8)) & 1
+  bits = bits.reshape(bits.shape[:-2] + (-1,))[..., :D * n].astype(jnp.uint32)
+  bits = bits.reshape(bits.shape[:-1] + (D, n))
+  codes = jnp.sum(bits << _lanes(n, bits.ndim, jnp.uint32), axis=-1, dtype=jnp.uint32)
+  return LogFmtArray(codes.astype(jnp.uint8 if n <= 8 else jnp.uint16), p.min_mag, p.max_mag,
+                     n, p.tile)

@@ -119,3 +119,25 @@ def test_transfer_codes_forward_and_backward_separately():
   y, dx = run(x, g)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(comm.roundtrip(x, comm.FP8_DISPATCH)))
   np.testing.assert_array_equal(np.asarray(dx), np.asarray(g.astype(jnp.bfloat16), np.float32))
+
+
+@settings(max_examples=6)
+@given(st.integers(1, 5), st.integers(1, 300), st.integers(3, 16), st.integers(0, 2 ** 31))
+def test_logfmt_packing_is_lossless_and_dense(X, D, n_bits, seed):
+  """Packed codes take ceil(D * n / 8) bytes and unpack to the same codes, bit for bit."""
+  x = np.random.default_rng(seed).standard_normal((X, D)).astype(np.float32)
+  enc = logfmt.encode(jnp.asarray(x), n_bits, 128)
+  packed = jax.jit(logfmt.pack)(enc)
+  assert packed.packed.dtype == jnp.uint8 and packed.packed.shape == (X, -(-D * n_bits // 8))
+  back = jax.jit(logfmt.unpack)(packed)
+  np.testing.assert_array_equal(np.asarray(back.codes), np.asarray(enc.codes))
+  np.testing.assert_array_equal(np.asarray(logfmt.decode(back)), np.asarray(logfmt.decode(enc)))
+
+
+def test_logfmt10_wire_payload_is_ten_bits_per_value():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 256)), jnp.float32)
+  payload = comm.encode(x, comm.LOGFMT10)
+  wire_bits = sum(a.size * a.dtype.itemsize * 8 for a in jax.tree.leaves(payload))
+  assert wire_bits / x.size == comm.LOGFMT10.bits_per_element() == 10.5
+  np.testing.assert_array_equal(np.asarray(comm.roundtrip(x, comm.LOGFMT10)),
+                                np.asarray(logfmt.roundtrip(x, 10)))

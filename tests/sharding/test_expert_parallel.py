@@ -191,12 +191,12 @@ def test_fp8_dispatch_wire_carries_fp8_bytes_both_ways():
 
 @pytest.mark.parametrize("wire, worst", [("logfmt8", 0.05), ("logfmt10", 0.015)])
 def test_logfmt_combine_wire(wire, worst):
-  """LogFMT-n on the combine: codes (uint8/uint16) plus tile min/max on the wire; the error
-  falls with n (the paper: LogFMT-10 close to BF16)."""
+  """LogFMT-n on the combine: n-bit codes (10-bit ones bit-packed: D=16 codes in 20 bytes) plus
+  the tile min/max on the wire; the error falls with n (the paper: LogFMT-10 close to BF16)."""
   args = _inputs(seed=7)
   fwd_text, _, y, _ = _wire_run(args, "model", wire)
-  code = "ui8" if wire == "logfmt8" else "ui16"
-  assert any("all_to_all" in ln and f"x{code}>" in ln for ln in fwd_text.splitlines())
+  code = f"x{D * int(wire[6:]) // 8}xui8>"
+  assert any("all_to_all" in ln and code in ln for ln in fwd_text.splitlines())
   y_ref, _ = _reference(args)
   rel = np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref)
   assert 0 < rel < worst, rel
