@@ -190,30 +190,15 @@ class HighPrecision:
   """Expert-projection numerics of plain `lax.dot_general` (default precision, no quantisation).
 
   The protocol `block_swiglu` expects of each projection (`fp8.grouped.ExpertNumerics` is the
-  FP8 one): operand preparers mapping arrays to same-shaped arrays (`weight`, `dgrad_weight`,
-  `fprop_x`, `dgrad_g`, `cached_x`, `wgrad_x`, `wgrad_g`) and `dot(a_RK, b_KN)`.
+  FP8 one): operand preparers mapping arrays to same-shaped arrays, `weight(w)`,
+  `dgrad_weight(w, w_fprop)`, `fprop_x(x)`, `dgrad_g(g)`, `cached_x(x, x_fprop)`, `wgrad_x(x)`,
+  `wgrad_g(g)`, and `dot(a_RK, b_KN)`. Here every preparer returns its first argument.
   """
 
-  def weight(self, w_EKN):
-    return w_EKN
+  def _first(self, a, *_):
+    return a
 
-  def dgrad_weight(self, w_EKN, w_fprop_EKN):
-    return w_fprop_EKN
-
-  def fprop_x(self, x):
-    return x
-
-  def dgrad_g(self, g):
-    return g
-
-  def cached_x(self, x, x_fprop):
-    return x
-
-  def wgrad_x(self, x):
-    return x
-
-  def wgrad_g(self, g):
-    return g
+  weight = dgrad_weight = fprop_x = dgrad_g = cached_x = wgrad_x = wgrad_g = _first
 
   def dot(self, a_RK, b_KN):
     return jax.lax.dot_general(a_RK, b_KN, (((1,), (0,)), ((), ())))
