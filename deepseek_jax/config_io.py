@@ -6,6 +6,7 @@ and the rule; nothing is coerced silently except an integer given for a float fi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pathlib
 import re
@@ -145,6 +146,15 @@ def load_config(path=None, overrides=()) -> Config:
     if loaded is not None and not isinstance(loaded, dict):
       raise ConfigError(f"config file {str(path)!r}: top level must be a mapping of sections")
     data = loaded or {}
+  return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: dict, overrides=()) -> Config:
+  """A validated `Config` from nested sections (as `config_to_dict` writes them), with the
+  same checks and messages as a YAML file; `overrides` as in `load_config`."""
+  if not isinstance(data, dict):
+    raise ConfigError(f"config: top level must be a mapping of sections, got {type(data).__name__}")
+  data = copy.deepcopy(data)
   for item in overrides:
     key, value = parse_override(item)
     _set_dotted(data, key, value)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import tempfile
 
 import jax
-import yaml
 
-from deepseek_jax.config import ConfigError, ModelConfig, load_config
+from deepseek_jax.config import ConfigError, ModelConfig
+from deepseek_jax.config_io import config_from_dict
 from deepseek_jax.hf_safetensors import CheckpointError
 
 
@@ -40,13 +39,10 @@ def _model_config(meta_file: pathlib.Path) -> ModelConfig:
   except (OSError, json.JSONDecodeError, KeyError, TypeError):
     raise CheckpointError(f"{meta_file}: no readable model config (expected the JSON record "
                           "train.py writes beside each checkpoint)") from None
-  with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:  # validated like any config file
-    yaml.safe_dump({"model": model}, f)
-    f.flush()
-    try:
-      return load_config(f.name).model
-    except ConfigError as e:
-      raise CheckpointError(f"{meta_file}: the saved model config is invalid here ({e})") from None
+  try:   # validated like any config file
+    return config_from_dict({"model": model}).model
+  except ConfigError as e:
+    raise CheckpointError(f"{meta_file}: the saved model config is invalid here ({e})") from None
 
 
 def load_trained(path, dtype: str | None = None) -> tuple[ModelConfig, dict, int]:
