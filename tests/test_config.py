@@ -112,3 +112,16 @@ def test_param_counts_scale_with_layers(layers, dense):
   c2 = ModelConfig(num_layers=layers + 1, first_k_dense_replace=dense)
   assert c2.param_counts()["total"] > c.param_counts()["total"]
   assert c.param_counts()["active"] < c.param_counts()["total"]
+
+
+def test_config_from_dict_round_trips_and_validates_like_a_file():
+  from deepseek_jax.config_io import config_from_dict, config_to_dict  # noqa: PLC0415
+  cfg = load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny.yaml"))
+  data = config_to_dict(cfg)
+  assert config_from_dict(data) == cfg
+  assert config_from_dict(data, ["model.num_layers=2"]).model.num_layers == 2
+  assert data["model"]["num_layers"] == cfg.model.num_layers          # the input is not mutated
+  with pytest.raises(ConfigError, match=r"model.n_layers: unknown key"):
+    config_from_dict({"model": {"n_layers": 3}})
+  with pytest.raises(ConfigError, match="top level must be a mapping"):
+    config_from_dict([1, 2])
