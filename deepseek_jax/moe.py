@@ -73,7 +73,8 @@ class RoutedExperts(nn.Module):
     E, D, M = cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_dim
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_std)
-    in_axes, out_axes = ("experts", "embed", "moe_mlp"), ("experts", "moe_mlp", "embed")
+    in_axes = ("experts", "expert_embed", "moe_mlp")
+    out_axes = ("experts", "moe_mlp", "expert_embed")
     w_gate_EDM = self.param("gate_proj", nn.with_logical_partitioning(init, in_axes),
                             (E, D, M), param_dtype)
     w_up_EDM = self.param("up_proj", nn.with_logical_partitioning(init, in_axes),

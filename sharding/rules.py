@@ -16,6 +16,12 @@ rule order): `embed` comes before the latent ranks, so q_a_proj [D, Q] is [D_fsd
 q_b_proj [Q, N, H+R], which has no D, becomes [Q_fsdp, N_tensor, H+R]. Without that the up
 projections would be replicated (9 GB per device for V3's q_b_proj at tensor=1). Per-head widths,
 norms and the scan `layers` axis stay replicated.
+
+Non-expert weights are replicated over `expert` by default (each expert-parallel rank holds the
+attention and dense weights of its fsdp shard). The routed experts name their D `expert_embed`,
+so the override `mesh.rules=["embed=fsdp,expert"]` extends ZeRO-3 of everything else over the
+expert axis too (memory / expert size, for an all-gather over `expert` per layer) without
+touching the experts' own layout; `codesign.memory.PLANNING_RULES` sizes both choices.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ BATCH_AXES = ("data", "fsdp", "expert")
 
 DEFAULT_RULES: Rules = (
     # ---- parameters ----
-    ("embed", "fsdp"),            # D of every weight (ZeRO-3)
+    ("embed", "fsdp"),            # D of every non-expert weight (ZeRO-3)
+    ("expert_embed", "fsdp"),     # D of the routed experts' weights
     ("vocab", "tensor"),          # V of the embedding and the output head
     ("heads", "tensor"),          # N of the MLA projections
     ("qk_head_dim", None),        # H + R per head

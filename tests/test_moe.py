@@ -201,9 +201,9 @@ def test_parameter_names_shapes_dtypes_and_axes():
   bias = v["router_state"]["gate"]["e_score_correction_bias"]
   assert bias.shape == (8,) and bias.dtype == jnp.float32
   assert tuple(specs["router_state"]["gate"]["e_score_correction_bias"]) == ("experts",)
-  for name, shape, axes in [("gate_proj", (8, 16, 8), ("experts", "embed", "moe_mlp")),
-                            ("up_proj", (8, 16, 8), ("experts", "embed", "moe_mlp")),
-                            ("down_proj", (8, 8, 16), ("experts", "moe_mlp", "embed"))]:
+  for name, shape, axes in [("gate_proj", (8, 16, 8), ("experts", "expert_embed", "moe_mlp")),
+                            ("up_proj", (8, 16, 8), ("experts", "expert_embed", "moe_mlp")),
+                            ("down_proj", (8, 8, 16), ("experts", "moe_mlp", "expert_embed"))]:
     assert p["experts"][name].shape == shape and p["experts"][name].dtype == jnp.bfloat16
     assert tuple(s["experts"][name]) == axes
   assert p["shared_experts"]["gate_proj"]["kernel"].shape == (16, 16)    # 2 shared * M

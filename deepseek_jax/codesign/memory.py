@@ -30,16 +30,16 @@ Rule = tuple[str, "str | tuple[str, ...] | None"]
 
 # A "shard everything" alternative to `sharding/rules.py` (`project_rules`, the default), for
 # asking how far FSDP can go. Beyond the project table, the model width of non-expert weights
-# also takes `expert` where it is free, so no weight is replicated across expert-parallel ranks,
-# and the MLA up-projections split their head dim over `expert`. Order matters: the first rule
-# whose mesh axes are still free wins (flax), so one logical name may have fall-back entries.
+# also takes `expert` (the routed experts' own width is `expert_embed`), so no weight is
+# replicated across expert-parallel ranks, and the MLA up-projections split their head dim over
+# `expert`. Order matters: the first rule whose mesh axes are still free wins (flax).
 PLANNING_RULES: tuple[Rule, ...] = (
     ("act_batch", ("data", "fsdp", "expert")),
     ("act_seq", None),
     ("act_embed", None),
     ("experts", "expert"),
     ("embed", ("fsdp", "expert")),
-    ("embed", "fsdp"),
+    ("expert_embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("mlp", "tensor"),

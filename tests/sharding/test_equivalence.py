@@ -32,3 +32,20 @@ def test_loss_and_grads_match_single_device(shape):
   w = placed["params"]["moe_blocks"]["layers"]["mlp"]["experts"]["gate_proj"]
   shard = w.addressable_shards[0].data.shape
   assert shard == (w.shape[0], w.shape[1] // expert, w.shape[2] // fsdp, w.shape[3] // tensor)
+
+
+def test_non_expert_weights_over_the_expert_axis_by_override():
+  """`mesh.rules=["embed=fsdp,expert"]` shards every non-expert weight's D over fsdp x expert
+  (ZeRO-3 across expert-parallel ranks) while the routed experts keep E over expert and their
+  own D (`expert_embed`) over fsdp; loss and gradients still equal one device's."""
+  from sharding import rules as rules_lib  # noqa: PLC0415
+  rules = rules_lib.with_overrides(rules_lib.DEFAULT_RULES, ["embed=fsdp,expert"])
+  _, _, loss_ref, grads_ref = common.reference(CFG)
+  loss, grads, _, placed = common.sharded_loss_and_grads(CFG, (1, 2, 4, 1), rules=rules)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  _assert_grads_close(grads, grads_ref)
+  q_a = placed["params"]["dense_blocks"]["layers"]["self_attn"]["q_a_proj"]["kernel"]
+  assert q_a.addressable_shards[0].data.shape == (q_a.shape[0], q_a.shape[1] // 8, q_a.shape[2])
+  w = placed["params"]["moe_blocks"]["layers"]["mlp"]["experts"]["gate_proj"]
+  assert w.addressable_shards[0].data.shape == (w.shape[0], w.shape[1] // 4, w.shape[2] // 2,
+                                                w.shape[3])
