@@ -16,6 +16,9 @@ the input of the post-attention linear in E5M6). The quantised weight is reused 
 the two slots agree and the granularity is transpose-invariant (tensor, square blocks). Emulation
 computes in f32 at HIGHEST precision whatever `precision` says; the output takes
 `preferred_element_type` (else the inputs' result type) and the gradients the inputs' dtypes.
+With power-of-two scales (or f32 accumulation) the emulator multiplies the dequantised f32 values
+directly (`_fast`: bitwise equal to scaling each partial sum, and free of FP8 conversions, which
+XLA:CPU runs in scalar code); only the cached copies are materialised as FP8 bytes.
 """
 
 from __future__ import annotations
