@@ -103,3 +103,18 @@ def test_per_tensor_and_delayed_recipes_keep_the_per_block_call():
 def test_expert_numerics_rejects_ineligible_specs():
   with pytest.raises(ValueError, match="per-block scales"):
     grouped.ExpertNumerics(RECIPES["tensor_current"])
+
+
+def test_fp8_block_path_in_bfloat16_follows_the_per_block_path():
+  """bf16 compute: the block path rounds each projection's f32 product to bf16 where the
+  per-block `fp8_dot_general` returns bf16, so both agree to bf16 precision."""
+  x, weights, experts, *ws = _inputs(5, 48, 256, 128, 4, 2)
+  bf = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
+  args = (bf(x), weights, experts, *map(bf, ws))
+  dot = Fp8Dot(RECIPES["deepseek_v3"])
+  fast = _value_and_grads(*args, dots=dispatch.ExpertDots(dot, dot, dot), block=16)
+  slow = _value_and_grads(*args, dots=dispatch.ExpertDots(*(_per_block(dot),) * 3), block=16)
+  for a, b in zip(fast, slow):
+    assert a.dtype == b.dtype
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b)
