@@ -153,11 +153,12 @@ def make_plan(experts_XK: jax.Array, shards: int, local_experts: int, cap: int) 
 
 
 # Wire formats of the two exchange directions (`mesh.dispatch_dtype`, `mesh.combine_dtype`).
-WIRES = ("model", "bfloat16", "fp8", "logfmt8", "logfmt10")
-if WIRES != MeshConfig.WIRES:  # config.py validates names without importing fp8/
-  raise ImportError(f"expert_parallel.WIRES {WIRES} != MeshConfig.WIRES {MeshConfig.WIRES}")
+WIRES = MeshConfig.WIRES   # config.py validates the names without importing fp8/
 _CODECS = {"bfloat16": comm.BF16, "fp8": comm.FP8_DISPATCH, "logfmt8": comm.LOGFMT8,
            "logfmt10": comm.LOGFMT10}
+if set(_CODECS) | {"model"} != set(WIRES):
+  raise ImportError(f"expert_parallel codecs {sorted(_CODECS)} + 'model' != MeshConfig.WIRES "
+                    f"{WIRES}")
 
 
 class _Route(NamedTuple):

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from deepseek_jax.fp8 import delayed
 from deepseek_jax.fp8.accumulate import BACKENDS, Accum, gemm, promote
 from deepseek_jax.fp8.formats import E4M3, Format
-from deepseek_jax.fp8.scaling import (QArray, Scaling, fake_quantize, quantize, quantize_with_values,
-                                     tensor_amax, unquantized)
+from deepseek_jax.fp8.scaling import (QArray, Scaling, fake_quantize, quantize,
+                                     quantize_with_values, tensor_amax, unquantized)
 
 SLOTS = ("fprop_x", "fprop_w", "dgrad_g", "dgrad_w", "wgrad_x", "wgrad_g")
 _COLUMN = {"fprop_x": 0, "wgrad_x": 0, "fprop_w": 1, "dgrad_w": 1, "dgrad_g": 2, "wgrad_g": 2}
@@ -130,8 +130,9 @@ def _quantize(a, slot: Operand | None, contract: int, est, col: int) -> QArray:
   return quantize(a, slot.fmt, slot.scaling, contract, _amax(a, slot, est, col))
 
 
-def _values(a, slot: Operand | None, contract: int, est, col: int) -> jax.Array:
-  """f32 values of the quantised operand (`_quantize(...).dequantize()`), no FP8 bytes."""
+def operand_values(a, slot: Operand | None, contract: int, est=None, col: int = 0) -> jax.Array:
+  """f32 values of the quantised operand (`_quantize(...).dequantize()`), no FP8 bytes; `est`
+  and `col` give a delayed slot its amax estimate (None: the current amax)."""
   if slot is None:
     return a.astype(jnp.float32)
   return fake_quantize(a, slot.fmt, slot.scaling, contract, _amax(a, slot, est, col))
@@ -163,11 +164,11 @@ def _fwd(x, w, state, st: _Static):
     if cache_x:
       qx, x_val = _with_values(x, spec.fprop_x, 2, est, _COLUMN["fprop_x"])
     else:
-      qx, x_val = None, _values(x, spec.fprop_x, 2, est, _COLUMN["fprop_x"])
+      qx, x_val = None, operand_values(x, spec.fprop_x, 2, est, _COLUMN["fprop_x"])
     if spec.reuse_weight:
       qw, w_val = _with_values(w, spec.fprop_w, 1, est, _COLUMN["fprop_w"])
     else:
-      qw, w_val = None, _values(w, spec.fprop_w, 1, est, _COLUMN["fprop_w"])
+      qw, w_val = None, operand_values(w, spec.fprop_w, 1, est, _COLUMN["fprop_w"])
     y = _values_gemm(x_val, w_val, spec).astype(st.out_dtype)
   else:
     qx = _quantize(x, spec.fprop_x, 2, est, _COLUMN["fprop_x"])
@@ -189,12 +190,12 @@ def _bwd(st: _Static, res, g):
   g = g.astype(jnp.float32)
   x_hp = x_res.dequantize() if isinstance(x_res, QArray) else x_res
   if _fast(spec):
-    g_val = _values(g, spec.dgrad_g, 2, est, _COLUMN["dgrad_g"])
+    g_val = operand_values(g, spec.dgrad_g, 2, est, _COLUMN["dgrad_g"])
     w_val = (w_res.dequantize() if isinstance(w_res, QArray)
-             else _values(w_res, spec.dgrad_w, 2, est, _COLUMN["dgrad_w"]))
+             else operand_values(w_res, spec.dgrad_w, 2, est, _COLUMN["dgrad_w"]))
     dx = _values_gemm(g_val, w_val.swapaxes(1, 2), spec)
-    x_t = _values(x_hp, spec.wgrad_x, 1, est, _COLUMN["wgrad_x"])
-    g_t = _values(g, spec.wgrad_g, 1, est, _COLUMN["wgrad_g"])
+    x_t = operand_values(x_hp, spec.wgrad_x, 1, est, _COLUMN["wgrad_x"])
+    g_t = operand_values(g, spec.wgrad_g, 1, est, _COLUMN["wgrad_g"])
     dw = _values_gemm(x_t.swapaxes(1, 2), g_t, spec)
   else:
     qg = _quantize(g, spec.dgrad_g, 2, est, _COLUMN["dgrad_g"])

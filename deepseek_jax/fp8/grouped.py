@@ -26,7 +26,7 @@ import dataclasses
 import jax
 
 from deepseek_jax.fp8.accumulate import gemm
-from deepseek_jax.fp8.dot import GemmSpec, Operand
+from deepseek_jax.fp8.dot import GemmSpec, operand_values
 from deepseek_jax.fp8.scaling import Scaling, fake_quantize, unquantized
 
 
@@ -41,8 +41,6 @@ def supports(spec: GemmSpec) -> bool:
   return True
 
 
-def _fq(a: jax.Array, slot: Operand | None, contract: int) -> jax.Array:
-  return a if slot is None else fake_quantize(a, slot.fmt, slot.scaling, contract)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,17 +55,17 @@ class ExpertNumerics:
 
   def weight(self, w_EKN):
     """Weights as fprop uses them (blocks along K for the contraction)."""
-    return _fq(w_EKN, self.spec.fprop_w, 1)
+    return operand_values(w_EKN, self.spec.fprop_w, 1)
 
   def dgrad_weight(self, w_EKN, w_fprop_EKN):
     """Weights as dgrad uses them (`g . w^T`, contracting N); fprop's copy when reusable."""
-    return w_fprop_EKN if self.spec.reuse_weight else _fq(w_EKN, self.spec.dgrad_w, 2)
+    return w_fprop_EKN if self.spec.reuse_weight else operand_values(w_EKN, self.spec.dgrad_w, 2)
 
   def fprop_x(self, x_WUK):
-    return _fq(x_WUK, self.spec.fprop_x, 2)
+    return operand_values(x_WUK, self.spec.fprop_x, 2)
 
   def dgrad_g(self, g_WUN):
-    return _fq(g_WUN, self.spec.dgrad_g, 2)
+    return operand_values(g_WUN, self.spec.dgrad_g, 2)
 
   def cached_x(self, x_WUK, x_fprop_WUK):
     """What the backward keeps of x for wgrad (cf. `fp8_dot_general`'s `cache`)."""
@@ -77,10 +75,10 @@ class ExpertNumerics:
     return x_fprop_WUK if (spec.cache == "fp8" and spec.fprop_x is not None) else x_WUK
 
   def wgrad_x(self, x_cached_WUK):
-    return _fq(x_cached_WUK, self.spec.wgrad_x, 1)
+    return operand_values(x_cached_WUK, self.spec.wgrad_x, 1)
 
   def wgrad_g(self, g_WUN):
-    return _fq(g_WUN, self.spec.wgrad_g, 1)
+    return operand_values(g_WUN, self.spec.wgrad_g, 1)
 
   def dot(self, a_RK, b_KN):
     """f32 `[R, N]` product of prepared operands under the spec's accumulation."""
