@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 from deepseek_jax.config import Config, ConfigError  # noqa: E402
-from deepseek_jax.config_io import config_to_dict, load_config  # noqa: E402
+from deepseek_jax.config import config_to_dict, load_config  # noqa: E402
 from sharding import distributed, specs  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
 from sharding import rules as rules_lib  # noqa: E402

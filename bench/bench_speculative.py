@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deepseek_jax.generate import Sampling, generate  # noqa: E402
-from deepseek_jax.restore import load_for_inference  # noqa: E402
+from deepseek_jax.generate import load_for_inference  # noqa: E402
 
 
 def validation_documents() -> list[str]:

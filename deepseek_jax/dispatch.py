@@ -17,8 +17,8 @@ w_down_EMD, ...) -> y_XD` with y_t = sum_k w_{t,k} * Expert_{e_{t,k}}(x_t):
   `dropless_ffn` is what the expert-parallel code runs on each shard's local experts.
 
 Expert matmuls go through `dots` (an `ExpertDots`, e.g. from the FP8 policy). In "block", dots
-whose numerics are known (`lax.dot_general`, or objects with `expert_numerics()` such as
-`fp8.Fp8Dot` with a per-block recipe) run `block_swiglu`: one scan forward and one backward with
+whose numerics are known (`lax.dot_general`, or an `fp8.Fp8Dot` of a per-block recipe:
+`fp8.grouped.expert_numerics`) run `block_swiglu`: one scan forward and one backward with
 a hand-written VJP, operands prepared (quantised) once per array instead of once per block and
 use, and weight gradients added in place per expert. Any other `dot_general` callable is called
 per block, 2-d x 2-d, with autodiff for the backward. `dense_ffn` calls the dots on
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import vma
+from deepseek_jax.fp8 import grouped
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -223,8 +224,7 @@ def block_numerics(dots: ExpertDots | None) -> BlockNumerics | None:
     if d is jax.lax.dot_general:
       out.append(HighPrecision())
       continue
-    numerics = getattr(d, "expert_numerics", None)
-    numerics = numerics() if callable(numerics) else None
+    numerics = grouped.expert_numerics(d)
     if numerics is None:
       return None
     out.append(numerics)

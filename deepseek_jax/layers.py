@@ -17,6 +17,9 @@ import jax.numpy as jnp
 Dtype = Any
 DotGeneral = Callable[..., jax.Array]
 
+# Logical axes of the [B, T, D] residual stream between layers.
+ACT_BTD = ("act_batch", "act_seq", "act_embed")
+
 
 def dtype_of(name: str) -> Dtype:
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]

@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import MLP, Dense, RMSNorm, dtype_of
-from deepseek_jax.mla import MLA, LatentCache, init_cache
-
-ACT_BTD = ("act_batch", "act_seq", "act_embed")
-
+from deepseek_jax.block import BlockStack
+from deepseek_jax.layers import ACT_BTD, Dense, RMSNorm, dtype_of
+from deepseek_jax.mla import init_cache
+from deepseek_jax.mtp import MTP
 
 class ModelOutput(NamedTuple):
   logits_BTV: jax.Array
@@ -38,90 +37,6 @@ def init_model_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> 
   for name, n in (("dense", cfg.first_k_dense_replace), ("moe", cfg.num_moe_layers)):
     out[name] = init_cache(cfg, batch, max_len, layers=n, dtype=dtype) if n else None
   return out
-
-
-class Block(nn.Module):
-  """One pre-norm decoder block (HF names: input_layernorm, self_attn, post_attention_layernorm, mlp)."""
-  cfg: ModelConfig
-  fp8_policy: Any = None
-  moe: bool = False
-  absorb: bool = True
-
-  @nn.compact
-  def __call__(self, h_BTD, positions_BT, cache, layer=None):
-    """-> (h, (cache, aux)); `cache`/`layer` as in `MLA.__call__`."""
-    cfg = self.cfg
-    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed")
-    attn_BTD, cache = MLA(cfg, self.fp8_policy, self.absorb, name="self_attn")(
-        RMSNorm(name="input_layernorm", **norm_kw)(h_BTD), positions_BT, cache, layer)
-    h_BTD = h_BTD + attn_BTD
-    x_BTD = RMSNorm(name="post_attention_layernorm", **norm_kw)(h_BTD)
-    if self.moe:
-      from deepseek_jax.moe import MoE  # noqa: PLC0415 (MoE builds on this module's layers)
-      y_BTD, aux = MoE(cfg, self.fp8_policy, name="mlp")(x_BTD)
-    else:
-      y_BTD = MLP(cfg.d_model, cfg.ffn_dim, dtype=dt, param_dtype=pdt, init_std=cfg.init_std,
-                  fp8_policy=self.fp8_policy, name="mlp")(x_BTD)
-      aux = {}
-    h_BTD = nn.with_logical_constraint(h_BTD + y_BTD, ACT_BTD)
-    return h_BTD, (cache, aux)
-
-
-class StackBlock(Block):
-  """A `Block` that carries the whole `[L, ...]` cache stack and takes its layer index as the
-  scanned input: `((h, stack), positions, layer) -> ((h, stack), aux)`. Decoding scans this, so
-  each layer writes its new tokens into the stack in place instead of the scan slicing a layer
-  out (xs) and stacking it back (ys), which copies the whole cache every step."""
-
-  def __call__(self, carry, positions_BT, layer):
-    h_BTD, stack = carry
-    h_BTD, (stack, aux) = super().__call__(h_BTD, positions_BT, stack, layer)
-    return (h_BTD, stack), aux
-
-
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
-class BlockStack(nn.Module):
-  """`n` blocks of one kind, scanned (stacked params with a leading 'layers' axis) or unrolled."""
-  cfg: ModelConfig
-  n: int
-  moe: bool
-  fp8_policy: Any = None
-  absorb: bool = True
-
-  @nn.compact
-  def __call__(self, h_BTD, positions_BT, cache):
-    cfg = self.cfg
-    block_cls = Block if cache is None else StackBlock
-    if cfg.remat != "none":
-      block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat],
-                           prevent_cse=not cfg.scan_layers)
-    kw = dict(cfg=cfg, fp8_policy=self.fp8_policy, moe=self.moe, absorb=self.absorb)
-    if cfg.scan_layers:
-      axes = {"params": 0, "router_state": 0, "fp8_state": 0, "intermediates": 0}
-      scanned = nn.scan(block_cls, variable_axes=axes, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, 0), length=self.n,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-      if cache is None:
-        h_BTD, (_, aux) = scanned(name="layers", **kw)(h_BTD, positions_BT, None)
-      else:
-        (h_BTD, cache), aux = scanned(name="layers", **kw)(
-            (h_BTD, cache), positions_BT, jnp.arange(self.n, dtype=jnp.int32))
-      return h_BTD, cache, aux
-    auxes = []
-    for i in range(self.n):
-      block = block_cls(name=f"layers_{i}", **kw)
-      if cache is None:
-        h_BTD, (_, a) = block(h_BTD, positions_BT, None)
-      else:
-        (h_BTD, cache), a = block((h_BTD, cache), positions_BT, i)
-      auxes.append(a)
-    return h_BTD, cache, jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
 
 
 class Transformer(nn.Module):
@@ -169,7 +84,6 @@ class Transformer(nn.Module):
     logits_BTV = lm_head(hidden_BTD).astype(jnp.float32)
     mtp_logits = ()
     if cfg.num_mtp_layers and cache is None and with_mtp:
-      from deepseek_jax.mtp import MTP  # noqa: PLC0415
       if next_tokens_BT is None:
         next_tokens_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, -1:]], axis=1)
       mtp_logits, mtp_aux = MTP(cfg, self.fp8_policy, name="mtp")(
@@ -177,3 +91,10 @@ class Transformer(nn.Module):
       aux = dict(aux, **mtp_aux)
     return ModelOutput(logits_BTV, mtp_logits, aux, None if cache is None else new_cache,
                        hidden_BTD)
+
+
+def abstract_variables(cfg: ModelConfig) -> dict:
+  """Shapes, dtypes and logical axes (boxed) of every variable of `Transformer(cfg)`; nothing
+  is allocated. `flax.core.meta.unbox` drops the boxes."""
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)

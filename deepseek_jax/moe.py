@@ -24,10 +24,7 @@ import jax.numpy as jnp
 
 from deepseek_jax import dispatch, router
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import MLP, dtype_of, module_path
-
-_ACT_BTD = ("act_batch", "act_seq", "act_embed")
-
+from deepseek_jax.layers import ACT_BTD, MLP, dtype_of, module_path
 
 class Gate(nn.Module):
   """Router: f32 logits x W_g, then `router.route` with the selection bias from router_state."""
@@ -111,7 +108,7 @@ class MoE(nn.Module):
     if D != cfg.d_model:
       raise ValueError(f"{module_path(self)}: input width {D} != model.d_model={cfg.d_model}")
     dtype = dtype_of(cfg.dtype)
-    x_BTD = nn.with_logical_constraint(x_BTD, _ACT_BTD)
+    x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
     x_XD = x_BTD.reshape(B * T, D)
     routing = Gate(cfg, name="gate")(x_XD)
     y_XD = RoutedExperts(cfg, self.fp8_policy, self.dropless_impl, self.dropless_block,
@@ -128,4 +125,4 @@ class MoE(nn.Module):
         "balance_loss": router.balance_loss(routing.scores_XE.reshape(B, T, E),
                                             routing.experts_XK.reshape(B, T, K), cfg),
     }
-    return nn.with_logical_constraint(y_BTD, _ACT_BTD), aux
+    return nn.with_logical_constraint(y_BTD, ACT_BTD), aux

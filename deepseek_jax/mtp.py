@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.block import Block
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Dense, RMSNorm, dtype_of
 
@@ -34,7 +35,6 @@ class MTPLayer(nn.Module):
   @nn.compact
   def __call__(self, h_BTD, emb_BTD, positions_BT, lm_head, cache=None):
     """-> (h, logits, aux, cache); with a `LatentCache` the block decodes through it (drafting)."""
-    from deepseek_jax.model import Block  # noqa: PLC0415 (model imports this module lazily)
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed")

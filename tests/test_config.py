@@ -115,7 +115,7 @@ def test_param_counts_scale_with_layers(layers, dense):
 
 
 def test_config_from_dict_round_trips_and_validates_like_a_file():
-  from deepseek_jax.config_io import config_from_dict, config_to_dict  # noqa: PLC0415
+  from deepseek_jax.config import config_from_dict, config_to_dict  # noqa: PLC0415
   cfg = load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny.yaml"))
   data = config_to_dict(cfg)
   assert config_from_dict(data) == cfg

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from deepseek_jax.model import Block, Transformer
+from deepseek_jax.block import Block
+from deepseek_jax.model import Transformer
 from deepseek_jax.mtp import mtp_loss, shift_left
 from tests.helpers import init_model, random_tokens, small_config
 

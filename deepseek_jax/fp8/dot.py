@@ -281,12 +281,6 @@ class Fp8Dot:
     return fp8_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                            spec=self.spec, fp8_state=fp8_state)
 
-  def expert_numerics(self):
-    """The grouped-GEMM numerics of this spec for `dispatch.py`'s block path, or None when the
-    spec needs the generic per-block call (see `fp8.grouped.supports`)."""
-    from deepseek_jax.fp8 import grouped  # noqa: PLC0415 (grouped builds on this module)
-    return grouped.ExpertNumerics(self.spec) if grouped.supports(self.spec) else None
-
   def bind(self, fp8_state: jax.Array):
     """This dot with its delayed-scaling state bound (what `Dense` calls)."""
     return functools.partial(self.__call__, fp8_state=fp8_state)

@@ -26,7 +26,7 @@ import dataclasses
 import jax
 
 from deepseek_jax.fp8.accumulate import gemm
-from deepseek_jax.fp8.dot import GemmSpec, operand_values
+from deepseek_jax.fp8.dot import Fp8Dot, GemmSpec, operand_values
 from deepseek_jax.fp8.scaling import Scaling, fake_quantize, unquantized
 
 
@@ -41,6 +41,12 @@ def supports(spec: GemmSpec) -> bool:
   return True
 
 
+def expert_numerics(dot) -> "ExpertNumerics | None":
+  """The grouped-GEMM numerics of an `Fp8Dot` for the block path, or None when its spec needs the
+  generic per-block call (`supports`) or `dot` is another callable."""
+  if isinstance(dot, Fp8Dot) and supports(dot.spec):
+    return ExpertNumerics(dot.spec)
+  return None
 
 
 @dataclasses.dataclass(frozen=True)

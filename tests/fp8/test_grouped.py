@@ -89,7 +89,7 @@ def test_per_tensor_and_delayed_recipes_keep_the_per_block_call():
   eligible for the hoisted quantisation; they still run, one fp8_dot_general per block."""
   for name in ("tensor_current", "tensor_delayed"):
     dot = Fp8Dot(RECIPES[name])
-    assert not grouped.supports(RECIPES[name]) and dot.expert_numerics() is None
+    assert not grouped.supports(RECIPES[name]) and grouped.expert_numerics(dot) is None
     assert dispatch.block_numerics(dispatch.ExpertDots(dot, dot, dot)) is None
   args = _inputs(4, 40, 64, 32, 4, 2)
   dot = Fp8Dot(RECIPES["tensor_current"])

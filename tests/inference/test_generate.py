@@ -7,7 +7,7 @@ import flax
 import jax.numpy as jnp
 import pytest
 
-from deepseek_jax import generate_cli
+from deepseek_jax.generate import __main__ as generate_cli
 from deepseek_jax.generate import Sampling, decode_step, generate, speculative_step
 from tests.inference.conftest import fixture_dir, reference
 

@@ -15,10 +15,12 @@ import safetensors.numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deepseek_jax import hf, hf_fp8
+from deepseek_jax import hf
+from deepseek_jax.hf import __main__ as hf_cli
+from deepseek_jax.hf import fp8_blocks as hf_fp8
 from deepseek_jax.config import load_config
-from deepseek_jax.hf_config import HFConfigError, from_hf_config, to_hf_config
-from deepseek_jax.hf_safetensors import (Checkpoint, CheckpointError, SafetensorsFile, TensorPlan,
+from deepseek_jax.hf.config import HFConfigError, from_hf_config, to_hf_config
+from deepseek_jax.hf.files import (Checkpoint, CheckpointError, SafetensorsFile, TensorPlan,
                                          write_checkpoint)
 from tests.inference.conftest import FIXTURES, fixture_dir, load, reference
 
@@ -80,7 +82,7 @@ def test_pickle_checkpoints_are_refused_unread(tmp_path, capsys):
   for target in (tmp_path, tmp_path / "pytorch_model.bin"):
     with pytest.raises(CheckpointError, match="pickle"):
       hf.load_hf(target)
-  assert hf.main(["convert", str(tmp_path), str(tmp_path / "out")]) == 2
+  assert hf_cli.main(["convert", str(tmp_path), str(tmp_path / "out")]) == 2
   err = capsys.readouterr().err.strip()
   assert "pickle" in err and len(err.splitlines()) == 1
   assert not (tmp_path / "unpickled").exists()
@@ -202,7 +204,7 @@ def test_config_round_trip_through_config_json(yaml_name):
 
 def test_cli_converts_fp8_to_bf16_and_prints_info(tmp_path, capsys):
   out = tmp_path / "bf16"
-  assert hf.main(["convert", str(fixture_dir("v3_fp8_tiny")), str(out), "--dtype", "bfloat16"]) == 0
+  assert hf_cli.main(["convert", str(fixture_dir("v3_fp8_tiny")), str(out), "--dtype", "bfloat16"]) == 0
   ckpt, src = Checkpoint(out), Checkpoint(fixture_dir("v3_fp8_tiny"))
   assert not [k for k in ckpt.keys() if k.endswith("_scale_inv")]
   name = str(reference("v3_fp8_tiny")["kv_a_name"])
@@ -211,6 +213,6 @@ def test_cli_converts_fp8_to_bf16_and_prints_info(tmp_path, capsys):
   cfg_out = json.loads((out / "config.json").read_text())
   assert "quantization_config" not in cfg_out and cfg_out["eos_token_id"] == 2
   capsys.readouterr()
-  assert hf.main(["info", str(FIXTURES / "v3_tiny")]) == 0
+  assert hf_cli.main(["info", str(FIXTURES / "v3_tiny")]) == 0
   assert json.loads(capsys.readouterr().out.split("\n}\n")[0] + "}")["kv_lora_rank"] == 16
-  assert hf.main(["convert", str(FIXTURES / "nope"), str(out)]) == 2
+  assert hf_cli.main(["convert", str(FIXTURES / "nope"), str(out)]) == 2

@@ -12,10 +12,10 @@ import optax
 import pytest
 
 from deepseek_jax import hf
-from deepseek_jax.config import Config
-from deepseek_jax.config_io import config_to_dict
-from deepseek_jax.hf_safetensors import CheckpointError
-from deepseek_jax.restore import load_for_inference
+from deepseek_jax.config import Config, config_to_dict
+from deepseek_jax.generate import load_for_inference
+from deepseek_jax.hf import CheckpointError
+from deepseek_jax.hf import __main__ as hf_cli
 from tests.inference.conftest import load
 
 
@@ -60,7 +60,7 @@ def test_trained_checkpoint_loads_params_and_router_state(trained):
 
 def test_trained_checkpoint_exports_to_hugging_face(trained, tmp_path):
   workdir, model_cfg, state = trained
-  assert hf.main(["convert", str(workdir), str(tmp_path / "hf")]) == 0
+  assert hf_cli.main(["convert", str(workdir), str(tmp_path / "hf")]) == 0
   cfg, variables = hf.load_hf(tmp_path / "hf")
   assert cfg.num_mtp_layers == 1 and cfg.d_model == model_cfg.d_model
   _assert_same(variables, {"params": state.params, "router_state": state.router_state})

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deepseek_jax.generate import Sampling, sample, sampling_probs
-from deepseek_jax.speculative import accept
+from deepseek_jax.generate.speculative import accept
 
 _probs = jax.jit(sampling_probs)
 

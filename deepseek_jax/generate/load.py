@@ -16,11 +16,13 @@ import dataclasses
 import json
 import pathlib
 
+import flax
 import jax
 
-from deepseek_jax.config import ConfigError, ModelConfig
-from deepseek_jax.config_io import config_from_dict
-from deepseek_jax.hf_safetensors import CheckpointError
+from deepseek_jax import hf
+from deepseek_jax.config import ConfigError, ModelConfig, config_from_dict
+from deepseek_jax.hf import CheckpointError
+from deepseek_jax.model import abstract_variables
 
 
 def _step_dir(path: pathlib.Path) -> pathlib.Path | None:
@@ -68,9 +70,8 @@ def load_trained(path, dtype: str | None = None) -> tuple[ModelConfig, dict, int
   if out.get("router_state"):
     variables["router_state"] = out["router_state"]
   if dtype is not None and dtype != cfg.param_dtype:
-    from deepseek_jax.hf import abstract_variables  # noqa: PLC0415
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-    target = abstract_variables(cfg)
+    target = flax.core.meta.unbox(abstract_variables(cfg))
     variables = jax.tree.map(lambda a, t: a.astype(t.dtype), variables,
                              {k: target[k] for k in variables})
   return cfg, variables, int(step_dir.name)
@@ -78,7 +79,6 @@ def load_trained(path, dtype: str | None = None) -> tuple[ModelConfig, dict, int
 
 def load_for_inference(path, dtype: str = "float32") -> tuple[ModelConfig, dict, dict]:
   """(ModelConfig, variables, info) from a Hugging Face directory or a train.py checkpoint."""
-  from deepseek_jax import hf  # noqa: PLC0415
   path = pathlib.Path(path)
   if not path.exists():
     raise CheckpointError(f"{path}: no such file or directory")

@@ -2,7 +2,7 @@
 
 A `Config` holds four sections: `model` (the architecture, every field of the HF DeepSeek-V3
 `config.json` under a short name), `train`, `mesh` and `fp8`. YAML files hold values only and are
-loaded strictly by `deepseek_jax.config_io` (unknown keys, wrong types and impossible values raise
+loaded strictly by `config.io` (unknown keys, wrong types and impossible values raise
 `ConfigError` naming the field, the value and the rule). The model config counts its own parameters
 and training FLOPs per token.
 """
@@ -365,9 +365,3 @@ class Config:
 def yarn_mscale(scale: float, mscale: float) -> float:
   """YaRN attention temperature m = 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
   return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def load_config(path=None, overrides=()) -> Config:
-  """Loads a YAML config strictly and applies dotted `section.field=value` overrides."""
-  from deepseek_jax import config_io  # local: keeps the dataclasses import-light
-  return config_io.load_config(path, overrides)

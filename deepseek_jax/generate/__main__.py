@@ -18,8 +18,9 @@ import codecs
 import pathlib
 import sys
 
-from deepseek_jax.hf_config import HFConfigError
-from deepseek_jax.hf_safetensors import CheckpointError
+from deepseek_jax.generate.decode import Sampling, generate
+from deepseek_jax.generate.load import load_for_inference
+from deepseek_jax.hf import CheckpointError, HFConfigError
 
 
 class Tokenizer:
@@ -76,12 +77,6 @@ def _tokenizer(arg: str, ckpt: pathlib.Path, vocab: int) -> Tokenizer:
   return Tokenizer("json", vocab, path)
 
 
-def load_checkpoint(path: pathlib.Path, dtype: str):
-  """(ModelConfig, variables, info) from a Hugging Face directory or a train.py workdir."""
-  from deepseek_jax.restore import load_for_inference  # noqa: PLC0415
-  return load_for_inference(path, dtype)
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m deepseek_jax.generate",
                                description="Generate text with a DeepSeek checkpoint.")
@@ -98,11 +93,10 @@ def main(argv=None) -> int:
   ap.add_argument("--ignore-eos", action="store_true", help="do not stop at config eos_token_id")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   args = ap.parse_args(argv)
-  from deepseek_jax.generate import Sampling, generate  # noqa: PLC0415
   try:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     ckpt = pathlib.Path(args.checkpoint)
-    cfg, variables, info = load_checkpoint(ckpt, args.dtype)
+    cfg, variables, info = load_for_inference(ckpt, args.dtype)
     tok = _tokenizer(args.tokenizer, ckpt, cfg.vocab_size)
     prompts = [tok.encode(p) for p in args.prompt]
     stops = list(args.stop_id)

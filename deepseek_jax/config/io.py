@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from deepseek_jax.config import Config, ConfigError
+from deepseek_jax.config.schema import Config, ConfigError
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 

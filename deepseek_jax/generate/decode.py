@@ -10,7 +10,7 @@ per-row budgets are applied on device, where finished rows freeze.
 
 The host loop keeps one step in flight: it dispatches step n+1 before reading step n's tokens, so
 streaming costs no idle device time; the only waste is one step after the last row finishes.
-With `speculative=True` each step is an MTP draft-and-verify step (`speculative.py`).
+With `speculative=True` each step is an MTP draft-and-verify step (`speculative`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax import speculative as spec
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.generate import speculative as spec
 from deepseek_jax.model import Transformer, init_model_cache
 
 
@@ -284,8 +284,3 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], max_
       break
     emit = nxt
   return Generation(out, stopped, steps, drafted, accepted, t1 - t0, time.perf_counter() - t1)
-
-
-if __name__ == "__main__":
-  from deepseek_jax.generate_cli import main  # noqa: PLC0415
-  raise SystemExit(main())

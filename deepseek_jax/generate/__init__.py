@@ -1,0 +1,11 @@
+"""Inference on the latent cache: prefill + decode with sampling (`decode`), MTP self-speculative
+decoding (`speculative`), weights from either kind of checkpoint (`load`), and the
+`python -m deepseek_jax.generate` command."""
+
+from deepseek_jax.generate.decode import (Carry, Emit, Generation, Sampling, SamplingArrays,
+                                          decode_step, generate, sample, sampling_probs,
+                                          speculative_step)
+from deepseek_jax.generate.load import load_for_inference, load_trained
+
+__all__ = ["Carry", "Emit", "Generation", "Sampling", "SamplingArrays", "decode_step", "generate",
+           "load_for_inference", "load_trained", "sample", "sampling_probs", "speculative_step"]

@@ -1,0 +1,10 @@
+"""Hugging Face DeepSeek checkpoints in and out: the naming table (`names`), `config.json`
+(`config`), safetensors files (`files`), FP8 block scales (`fp8_blocks`), load/save (`convert`)
+and the `python -m deepseek_jax.hf` command."""
+
+from deepseek_jax.hf.config import HFConfigError, from_hf_config, to_hf_config
+from deepseek_jax.hf.convert import PASSTHROUGH, load_hf, save_hf
+from deepseek_jax.hf.files import CheckpointError
+
+__all__ = ["PASSTHROUGH", "CheckpointError", "HFConfigError", "from_hf_config", "load_hf",
+           "save_hf", "to_hf_config"]

@@ -1,0 +1,69 @@
+"""`python -m deepseek_jax.hf convert SRC DST [--dtype bfloat16] [--fp8] [--no-mtp]` and `info SRC`.
+
+SRC is a Hugging Face checkpoint directory or a train.py workdir. User errors print one line and
+exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import re
+import sys
+
+from deepseek_jax.generate.load import load_for_inference
+from deepseek_jax.hf.config import HFConfigError, from_hf_config
+from deepseek_jax.hf.convert import NP_DTYPES, read_config, save_hf
+from deepseek_jax.hf.files import CheckpointError
+
+
+def _parse_size(text: str) -> int:
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
+  if not m:
+    raise ValueError(f"--max-shard-size {text!r}: write a size such as 5GB or 500MB")
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def main(argv=None) -> int:
+  """`convert SRC DST [--dtype D] [--fp8] [--no-mtp] [--max-shard-size 5GB]` | `info SRC`."""
+  ap = argparse.ArgumentParser(prog="python -m deepseek_jax.hf",
+                               description="Hugging Face DeepSeek checkpoints: convert and inspect.")
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  conv = sub.add_parser("convert", help="re-write a checkpoint (dtype, FP8, shards)")
+  conv.add_argument("src", help="Hugging Face checkpoint directory or train.py workdir")
+  conv.add_argument("dst", help="output directory")
+  conv.add_argument("--dtype", choices=sorted(NP_DTYPES), default=None)
+  conv.add_argument("--fp8", action="store_true", help="E4M3 weights with 128x128 block scales")
+  conv.add_argument("--no-mtp", action="store_true", help="drop the MTP layers")
+  conv.add_argument("--max-shard-size", default="5GB")
+  info = sub.add_parser("info", help="print the model config and parameter counts")
+  info.add_argument("src")
+  args = ap.parse_args(argv)
+  try:
+    if args.cmd == "info":
+      cfg = from_hf_config(read_config(pathlib.Path(args.src)))
+      print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+      print(json.dumps(cfg.param_counts(), indent=2))
+      return 0
+    shard = _parse_size(args.max_shard_size)
+    src = pathlib.Path(args.src)
+    if pathlib.Path(args.dst).resolve() == src.resolve():
+      raise ValueError("DST must differ from SRC (the source is memory-mapped while writing)")
+    cfg, variables, extra = load_for_inference(src)
+    extra.pop("step", None)
+    if args.no_mtp and cfg.num_mtp_layers:
+      cfg = dataclasses.replace(cfg, num_mtp_layers=0)
+      variables = {c: {k: v for k, v in t.items() if k != "mtp"} for c, t in variables.items()}
+    files = save_hf(args.dst, cfg, variables, dtype=args.dtype, fp8=args.fp8,
+                    max_shard_bytes=shard, extra_config=extra)
+    print(f"wrote {len(files)} file(s) to {args.dst}")
+    return 0
+  except (CheckpointError, HFConfigError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
