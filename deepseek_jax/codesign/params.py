@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import naming
 from deepseek_jax.codesign.dense_models import DenseModel
 from deepseek_jax.config import ModelConfig
 
@@ -30,10 +31,6 @@ def abstract_variables(model: ModelConfig):
   return jax.eval_shape(Transformer(model).init, jax.random.PRNGKey(0), tokens)
 
 
-def _path_names(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-
-
 def eval_shape_param_counts(model: ModelConfig, variables=None) -> dict[str, int]:
   """Counts from the model's abstract variables (`params` and `router_state`).
 
@@ -48,13 +45,12 @@ def eval_shape_param_counts(model: ModelConfig, variables=None) -> dict[str, int
   frac = model.num_experts_per_tok / model.n_routed_experts
   out = dict.fromkeys(("total", "active", "embedding", "mtp_total", "mtp_active"), 0)
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    names = _path_names(path)
+    keys = tuple(str(getattr(k, "key", k)) for k in path[1:])   # path[0]: the collection
     size = int(leaf.size)
-    routed = "experts" in names[:-1] and names[names.index("experts") - 1] == "mlp"
-    active = size * frac if routed else size
-    prefix = "mtp_" if "mtp" in names else ""
+    active = size * frac if naming.is_routed_expert(keys) else size
+    prefix = "mtp_" if naming.is_mtp(keys) else ""
     out[prefix + "total"] += size
-    if "embed_tokens" in names:
+    if naming.is_embedding(keys):
       out["embedding"] += size
       continue
     out[prefix + "active"] += active

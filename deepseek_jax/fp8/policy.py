@@ -1,31 +1,9 @@
 """FP8 policy: named recipes and a layer-path map onto the Dense seam (V3 report §3.3).
 
-A `Policy` is a frozen, hashable list of `(path_pattern, GemmSpec | None)` rules (first match
-wins; `fnmatch` patterns over the '/'-joined flax module path) and a default spec. `Dense` asks it
-`dot_general_for(path)` and gets an `Fp8Dot` or None (keep `lax.dot_general`).
-
-Recipes (`fp8.recipe` in the config):
-
-| name | operands | accumulation |
-|---|---|---|
-| deepseek_v3        | E4M3; x, g 1x128 tiles, w 128x128 blocks; pow2; FP8 x cache | promote/128 |
-| deepseek_v3_fused  | as deepseek_v3 (one f32 dot; = promote up to f32 order) | f32 |
-| deepseek_v3_hopper | as deepseek_v3                                   | 13-bit RZ, promote/128 |
-| tensor_current     | per-tensor current, E4M3 x/w, E5M2 g (TE "HYBRID") | f32 |
-| tensor_delayed     | per-tensor delayed (amax history 16), E4M3 x/w, E5M2 g | f32 |
-| rowwise            | E4M3 per-row (axis) scales everywhere, pow2 (torchao) | f32 |
-| none               | high precision | - |
-
-`deepseek_v3_fused` is the cheap emulator of the same numerics: with power-of-two scales the
-per-slice products and one f32 dot of the dequantised operands differ only in f32 summation order
-(tested within 4e-6 of the |x|.|w| bound), at about 60% of `deepseek_v3`'s cost on CPU.
-
-Whatever the recipe, the layers V3 keeps in BF16/FP32 stay high precision: output head, router
-('gate' without '_proj', or 'router'), MTP `eh_proj` (the references keep it unquantised),
-embedding and norms (these two never reach Dense). `overrides` ("pattern=recipe", from
-`fp8.overrides`) come first, so they can also force a recipe onto an excluded layer. The DeepSeek
-recipes then cache o_proj's input in E5M6 (V3 report §3.3.2); an override naming a recipe gives
-that recipe's plain spec.
+A `Policy` is a frozen, hashable list of `(path_pattern, GemmSpec | None)` rules (first match wins;
+`fnmatch` patterns over the '/'-joined flax module path) and a default spec. `Dense` asks it
+`dot_general_for(path)` and gets an `Fp8Dot` or None (keep `lax.dot_general`). User overrides come
+first, then the layers V3 keeps high precision, then the recipe's layer refinements.
 """
 
 from __future__ import annotations
@@ -40,6 +18,10 @@ from deepseek_jax.fp8.dot import GRAD_AMAX_FLOOR, Fp8Dot, GemmSpec, Operand
 from deepseek_jax.fp8.formats import E4M3, E5M2, E5M6
 from deepseek_jax.fp8.scaling import Scaling
 
+# What V3 keeps high precision whatever the recipe: output head, router ('gate' without '_proj', or
+# 'router'), MTP eh_proj, embedding and norms (these two never reach Dense). The module names are
+# `deepseek_jax.naming.HIGH_PRECISION`; fp8/ imports nothing of the model, so tests/test_naming.py
+# checks these patterns against every Dense of a real model instead.
 HIGH_PRECISION_PATTERNS = ("*lm_head*", "*output_head*", "*gate", "*router*", "*eh_proj*",
                            "*embed*", "*norm*")
 
@@ -56,6 +38,15 @@ def _rowwise() -> GemmSpec:
   return GemmSpec(fprop_x=o, fprop_w=o, dgrad_g=g, dgrad_w=o, wgrad_x=o, wgrad_g=g, accum=F32)
 
 
+# name               operands                                                    accumulation
+# deepseek_v3        E4M3; x, g 1x128 tiles, w 128x128 blocks; pow2; FP8 x cache promote/128
+# deepseek_v3_fused  as deepseek_v3 (one f32 dot of the dequantised operands)    f32
+# deepseek_v3_hopper as deepseek_v3                                              13b RZ, promote/128
+# tensor_current     per-tensor current, E4M3 x/w, E5M2 g (TE "HYBRID")          f32
+# tensor_delayed     per-tensor delayed (amax history 16), E4M3 x/w, E5M2 g      f32
+# rowwise            E4M3 per-row (axis) scales everywhere, pow2 (torchao)       f32
+# With power-of-two scales deepseek_v3_fused differs from deepseek_v3 only in f32 summation order
+# (tested within 4e-6 of the |x|.|w| bound) at about 60% of its cost on CPU.
 RECIPES: dict[str, GemmSpec | None] = {
     "none": None,
     "deepseek_v3": GemmSpec(accum=promote(128)),
@@ -66,7 +57,8 @@ RECIPES: dict[str, GemmSpec | None] = {
     "rowwise": _rowwise(),
 }
 # Layer-specific refinements of a recipe, applied after the user's overrides and the high-
-# precision layers: V3 caches the input of the post-attention linear (o_proj) in E5M6 (§3.3.2).
+# precision layers: V3 caches the input of the post-attention linear (o_proj) in E5M6 (§3.3.2);
+# an override naming a recipe gives that recipe's plain spec.
 RECIPE_RULES: dict[str, tuple[tuple[str, GemmSpec], ...]] = {
     name: (("*o_proj", dataclasses.replace(RECIPES[name], cache_fmt=E5M6)),)
     for name in ("deepseek_v3", "deepseek_v3_fused", "deepseek_v3_hopper")

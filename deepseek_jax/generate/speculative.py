@@ -1,17 +1,9 @@
 """MTP self-speculative decoding (V3 report §2.2, §5.4.3; speculative sampling, arXiv 2211.17192).
 
-The depth-1 MTP module drafts the token after next from the main model's final hidden state; the
-main model verifies [pending token, draft] in one two-position pass over the latent cache and the
-draft is accepted with probability min(1, p(d) / q(d)) (p: the main model's sampling distribution,
-q: the drafter's, both after temperature / top-k / top-p). On rejection the bonus token comes from
-norm(max(p - q, 0)), else from the main model's next distribution, so the output distribution is
-exactly the main model's. Under greedy decoding p and q are one-hot and this reduces to "accept iff
-the draft equals the main model's argmax": the output is identical to plain greedy decoding.
-
-Each step emits one or two tokens per row. The MTP block keeps its own latent cache; it is written
-at both verified positions every step and the slot past the accepted prefix is simply rewritten by
-the next step (queries never look past their own position). Only the first MTP depth drafts:
-a depth-k cache needs t_{i+k}, which is unknown until k - 1 more positions are verified.
+MTP depth 1 drafts the token after next from the main model's final hidden state; the main model
+verifies [pending token, draft] in one two-position pass over the latent cache, and speculative
+sampling (`accept`) keeps the output distribution exactly the main model's (under greedy decoding:
+identical to plain greedy decoding). Each step emits one or two tokens per row.
 """
 
 from __future__ import annotations
@@ -20,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import naming
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Dense, dtype_of
 from deepseek_jax.mla import LatentCache, init_cache
@@ -32,30 +25,35 @@ class _Depth1(nn.Module):
 
   @nn.compact
   def __call__(self, hidden_BTD, emb_BTD, positions_BT, lm_head, cache):
-    _, logits_BTV, _, cache = MTPLayer(self.cfg, name="layers_0")(
+    _, logits_BTV, _, cache = MTPLayer(self.cfg, name=naming.unrolled_layer(0))(
         hidden_BTD, emb_BTD, positions_BT, lm_head, cache)
     return logits_BTV, cache
 
 
 class MTPDrafter(nn.Module):
-  """MTP depth 1 with a latent cache, applied to the Transformer's own variables (same names:
-  `embed_tokens`, `lm_head`, `mtp/layers_0`). `__call__(hidden_BTD, next_tokens_BT, positions_BT,
-  cache) -> (logits_BTV, cache)`: position i embeds t_{i+1} and predicts t_{i+2}."""
+  """MTP depth 1 with a latent cache, applied to the Transformer's own variables (its variable
+  tree is a sub-tree of the Transformer's, by the names of `naming`). `__call__(hidden_BTD,
+  next_tokens_BT, positions_BT, cache) -> (logits_BTV, cache)`: position i embeds t_{i+1} and
+  predicts t_{i+2}."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, hidden_BTD, next_tokens_BT, positions_BT, cache: LatentCache):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    emb_BTD = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pdt, name="embed_tokens")(
+    emb_BTD = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pdt, name=naming.EMBED)(
         next_tokens_BT).astype(dt)
     lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=dt,
-                    param_dtype=pdt, name="lm_head")
-    return _Depth1(cfg, name="mtp")(hidden_BTD, emb_BTD, positions_BT, lm_head, cache)
+                    param_dtype=pdt, name=naming.HEAD)
+    return _Depth1(cfg, name=naming.MTP)(hidden_BTD, emb_BTD, positions_BT, lm_head, cache)
 
 
 def init_draft_cache(cfg: ModelConfig, batch: int, max_len: int) -> LatentCache:
-  """Latent cache of the MTP block: [B, S, C] and [B, S, R]."""
+  """Latent cache of the MTP block: [B, S, C] and [B, S, R].
+
+  Written at both verified positions every step; the slot past the accepted prefix is rewritten by
+  the next step (queries never look past their own position). Only depth 1 drafts: a depth-k cache
+  needs t_{i+k}, unknown until k - 1 more positions are verified."""
   c = init_cache(cfg, batch, max_len, layers=1)
   return LatentCache(c.latent_BSC[0], c.rope_BSR[0])
 

@@ -18,6 +18,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import naming
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.hf import fp8_blocks, names
 from deepseek_jax.hf.config import from_hf_config, to_hf_config
@@ -124,8 +125,8 @@ def save_hf(path, model_cfg: ModelConfig, variables, *, dtype: str | None = None
     plans.extend(_plans_for(e, flat[e.leaf], NP_DTYPES[dtype], fp8))
   for k in range(cfg.num_mtp_layers):
     pre = f"model.layers.{cfg.num_layers + k}."
-    for copy_of, name in ((("params", "embed_tokens", "embedding"), "embed_tokens.weight"),
-                          (("params", "lm_head", "kernel"), "shared_head.head.weight")):
+    for copy_of, name in ((("params", naming.EMBED, "embedding"), "embed_tokens.weight"),
+                          (("params", naming.HEAD, "kernel"), "shared_head.head.weight")):
       e = names.Entry(pre + name, copy_of, (), copy_of[-1] == "kernel", 1)
       plans.extend(_plans_for(e, flat[copy_of], NP_DTYPES[dtype], False))
   path = pathlib.Path(path)

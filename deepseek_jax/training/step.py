@@ -1,12 +1,9 @@
 """The pure training and evaluation steps (V3 report §2.1.2 balancing, §2.2 MTP, §4.2).
 
-loss = CE + lambda * MTP + alpha * sequence-wise balance (alpha is applied inside the model's MoE
-blocks). One optimizer update per step, over `grad_accum` microbatches. After the update the
-routing biases move by gamma * sign(mean load - load) per MoE layer, using the whole batch's load
-(aux-loss-free balancing), and a delayed-scaling FP8 recipe rolls this step's amaxes into its
-history. A step whose loss or gradient norm is not finite changes nothing but the step, data
-position and non-finite counters. Config, model and optimizer are bound with
-`functools.partial`; there is no host I/O here.
+loss = CE + lambda * MTP + alpha * sequence-wise balance, one optimizer update over `grad_accum`
+microbatches; then the routing biases move against the whole batch's load and a delayed-scaling FP8
+recipe rolls its amax history. A non-finite step changes only the step, data and non-finite
+counters. Config, model and optimizer are bound with `functools.partial`; no host I/O here.
 """
 
 from __future__ import annotations
@@ -19,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deepseek_jax import router
-from deepseek_jax.config import Config
+from deepseek_jax import naming, router
+from deepseek_jax.config import Config, ModelConfig
 from deepseek_jax.fp8 import delayed
 from deepseek_jax.mtp import cross_entropy, mtp_loss
 from deepseek_jax.training.optimizer import lr_schedule
@@ -79,16 +76,16 @@ def _grads(params, fp8_state, router_state, batch: Batch, *, model, cfg: Config)
   return mean(loss), aux, jax.tree.map(mean, grads), obs
 
 
-def _bias_load_pairs(router_state, aux) -> dict:
+def _bias_load_pairs(router_state, aux, model_cfg: ModelConfig) -> dict:
   """Maps each routing-bias leaf of `router_state` to its layer's load (same shape)."""
   def load_for(path, bias):
-    keys = [str(getattr(p, "key", p)) for p in path]
-    if keys[0] == "moe_blocks":
-      load = aux["load"]                      # [L_moe, E]
-      if keys[1] != "layers":                 # unscanned stack: 'layers_{i}' holds one layer
-        load = load[int(keys[1].split("_")[1])]
-    elif keys[0] == "mtp":
-      load = aux["mtp_load"][int(keys[1].split("_")[1])]   # [D, E] -> depth k's [E]
+    keys = tuple(str(getattr(p, "key", p)) for p in path)
+    loc = naming.locate(model_cfg, keys)
+    if loc.kind == naming.MOE_STACK:
+      load = aux["load"]                      # [L_moe, E]; a scanned stack takes all rows
+      load = load if loc.index is None else load[loc.index]
+    elif loc.kind == naming.MTP:
+      load = aux["mtp_load"][loc.index]       # [D, E] -> depth k's [E]
     else:
       raise ValueError(f"router_state leaf {'/'.join(keys)}: no expert load to balance it with")
     if load.shape != bias.shape:
@@ -98,9 +95,9 @@ def _bias_load_pairs(router_state, aux) -> dict:
   return jax.tree_util.tree_map_with_path(load_for, router_state)
 
 
-def update_router_biases(router_state, aux, gamma: float):
+def update_router_biases(router_state, aux, gamma: float, model_cfg: ModelConfig):
   """b += gamma * sign(mean load - load) on every MoE layer (main stack and MTP depths)."""
-  loads = _bias_load_pairs(router_state, aux)
+  loads = _bias_load_pairs(router_state, aux, model_cfg)
   return jax.tree.map(lambda b, l: router.update_router_bias(b, l, gamma), router_state, loads)
 
 
@@ -115,7 +112,8 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
   def update(_):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return (optax.apply_updates(state.params, updates), opt_state,
-            update_router_biases(state.router_state, aux, cfg.train.bias_update_gamma),
+            update_router_biases(state.router_state, aux, cfg.train.bias_update_gamma,
+                                 cfg.model),
             delayed.update_tree(state.fp8_state, obs))
 
   # A branch, not a select: the common (finite) path writes the new state once.

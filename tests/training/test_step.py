@@ -10,9 +10,10 @@ import pytest
 
 from deepseek_jax import router
 from deepseek_jax.fp8 import policy_from_config
-from deepseek_jax.model import Transformer
+from deepseek_jax.model import Transformer, abstract_variables
 from deepseek_jax.training import data as data_lib
 from deepseek_jax.training import make_init_fn, make_optimizer, step as step_lib, variables_of
+from tests import helpers
 from tests.training.conftest import compile_fast, small_config
 
 GAMMA = 0.01
@@ -87,6 +88,24 @@ def test_router_biases_move_by_gamma_against_the_load(setup, grads):
   np.testing.assert_allclose(m["mtp_maxvio"], router.max_violation(mtp_load_DE), rtol=1e-6)
   # The biases are state, not parameters: the optimizer never sees them.
   assert "e_score_correction_bias" not in str(jax.tree_util.tree_structure(new.params))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_each_routing_bias_pairs_with_its_layers_load(scan):
+  cfg = helpers.small_config(num_layers=3, first_k_dense_replace=1, num_mtp_layers=2,
+                             scan_layers=scan)
+  router_state = nn.unbox(abstract_variables(cfg))["router_state"]
+  E = cfg.n_routed_experts
+  aux = {"load": jnp.arange(2 * E, dtype=jnp.float32).reshape(2, E),
+         "mtp_load": 100 + jnp.arange(2 * E, dtype=jnp.float32).reshape(2, E)}
+  pairs = step_lib._bias_load_pairs(router_state, aux, cfg)
+  bias = lambda block: block["mlp"]["gate"]["e_score_correction_bias"]  # noqa: E731
+  if scan:
+    np.testing.assert_array_equal(bias(pairs["moe_blocks"]["layers"]), aux["load"])
+  for i in range(0 if scan else 2):
+    np.testing.assert_array_equal(bias(pairs["moe_blocks"][f"layers_{i}"]), aux["load"][i])
+  for k in range(2):
+    np.testing.assert_array_equal(bias(pairs["mtp"][f"layers_{k}"]["block"]), aux["mtp_load"][k])
 
 
 def test_gradient_accumulation_matches_the_full_batch(grads):
