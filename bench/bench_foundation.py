@@ -1,10 +1,11 @@
-"""Foundation benchmarks (issue 2), every number a ratio measured side by side in this process.
+"""Foundation benchmarks: MFU, compile time vs depth, absorbed vs expanded decode, each a ratio
+measured side by side in this process.
 
   python bench/bench_foundation.py [--config configs/tiny.yaml] [--quick]
 
 1. Model FLOPs utilisation of tiny.yaml forward+backward against an f32 matmul peak measured here.
-2. Compile time of forward+backward at 4 and at 32 layers (scanned stacks): ratio (goal <= 1.5).
-3. Decode at context 2048, batch 8: absorbed latent cache vs expanding K/V every step (goal >= 2x).
+2. Compile time of forward+backward at 4 and at 32 layers (scanned stacks): ratio (target <= 1.5).
+3. Decode at context 2048, batch 8: absorbed latent cache vs expanding K/V every step (target >= 2x).
 """
 
 from __future__ import annotations

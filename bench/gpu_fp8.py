@@ -40,7 +40,7 @@ PER_TENSOR = GemmSpec(fprop_x=TENSOR, fprop_w=TENSOR, accum=F32)
 
 
 def quantize_2d(a, contract):
-  """E4M3 per-tensor: (float8 data [R, C], f32 scalar dequantisation scale)."""
+  """E4M3 per-tensor: (float8 data [rows, cols], f32 scalar dequantisation scale)."""
   q = quantize(a[None], E4M3, Scaling("tensor", pow2=False), contract)
   return q.data[0], q.scale_inv.reshape(())
 

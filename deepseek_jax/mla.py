@@ -1,15 +1,8 @@
 """Multi-head Latent Attention (V3 report §2.1.1; V2 report §2.1.2-2.1.3).
 
-Keys and values are compressed into one latent c_KV [C] per token (plus one rope key k_R [R] shared
-by all heads), so a cache of `[c_KV ; k_R]` holds (C + R) values per token per layer. Two paths:
-
-* expanded (training, prefill): k_nope = c_KV W_UK and v = c_KV W_UV per head, ordinary attention;
-* absorbed (decode): W_UK is folded into the query (q~ = q_nope W_UK^T, [N, C]) and W_UV into the
-  output, so scores and values are read straight from the latent cache.
-
-Both compute the same function; tests check it. Cache slots are indexed by absolute position and a
-query at position p attends to slots s <= p, so batches with ragged positions and multi-token decode
-steps work under one compiled step.
+The cache holds one latent c_KV [C] and one rope key k_R [R] shared by all heads, per token per
+layer. Two paths compute the same function: expanded (training, prefill: K and V per head) and
+absorbed (decode: W_UK folded into the query, W_UV into the output, attention on the latent).
 """
 
 from __future__ import annotations
@@ -43,24 +36,25 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, layers: int | None = 
 UNROLL_ROWS = 16   # cache writes: one update per row unrolled up to this batch, else a loop
 
 
-def _write(cache: jax.Array, new_BTF: jax.Array, start_B: jax.Array, layer=None) -> jax.Array:
-  """Writes each row's new entries at its own start position (positions are contiguous per row)
-  into `cache` [B, S, F], or into layer `layer` of a stack [L, B, S, F].
+def _write(cache: jax.Array, new: jax.Array, start_B: jax.Array, layer=None) -> jax.Array:
+  """Writes each row's new entries `new` [B, T, width] at its own start position (positions are
+  contiguous per row) into `cache` [B, S, width], or into layer `layer` of a stack
+  [L, B, S, width] (width: C or R).
 
   One `dynamic_update_slice` per row, so XLA updates the buffer in place; a vmapped update
   becomes a scatter, and a per-layer slice passed through a scan's xs/ys is copied whole: at
   context 8192 both cost ~4x the attention itself (measured on XLA:CPU).
   """
-  new_BTF = new_BTF.astype(cache.dtype)
+  new = new.astype(cache.dtype)
   lead = () if layer is None else (layer,)
   zero = jnp.zeros((), jnp.int32)
 
   def row(b, c):
-    n_TF = jax.lax.dynamic_index_in_dim(new_BTF, b, 0, keepdims=True)
-    n = n_TF.reshape((1,) * len(lead) + n_TF.shape)
+    row_new = jax.lax.dynamic_index_in_dim(new, b, 0, keepdims=True)
+    n = row_new.reshape((1,) * len(lead) + row_new.shape)
     return jax.lax.dynamic_update_slice(c, n, lead + (b, start_B[b], zero))
 
-  B = new_BTF.shape[0]
+  B = new.shape[0]
   if B <= UNROLL_ROWS:
     for b in range(B):
       cache = row(b, cache)
@@ -101,24 +95,24 @@ class MLA(nn.Module):
   def _query(self, x_BTD, positions_BT):
     cfg = self.cfg
     if cfg.q_lora_rank is None:
-      q_BTNF = self.q_proj(x_BTD)
+      q = self.q_proj(x_BTD)   # [B, T, N, H + R]
     else:
-      q_BTNF = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+      q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
     H = cfg.qk_nope_head_dim
-    return q_BTNF[..., :H], apply_rope(q_BTNF[..., H:], positions_BT, cfg)
+    return q[..., :H], apply_rope(q[..., H:], positions_BT, cfg)
 
   def _latent(self, x_BTD, positions_BT):
     C = self.cfg.kv_lora_rank
-    kv_BTF = self.kv_a_proj_with_mqa(x_BTD)
-    latent_BTC = self.kv_a_layernorm(kv_BTF[..., :C])
-    rope_BTR = apply_rope(kv_BTF[..., C:], positions_BT, self.cfg)
+    kv = self.kv_a_proj_with_mqa(x_BTD)   # [B, T, C + R]
+    latent_BTC = self.kv_a_layernorm(kv[..., :C])
+    rope_BTR = apply_rope(kv[..., C:], positions_BT, self.cfg)
     return latent_BTC, rope_BTR
 
   def _expanded(self, q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, mask_BTS):
     """Per-head K/V expansion from the latent (training, prefill, and the decode baseline)."""
     H = self.cfg.qk_nope_head_dim
-    kv_BSNF = self.kv_b_proj(latent_BSC)
-    k_nope_BSNH, v_BSNJ = kv_BSNF[..., :H], kv_BSNF[..., H:]
+    kv = self.kv_b_proj(latent_BSC)   # [B, S, N, H + J]
+    k_nope_BSNH, v_BSNJ = kv[..., :H], kv[..., H:]
     f32 = jnp.float32
     scores_BNTS = (jnp.einsum("BTNH,BSNH->BNTS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=f32)
                    + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, rope_BSR, preferred_element_type=f32))
@@ -128,8 +122,8 @@ class MLA(nn.Module):
   def _absorbed(self, q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, mask_BTS):
     """W_UK folded into the query and W_UV into the output: attention reads the latent directly."""
     H = self.cfg.qk_nope_head_dim
-    w_CNF = self.kv_b_proj.kernel.astype(latent_BSC.dtype)
-    w_uk_CNH, w_uv_CNJ = w_CNF[..., :H], w_CNF[..., H:]
+    w = self.kv_b_proj.kernel.astype(latent_BSC.dtype)   # [C, N, H + J]
+    w_uk_CNH, w_uv_CNJ = w[..., :H], w[..., H:]
     q_lat_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w_uk_CNH)
     f32 = jnp.float32
     scores_BNTS = (jnp.einsum("BTNC,BSC->BNTS", q_lat_BTNC, latent_BSC, preferred_element_type=f32)

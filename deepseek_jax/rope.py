@@ -61,10 +61,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Arra
   """
   R = x.shape[-1]
   inv_freq = jnp.asarray(inv_frequencies(R, cfg.rope_theta, cfg.yarn), jnp.float32)
-  angle_BTP = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # P = R/2 pairs
+  angle_BTr = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # r = R/2 pairs
   scale = cos_sin_scale(cfg.yarn)
-  cos, sin = jnp.cos(angle_BTP) * scale, jnp.sin(angle_BTP) * scale
-  extra = x.ndim - angle_BTP.ndim  # broadcast over head axes between T and R
+  cos, sin = jnp.cos(angle_BTr) * scale, jnp.sin(angle_BTr) * scale
+  extra = x.ndim - angle_BTr.ndim  # broadcast over head axes between T and R
   cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])
   sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:])
   x32 = x.astype(jnp.float32)

@@ -1,16 +1,8 @@
 """DeepSeekMoE routing and auxiliary-loss-free balancing (V3 report §2.1.2, Eq. 12-20).
 
-Pure functions, fp32 throughout:
-- `route`: sigmoid (V3) or softmax (V2) scores; a per-expert bias added for *selection only*;
-  group-limited (node-limited) top-k: view the biased scores as G groups, score each group by the
-  sum of its top-2 biased scores (the V2 max-of-group rule when the model has no routing bias),
-  keep `topk_group` groups, then take the top K experts among the survivors. The combine weights
-  are the *unbiased* scores of the chosen experts, normalised to sum 1 when `norm_topk_prob`, then
-  multiplied by `routed_scaling_factor` (`reference/deepseek-semantics.md` §2.8).
-- `balance_loss`: the complementary sequence-wise balance loss alpha * sum_i f_i P_i (Eq. 17-20).
-- `expert_load`, `update_router_bias`, `max_violation`: the bias update
-  b_i += gamma * sign(mean load - load_i) applied after each optimizer step, and
-  MaxVio = (max load - mean load) / mean load (arXiv 2408.15664 Eq. 4).
+Pure fp32 functions: `route` (scores, a bias for selection only, group-limited top-k, combine
+weights), `balance_loss` (sequence-wise, Eq. 17-20), `update_router_bias` (the bias rule applied
+after each optimizer step) and `max_violation` (MaxVio, arXiv 2408.15664 Eq. 4).
 """
 
 from __future__ import annotations
@@ -48,6 +40,7 @@ def limit_groups(sel_XE: jax.Array, n_group: int, topk_group: int, top2_sum: boo
 
   Group score: sum of the group's two largest selection scores (`top2_sum`, V3 with routing bias)
   or its maximum (V2). Exactly `topk_group` groups survive per token, ties broken by lower index.
+  Local letters: e the experts of one group (E/G), g the groups kept per token (`topk_group`).
   """
   X, E = sel_XE.shape
   if n_group == 1 or topk_group >= n_group:
@@ -57,8 +50,8 @@ def limit_groups(sel_XE: jax.Array, n_group: int, topk_group: int, top2_sum: boo
     group_XG = jnp.sum(jax.lax.top_k(sel_XGe, 2)[0], axis=-1)
   else:
     group_XG = jnp.max(sel_XGe, axis=-1)
-  _, kept_XG = jax.lax.top_k(group_XG, topk_group)
-  keep_XG = jnp.zeros((X, n_group), bool).at[jnp.arange(X)[:, None], kept_XG].set(True)
+  _, kept_Xg = jax.lax.top_k(group_XG, topk_group)
+  keep_XG = jnp.zeros((X, n_group), bool).at[jnp.arange(X)[:, None], kept_Xg].set(True)
   return jnp.where(keep_XG[:, :, None], sel_XGe, -jnp.inf).reshape(X, E)
 
 

@@ -1,10 +1,8 @@
 """Manual-axis types inside `shard_map` for hand-written VJPs and scan carries.
 
-Under `shard_map` (with its default `check_vma`) every value is typed by the mesh axes it varies
-over. Autodiff inserts the matching collectives itself; a `custom_vjp` backward or a scan carry
-initialised from a constant must do it by hand: a weight gradient computed from token-sharded
-values is summed over the token axes (the transpose of the implicit broadcast), and a zero carry
-is marked varying like what the loop body makes of it. Outside `shard_map` these are no-ops.
+Autodiff inserts the collectives that `shard_map`'s varying-axis typing implies; a `custom_vjp`
+backward or a constant-initialised scan carry must do it by hand. Outside `shard_map` these are
+no-ops.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Multi-host start: the multi-controller runtime (`jax.distributed.initialize`) from flags or env.
 
-Every process runs the same program; after `initialize`, `jax.devices()` lists the devices of all
-processes, one mesh spans them (`mesh.make_mesh`), and jitted code runs SPMD across hosts. Each
-process feeds only its own rows of the global batch (`local_batch_rows`, `to_global`).
-
-Settings come from the arguments, else from the environment (`JAX_COORDINATOR_ADDRESS`,
-`JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, `JAX_LOCAL_DEVICE_IDS`), else, with `auto=True`, from JAX's
-cluster detection (TPU pods, SLURM, Open MPI). With none of these the run stays single-process.
-On CPU the cross-process collectives use gloo (`jax_cpu_collectives_implementation`); the tests
-start two processes of four fake devices each on 127.0.0.1.
+Settings come from the arguments, else the environment (`JAX_COORDINATOR_ADDRESS`,
+`JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, `JAX_LOCAL_DEVICE_IDS`), else with `auto=True` JAX's cluster
+detection (TPU pods, SLURM, Open MPI); with none the run stays single-process. Each process feeds
+only its own rows of the global batch (`local_batch_rows`, `to_global`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Collectives read back from compiled HLO: which ones a mesh shape compiles to, and their bytes.
 
-Scaling-book `sharding.md` names each collective by what it does to subscripts: AllGather removes
-one (W[D_fsdp] -> W[D]), ReduceScatter adds one ({U_fsdp} -> [D_fsdp]), AllReduce sums
-partials ({U_tensor} -> replicated), AllToAll moves one (x[X_expert, D] -> x[E_expert, C, D]).
-`collectives(compiled.as_text())` counts each kind in the per-device SPMD program with the bytes
-of its results, the data one device receives per execution. A collective inside a loop body (a
-scanned layer stack) is counted once, not once per iteration.
+`collectives(compiled.as_text())` counts each kind (all-gather, reduce-scatter, all-reduce,
+all-to-all, ...) in the per-device SPMD program with the bytes of its results, the data one device
+receives per execution; a collective inside a loop body (a scanned layer stack) is counted once.
 """
 
 from __future__ import annotations

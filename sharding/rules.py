@@ -1,27 +1,9 @@
-"""Logical axis rules: one table from the model's logical names to mesh axes (scaling-book style).
+"""Logical axis rules: the one table from the model's logical axis names to mesh axes.
 
-The model names every parameter and block-boundary activation dimension logically
-(`nn.with_logical_partitioning`, `nn.with_logical_constraint`); this table is the only place those
-names meet the mesh axes `data`, `fsdp`, `expert`, `tensor`. Exactly one entry per logical name, no
-fall-through (flax tries rules in order; with unique names order does not matter). Read a weight's
-sharding off its names, e.g. the routed experts ("experts", "embed", "moe_mlp") become
-W[E_expert, D_fsdp, M_tensor]: experts split over `expert` (expert parallelism, V3 report §3.2.2),
-the model dimension over `fsdp` (ZeRO-3: all-gathered before use, gradients reduce-scattered) and
-the expert hidden dimension over `tensor` (Megatron-style). Activations at block boundaries are
-x[B_{data,fsdp,expert}, T, D]: every device holds different sequences, and the tensor axis
-replicates them.
-
-When two names of one weight map to the same mesh axis, the name listed first keeps it (flax's
-rule order): `embed` comes before the latent ranks, so q_a_proj [D, Q] is [D_fsdp, Q] while
-q_b_proj [Q, N, H+R], which has no D, becomes [Q_fsdp, N_tensor, H+R]. Without that the up
-projections would be replicated (9 GB per device for V3's q_b_proj at tensor=1). Per-head widths,
-norms and the scan `layers` axis stay replicated.
-
-Non-expert weights are replicated over `expert` by default (each expert-parallel rank holds the
-attention and dense weights of its fsdp shard). The routed experts name their D `expert_embed`,
-so the override `mesh.rules=["embed=fsdp,expert"]` extends ZeRO-3 of everything else over the
-expert axis too (memory / expert size, for an all-gather over `expert` per layer) without
-touching the experts' own layout; `codesign.memory.PLANNING_RULES` sizes both choices.
+One entry per logical name. Order matters: flax walks the rules in order and gives a dimension its
+mesh axes only while this array uses none of them yet, so when two names of one array map to the
+same mesh axis the earlier rule wins and the later dimension stays replicated (`embed` is listed
+before the latent ranks). The layout reasoning is in docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
 """Shardings for the whole train state, from abstract shapes (lm1b `setup_initial_state`, nanodo).
 
-The recipe: `jax.eval_shape(init)` gives the state's shapes with each parameter boxed in its
-logical names; the rules turn names into mesh axes, e.g. W_gate[L, E, D, M] with names
-(layers, experts, embed, moe_mlp) becomes W_gate[L, E_expert, D_fsdp, M_tensor]; then
-`jax.jit(init, out_shardings=...)` creates every array already split, so no device ever holds a
-whole state.
-
-Every leaf of the state gets a `NamedSharding`:
-- a boxed leaf (`nn.LogicallyPartitioned`, as `init` returns parameters and router state, and as
-  optax carries the boxes into Adam's moments) by its own names;
-- an unboxed leaf whose key path ends with the path of a known variable (`logical=`, e.g. the
-  unboxed optimizer moments `opt_state[0].mu['moe_blocks']...`), and has its rank, by that
-  variable's names;
-- anything else (step counters, RNG keys, scalars) replicated.
-Mesh axes of size 1 are dropped (they shard nothing), and a dimension that does not divide over
-its axes raises ConfigError naming the leaf.
+`jax.eval_shape(init)` gives the state's shapes with each parameter boxed in its logical names, the
+rules turn the names into mesh axes, and `jax.jit(init, out_shardings=...)` creates every array
+already split, so no device ever holds a whole state (`init_sharded`).
 """
 
 from __future__ import annotations
@@ -96,6 +84,11 @@ def _check_leaf(where: str, shape, names, spec: P, sizes: Mapping[str, int]) -> 
 def state_shardings(abstract_state, mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES,
                     logical=None) -> Any:
   """A `NamedSharding` for every leaf (every box) of `abstract_state`.
+
+  A boxed leaf is sharded by its own names; an unboxed one by the names of the known variable
+  its key path ends with, when the ranks agree (e.g. unboxed Adam moments); anything else
+  (step counters, scalars) is replicated. Mesh axes of size 1 are dropped, and a dimension that
+  does not divide over its axes raises ConfigError naming the leaf.
 
   Args:
     abstract_state: output of `jax.eval_shape` (any pytree: variables, a TrainState, ...).

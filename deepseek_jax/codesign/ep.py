@@ -1,17 +1,9 @@
 """Expert-parallel inference bound on time per output token ("Insights into DeepSeek-V3" §2.3.2).
 
-With one expert per device and compute fully overlapped by communication (dual micro-batch), a
-decode step of one layer costs one dispatch and one combine all-to-all per micro-batch:
-
-  t_step = (b_dispatch + b_combine) * tokens_per_device * experts_per_token * hidden / bandwidth
-  TPOT   = t_step * micro_batches * layers,   tokens/s = 1 / TPOT
-
-The paper: FP8 dispatch (1 B) + BF16 combine (2 B), 32 tokens per device, 9 experts (8 routed + the
-shared one, served like a routed expert in decode), "7K" hidden, 50 GB/s IB: 120.96 us per step,
-14.76 ms TPOT, ~67 tokens/s; at GB200 NVL72's 900 GB/s, 0.82 ms, ~1200 tokens/s. The 120.96 us
-needs hidden = 7000; V3's 7168 gives 123.9 us. The paper multiplies by all 61 layers although the
-first 3 are dense; `ep_tpot_bound_for` follows it. Latency (zero in the paper) is an option: each
-step is two all-to-alls.
+One expert per device, compute hidden behind communication (dual micro-batch): each layer's decode
+step costs one dispatch and one combine all-to-all per micro-batch,
+  t_step = (b_dispatch + b_combine) * tokens_per_device * experts_per_token * hidden / bandwidth,
+  TPOT = t_step * micro_batches * layers.
 """
 
 from __future__ import annotations
@@ -48,7 +40,11 @@ def ep_tpot_bound(bandwidth: float, tokens_per_device: int = 32, experts_per_tok
                   hidden: int = 7000, dispatch_bytes: float = 1.0, combine_bytes: float = 2.0,
                   num_layers: int = 61, micro_batches: int = 2,
                   latency_s: float = 0.0) -> EPBound:
-  """Communication-bound TPOT; `bandwidth` in bytes/s per device (unidirectional)."""
+  """Communication-bound TPOT; `bandwidth` in bytes/s per device (unidirectional).
+
+  Defaults are the paper's example (hidden 7000 gives its 120.96 us per step); `latency_s` is
+  added per all-to-all, two per step (zero in the paper).
+  """
   _positive("bandwidth", bandwidth)
   for n, v in (("tokens_per_device", tokens_per_device), ("experts_per_token", experts_per_token),
                ("hidden", hidden), ("num_layers", num_layers), ("micro_batches", micro_batches)):
@@ -70,7 +66,8 @@ def ep_tpot_bound_for(model: ModelConfig, hardware: Hardware, ep_size: int | Non
 
   Experts per token = routed K + shared experts (decode serves the shared expert like a routed
   one); hidden = d_model unless given; the bandwidth is the tier an all-to-all over `ep_size`
-  devices runs on (default: one device per expert, routed + shared) unless given.
+  devices runs on (default: one device per expert, routed + shared) unless given. All
+  `num_layers` count, the dense ones too, as in the paper.
   """
   if ep_size is None:
     ep_size = model.n_routed_experts + model.n_shared_experts

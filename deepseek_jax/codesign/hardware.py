@@ -1,11 +1,8 @@
 """Hardware presets for the co-design calculator ("Insights into DeepSeek-V3" §2.3.2, §4).
 
-Each preset is data: per-device peak dense matmul rates, HBM size and bandwidth, and the two
-interconnect tiers the paper reasons about: the scale-up domain (NVLink / ICI) and the scale-out
-network (InfiniBand / DCN). Bandwidths are *unidirectional per device* in bytes/s, the quantity the
-paper divides by (IB 50 GB/s = one 400 Gb/s NIC per GPU; GB200's "900 GB/s" = half of NVLink 5's
-1.8 TB/s bidirectional). `*_achievable` fields hold the paper's measured or usable figures where it
-gives them (H800 NVLink ~160 GB/s of 200, IB ~40 GB/s of 50). Every preset names its sources.
+Each preset is data: peak dense matmul rates, HBM, and the scale-up (NVLink / ICI) and scale-out
+(InfiniBand / DCN) tiers, bandwidths *unidirectional per device* in bytes/s (the quantity the paper
+divides by); `*_achievable` fields hold the paper's usable figures. Every preset names its sources.
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
-"""GEMM accumulation of quantised operands (V3 report §3.3.2; P1 §3.1.1).
+"""GEMM accumulation of quantised operands (V3 report §3.3.2; Insights §3.1.1).
 
-`gemm(a, b, accum)` computes `[B, M, K] x [B, K, N] -> [B, M, N]` in f32 from two `QArray`s:
-
-- `f32`: dequantise both operands, one f32 dot at HIGHEST precision. The fast emulator; equal to
-  `promote` up to f32 reassociation.
-- `promote(N_C)`: the paper's fix. For each N_C-slice of K, an f32 partial sum of the raw operand
-  values, then `out += partial * (scale_a * scale_b)` in f32, slice after slice (DeepGEMM's
-  promotion on CUDA cores). Scales must be constant within a slice.
-- `limited(mantissa_bits, round_toward_zero, promote, kstep)`: the Hopper accumulator the paper
-  criticises. Products are summed `kstep` at a time (32 = one FP8 WGMMA's K) in f32, and each
-  chunk is added into an accumulator that keeps only `mantissa_bits` fraction bits (13 in P1's
-  "FP22"), truncated (round toward zero) or rounded to nearest even. With `promote=N_C` the
-  accumulator is flushed into f32 (times the scales) every N_C; with None it runs over the whole
-  K, which needs scales constant along K (tensor or axis), as tensor cores cannot apply group
-  scales. The alignment of products inside one WGMMA is not modelled (chunk sums are f32).
-
-`backend='fp8'` feeds the materialised FP8 data straight into `dot_general` with
-`preferred_element_type=f32` (real FP8 GEMMs on Hopper-class GPUs; bit-identical to the emulator
-on CPU) and rescales outputs or per-slice partials; `backend='emulate'` casts to f32 first.
+`gemm(a, b, accum)`: the f32 product `[batch, rows, cols]` of two `QArray`s `a [batch, rows, k]`
+and `b [batch, k, cols]`, accumulated as `f32` (one dot), `promote(N_C)` (the paper's fix: f32
+partial sums promoted every N_C of k) or `limited` (the Hopper accumulator the paper criticises,
+~13 mantissa bits). `backend='fp8'` feeds the FP8 bytes to `dot_general`; 'emulate' casts to f32.
 """
 
 from __future__ import annotations
@@ -31,13 +17,13 @@ from deepseek_jax.fp8.scaling import QArray
 
 MODES = ("f32", "promote", "limited")
 BACKENDS = ("emulate", "fp8")
-_BATCHED = (((2,), (1,)), ((0,), (0,)))  # [B, M, K] x [B, K, N] -> [B, M, N]
+_BATCHED = (((2,), (1,)), ((0,), (0,)))  # [batch, rows, k] x [batch, k, cols]
 UNROLL_MAX_STEPS = 8  # promote slices unrolled statically up to this many, else a fori_loop
 
 
 @dataclasses.dataclass(frozen=True)
 class Accum:
-  """Accumulation mode of a GEMM (see the module docstring)."""
+  """Accumulation mode of a GEMM: 'f32', 'promote' or 'limited' (see `promote`, `limited`)."""
   mode: str = "promote"
   interval: int | None = 128       # N_C: promotion interval (limited: None = never promote)
   mantissa_bits: int = 13          # limited only
@@ -63,11 +49,17 @@ F32 = Accum("f32", interval=None)
 
 
 def promote(n_c: int = 128) -> Accum:
+  """The paper's fix (DeepGEMM's promotion): an f32 partial sum per N_C-slice of k, scaled and
+  added in f32 slice after slice; scales must be constant within a slice."""
   return Accum("promote", interval=n_c)
 
 
 def limited(mantissa_bits: int = 13, round_toward_zero: bool = True, promote: int | None = None,
             kstep: int = 32) -> Accum:
+  """The Hopper accumulator: products summed `kstep` at a time (32 = one FP8 WGMMA) in f32, each
+  chunk added into an accumulator keeping `mantissa_bits` fraction bits (13: Insights' "FP22"),
+  truncated or rounded to nearest even; flushed into f32 (times the scales) every `promote` of k,
+  or never (None: scales constant along k). Alignment inside one WGMMA is not modelled."""
   return Accum("limited", interval=promote, mantissa_bits=mantissa_bits,
                round_toward_zero=round_toward_zero, kstep=kstep)
 
@@ -99,58 +91,59 @@ def _dot(a, b):
 
 
 def _k_block(q: QArray, k_axis: int) -> int | None:
-  """Scale block length along K, or None when one scale covers all of K."""
+  """Scale block length along k, or None when one scale covers all of k."""
   return None if q.scale_inv.shape[k_axis] == 1 else q.blocks[k_axis]
 
 
 def gemm(a: QArray, b: QArray, accum: Accum, backend: str = "emulate") -> jax.Array:
-  """f32 `[B, M, N]` product of quantised `a [B, M, K]` and `b [B, K, N]`."""
+  """f32 `[batch, rows, cols]` product of quantised `a [batch, rows, k]`, `b [batch, k, cols]`."""
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
   if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
-    raise ValueError(f"gemm: shapes {a.shape} x {b.shape} do not chain as [B,M,K] x [B,K,N]")
+    raise ValueError(f"gemm: shapes {a.shape} x {b.shape} do not chain as "
+                     "[batch, rows, k] x [batch, k, cols]")
   ka, kb = _k_block(a, 2), _k_block(b, 1)
   if accum.mode == "f32":
     if backend == "emulate":
       return _dot(a.dequantize(), b.dequantize())
-    if ka is None and kb is None:  # scales factor out of the whole K: rescale the output
+    if ka is None and kb is None:  # scales factor out of the whole k: rescale the output
       return _dot(a.data, b.data) * (a.scales_full((0, 1)) * b.scales_full((0, 2)))
     accum = promote(max(k for k in (ka, kb) if k is not None))
   if accum.mode == "limited" and backend == "fp8":
     raise ValueError("accum.mode='limited' emulates a hardware accumulator; use backend='emulate'")
   interval = accum.interval
-  if interval is None:  # limited without promotion: one accumulator over all of K
+  if interval is None:  # limited without promotion: one accumulator over all of k
     if ka is not None or kb is not None:
       raise ValueError("accum=limited(promote=None) needs scales constant along K (tensor or "
                        "axis granularity): the tensor core cannot apply per-block scales")
     interval = -(-a.shape[2] // accum.kstep) * accum.kstep
   for name, k in (("lhs", ka), ("rhs", kb)):
     if k is not None and k % interval:
-      raise ValueError(f"accum interval {interval}: the {name} scale block along K is {k}; "
+      raise ValueError(f"accum interval {interval}: the {name} scale block along k is {k}; "
                        "it must be a multiple of the promotion interval")
   return _promoted(a, b, accum, interval, backend)
 
 
 def _promoted(a: QArray, b: QArray, accum: Accum, interval: int, backend: str) -> jax.Array:
-  B, M, K = a.shape
-  N = b.shape[2]
+  batch, rows, k_len = a.shape
+  cols = b.shape[2]
   a_data, b_data = _operand(a, backend), _operand(b, backend)
-  sa_BMk, sb_BkN = a.scales_full((0, 1)), b.scales_full((0, 2))   # K keeps its block count
+  sa, sb = a.scales_full((0, 1)), b.scales_full((0, 2))   # k keeps its block count
   ka, kb = _k_block(a, 2), _k_block(b, 1)
 
   def scaled(k0, partial):
-    sa = jax.lax.dynamic_slice_in_dim(sa_BMk, 0 if ka is None else k0 // ka, 1, 2)
-    sb = jax.lax.dynamic_slice_in_dim(sb_BkN, 0 if kb is None else k0 // kb, 1, 1)
-    return partial * (sa * sb)
+    sa_k0 = jax.lax.dynamic_slice_in_dim(sa, 0 if ka is None else k0 // ka, 1, 2)
+    sb_k0 = jax.lax.dynamic_slice_in_dim(sb, 0 if kb is None else k0 // kb, 1, 1)
+    return partial * (sa_k0 * sb_k0)
 
   if accum.mode != "limited":
-    # Slices [k0, k0 + N_C) with a shorter last one (no zero padding: a K of 32 or 200 costs
+    # Slices [k0, k0 + N_C) with a shorter last one (no zero padding: a k of 32 or 200 costs
     # what it costs); static up to UNROLL_MAX_STEPS slices, else a loop over the full ones.
-    full, rest = divmod(K, interval)
+    full, rest = divmod(k_len, interval)
     if full + (rest > 0) <= UNROLL_MAX_STEPS:
       out = None
-      for k0 in range(0, K, interval):
-        k1 = min(k0 + interval, K)
+      for k0 in range(0, k_len, interval):
+        k1 = min(k0 + interval, k_len)
         term = scaled(k0, _dot(a_data[:, :, k0:k1], b_data[:, k0:k1]))
         out = term if out is None else out + term
       return out
@@ -164,8 +157,8 @@ def _promoted(a: QArray, b: QArray, accum: Accum, interval: int, backend: str) -
     return out
 
   # limited: kstep-sized tensor-core chunks, zero-padded to whole intervals (zeros add nothing).
-  steps = -(-K // interval)
-  pad = steps * interval - K
+  steps = -(-k_len // interval)
+  pad = steps * interval - k_len
   if pad:
     a_data = jnp.pad(a_data, ((0, 0), (0, 0), (0, pad)))
     b_data = jnp.pad(b_data, ((0, 0), (0, pad), (0, 0)))
@@ -177,7 +170,7 @@ def _promoted(a: QArray, b: QArray, accum: Accum, interval: int, backend: str) -
       p = _dot(jax.lax.dynamic_slice_in_dim(a_data, k0 + c * chunk, chunk, 2),
                jax.lax.dynamic_slice_in_dim(b_data, k0 + c * chunk, chunk, 1))
       return truncate_mantissa(acc + p, accum.mantissa_bits, accum.round_toward_zero)
-    return jax.lax.fori_loop(0, chunks, add_chunk, jnp.zeros((B, M, N), jnp.float32))
+    return jax.lax.fori_loop(0, chunks, add_chunk, jnp.zeros((batch, rows, cols), jnp.float32))
 
   return jax.lax.fori_loop(1, steps, lambda i, out: out + scaled(i * interval, slice_partial(
       i * interval)), scaled(0, slice_partial(0)))

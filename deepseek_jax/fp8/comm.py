@@ -1,21 +1,10 @@
-"""Low-precision MoE communication: FP8 dispatch and BF16/LogFMT combine (V3 report §3.3.3;
-P1 §2.3.2, §3.2).
+"""Low-precision MoE communication: FP8 dispatch, BF16/LogFMT combine (V3 report §3.3.3;
+Insights §2.3.2, §3.2).
 
-DeepSeek-V3 quantises the activation before the MoE up-projection to FP8 (1x128 tiles, power-of-
-two scales) *before* the dispatch all-to-all, so the wire carries FP8 bytes plus one scale per 128
-values; the same is done for the activation gradient before the down-projection. Combine runs in
-BF16 (LogFMT-n was validated for it but not deployed). Here a transfer is a pure function of the
-payload: `encode` before the collective, `decode` after, and `transfer(x, fwd, bwd)` simulates the
-lossy round trip of a tensor (forward codec) and of its cotangent (backward codec) in one
-custom_vjp, for use around the all-to-alls of `sharding/expert_parallel.py` or on one device.
-
-Codecs: 'none' (identity), 'bf16', 'fp8' (format + tile, pow2 scales; quantised by the same
-quantiser as the GEMMs, so dispatched bytes equal the GEMM's fprop operand when the tiles agree),
-'logfmt' (`logfmt.py`, n bits; codes of other widths than 8 and 16 are bit-packed for the
-wire, so LogFMT-10 moves 10 bits per value plus the tile min/max, as DeepEP's does). Open in the paper, chosen here: which all-to-all carries the
-"gradient before the down-projection" (the combine's backward); the presets below follow the
-V3 report (dispatch: FP8 forward, BF16 backward; combine: BF16 both ways) and anything else is
-one `Codec` away.
+A transfer is a pure function of its payload: `encode` before the collective, `decode` after, and
+`transfer(x, fwd, bwd)` simulates the lossy round trip of a tensor (`fwd` codec) and of its
+cotangent (`bwd` codec) in one custom_vjp. Codecs: 'none', 'bf16', 'fp8' (1x128 tiles, power-of-two scales:
+the GEMMs' quantiser) and 'logfmt' (`logfmt.py`; widths other than 8 and 16 bit-packed).
 """
 
 from __future__ import annotations
@@ -71,7 +60,7 @@ LOGFMT8, LOGFMT10 = Codec("logfmt", n_bits=8), Codec("logfmt", n_bits=10)
 
 
 def fp8_encode(x_XD: jax.Array, codec: Codec = FP8_DISPATCH) -> QArray:
-  """FP8 payload of `[..., D]` rows: data `[X, D]` (X = leading dims flattened), 1xT scales."""
+  """FP8 payload of `[..., D]` rows: data `[X, D]` (X = leading dims flattened), 1 x tile scales."""
   x_1XD = x_XD.reshape(1, -1, x_XD.shape[-1])
   return quantize(x_1XD, codec.fmt, codec.scaling, contract=2)
 
@@ -124,4 +113,3 @@ def _transfer_bwd(fwd, bwd, _, g):
 transfer.defvjp(_transfer_fwd, _transfer_bwd)
 
 DISPATCH = (FP8_DISPATCH, BF16)   # (forward, backward) codecs, V3 report §3.3.3
-COMBINE = (BF16, BF16)

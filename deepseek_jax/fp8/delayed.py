@@ -1,22 +1,9 @@
 """Per-tensor delayed scaling: explicit amax-history state (the TransformerEngine/Flax recipe).
 
-Not DeepSeek's recipe (V3 report §3.3.2 scales online); offered as a documented, tested option
-because it is the classic per-tensor baseline. The state of one GEMM site is a single f32 array
-`amax_history [H, 3]`, one column per tensor (x, w, g), row 0 the most recent step. It lives in
-the model's `fp8_state` collection (one slice per scanned layer), hence in the train state and in
-checkpoints; nothing is hidden in modules or globals.
-
-Protocol, all pure functions:
-- scale estimate of a tensor = max of its column (`algo='max'`) times 2**margin; an all-zero
-  column (a fresh state, or one never updated) falls back to the tensor's current amax, so a
-  stale or missing update degrades to current scaling, never to a bogus scale (TE#982, PR#567);
-- `fp8_dot_general` returns the amaxes it observed (x and w in the forward, g in the backward) as
-  the *cotangent* of `amax_history`: an array shaped like the state holding the observation in
-  row 0 and zeros elsewhere. `jax.grad` with respect to the `fp8_state` collection therefore
-  yields observations, and `update(state, observation)` rolls them in;
-- microbatches and repeated use of one site within a step: combine observations with `merge`
-  (elementwise max; never a mean, which underestimates the amax and clips, marin#7659). Plain
-  gradient *summation* over reuse over-estimates the amax, which is safe (coarser, never clipping).
+Not DeepSeek's recipe (V3 report §3.3.2 scales online): the classic per-tensor baseline, as an
+option. A GEMM site's state is `amax_history [history, 3]` (columns x, w, g; row 0 the newest) in
+the `fp8_state` collection; `fp8_dot_general` returns this step's amaxes as that state's cotangent,
+which `update` rolls in and `merge` combines (max) across microbatches and reuse.
 """
 
 from __future__ import annotations
@@ -33,7 +20,8 @@ def init_state(history: int) -> jax.Array:
 
 
 def estimates(amax_history: jax.Array) -> jax.Array:
-  """Per-tensor amax estimates `[3]` (0 where the history is empty)."""
+  """Per-tensor amax estimates `[3]` (0 where the history is empty: the caller then scales from
+  the current amax, so a missing update degrades to current scaling, never to a bogus scale)."""
   return jnp.max(amax_history, axis=0)
 
 
@@ -45,7 +33,7 @@ def observation(amaxes: jax.Array, amax_history: jax.Array) -> jax.Array:
 
 def update(amax_history: jax.Array, obs: jax.Array) -> jax.Array:
   """Rolls the observed amaxes (row 0 of `obs`) into the history; pure, works on stacked
-  per-layer states `[L, H, 3]` too."""
+  per-layer states `[L, history, 3]` too."""
   return jnp.concatenate([obs[..., :1, :], amax_history[..., :-1, :]], axis=-2)
 
 

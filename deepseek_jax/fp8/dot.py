@@ -1,24 +1,8 @@
 """`fp8_dot_general`: one custom_vjp holding all FP8 GEMM numerics (V3 report §3.3, Fig. 6).
 
-A drop-in for `jax.lax.dot_general`, injected at the single seam of `layers.Dense`. Any
-`dimension_numbers` are canonicalised to `[B, M, K] x [B, K, N]` (batch dims flattened to B,
-e.g. experts; several contracting axes flattened to one K, which is what tiles run along), then:
-
-- fprop  y  = x . w       slots `fprop_x` (tiles along K), `fprop_w`
-- dgrad  dx = g . w^T     slots `dgrad_g` (tiles along N), `dgrad_w`
-- wgrad  dw = x^T . g     slots `wgrad_x`, `wgrad_g` (tiles along M, the token axis)
-
-Each slot is an `Operand(format, scaling)` or None (high precision). With `cache='fp8'` the
-backward gets x from the quantised forward copy (FP8 bytes are the only activation residual) and
-re-tiles it for wgrad, which is lossless with power-of-two scales; with `cache='hp'` it re-reads x
-in high precision (TransformerEngine's choice); `cache_fmt` caches x in another format (V3 keeps
-the input of the post-attention linear in E5M6). The quantised weight is reused for dgrad when
-the two slots agree and the granularity is transpose-invariant (tensor, square blocks). Emulation
-computes in f32 at HIGHEST precision whatever `precision` says; the output takes
-`preferred_element_type` (else the inputs' result type) and the gradients the inputs' dtypes.
-With power-of-two scales (or f32 accumulation) the emulator multiplies the dequantised f32 values
-directly (`_fast`: bitwise equal to scaling each partial sum, and free of FP8 conversions, which
-XLA:CPU runs in scalar code); only the cached copies are materialised as FP8 bytes.
+A drop-in for `jax.lax.dot_general` at the seam of `layers.Dense`. Operands are canonicalised to
+`[batch, rows, k] x [batch, k, cols]`; fprop (y = x w), dgrad (dx = g w^T) and wgrad (dw = x^T g)
+quantise their two operands each as a `GemmSpec`'s six slots say, and accumulate per its `Accum`.
 """
 
 from __future__ import annotations
@@ -70,7 +54,7 @@ class GemmSpec:
   wgrad_x: Operand | None = X_TILE
   wgrad_g: Operand | None = G_TILE
   accum: Accum = promote(128)
-  cache: str = "fp8"
+  cache: str = "fp8"                # backward reads x from fprop's FP8 copy ('fp8') or x ('hp')
   cache_fmt: Format | None = None   # cache x in this format (1x128, pow2) instead of fprop's copy
   backend: str = "emulate"
 
@@ -152,8 +136,9 @@ def _fast(spec: GemmSpec) -> bool:
       spec.accum.mode == "f32" or all(o.scaling.pow2 for o in spec.operands()))
 
 
-def _values_gemm(a_BMK, b_BKN, spec: GemmSpec) -> jax.Array:
-  return gemm(unquantized(a_BMK, 2), unquantized(b_BKN, 1), spec.accum)
+def _values_gemm(a, b, spec: GemmSpec) -> jax.Array:
+  """f32 `[batch, rows, cols]` of prepared f32 `a [batch, rows, k]`, `b [batch, k, cols]`."""
+  return gemm(unquantized(a, 2), unquantized(b, 1), spec.accum)
 
 
 def _fwd(x, w, state, st: _Static):
@@ -212,8 +197,8 @@ def _bwd(st: _Static, res, g):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fp8_gemm(x_BMK, w_BKN, state, st: _Static):
-  return _fwd(x_BMK, w_BKN, state, st)[0]
+def _fp8_gemm(x, w, state, st: _Static):
+  return _fwd(x, w, state, st)[0]
 
 
 _fp8_gemm.defvjp(_fwd, _bwd)
@@ -239,11 +224,12 @@ def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
                     spec: GemmSpec = GemmSpec(), fp8_state: jax.Array | None = None):
   """`lax.dot_general` with FP8 numerics per `spec` (fprop, dgrad and wgrad).
 
-  `fp8_state` is the `[H, 3]` amax history of a spec with delayed scaling (its gradient is this
-  step's observation, see `delayed.py`); without one, delayed slots scale from the current
+  `fp8_state` is the `[history, 3]` amax history of a spec with delayed scaling (its gradient is
+  this step's observation, see `delayed.py`); without one, delayed slots scale from the current
   amax, exactly as with a fresh (all-zero) history, e.g. on call sites that carry no state.
   `precision` is ignored: quantised products are exact in f32 and emulation always accumulates
-  at HIGHEST precision.
+  at HIGHEST precision. The output takes `preferred_element_type` (else the inputs' result type),
+  the gradients the inputs' dtypes.
   """
   del precision
   lc, rc, lb, rb, lf, rf = _canonical_dims(lhs.ndim, rhs.ndim, dimension_numbers)
@@ -257,21 +243,22 @@ def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     raise ValueError(f"fp8_dot_general: fp8_state shape {fp8_state.shape} != "
                      f"({spec.history}, {len(delayed.COLUMNS)}) (see fp8.delayed.init_state)")
   size = lambda a, ds: math.prod(a.shape[d] for d in ds)
-  x_BMK = jnp.transpose(lhs, lb + lf + lc).reshape(size(lhs, lb), size(lhs, lf), size(lhs, lc))
-  w_BKN = jnp.transpose(rhs, rb + rc + rf).reshape(size(rhs, rb), size(rhs, rc), size(rhs, rf))
+  # [batch, rows, k] x [batch, k, cols]: batch, free and contracting dims each flattened to one
+  x3 = jnp.transpose(lhs, lb + lf + lc).reshape(size(lhs, lb), size(lhs, lf), size(lhs, lc))
+  w3 = jnp.transpose(rhs, rb + rc + rf).reshape(size(rhs, rb), size(rhs, rc), size(rhs, rf))
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
   st = _Static(spec, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
-  y_BMN = _fp8_gemm(x_BMK, w_BKN, fp8_state, st)
+  y3 = _fp8_gemm(x3, w3, fp8_state, st)
   out_shape = ([lhs.shape[d] for d in lb] + [lhs.shape[d] for d in lf] +
                [rhs.shape[d] for d in rf])
-  return y_BMN.reshape(out_shape)
+  return y3.reshape(out_shape)
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Dot:
   """The callable a policy hands to `Dense`: `lax.dot_general`'s signature, bound to a spec.
 
-  `init_fp8_state` is None for stateless specs, else the initialiser of the `[H, 3]` amax
+  `init_fp8_state` is None for stateless specs, else the initialiser of the `[history, 3]` amax
   history that `Dense` keeps in its `fp8_state` collection.
   """
   spec: GemmSpec

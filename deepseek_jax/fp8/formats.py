@@ -1,16 +1,8 @@
-"""Low-precision number formats and their saturating casts (V3 report §3.3, App. B; P1 §3.1).
+"""Low-precision number formats and saturating casts (V3 report §3.3, App. B; Insights §3.1).
 
-A `Format` is what a quantised operand is stored in: the hardware FP8 types E4M3 (OCP "fn": no
-infinities, max 448) and E5M2 (max 57344), their AMD "fnuz" variants, and formats that exist only
-as an emulation through `lax.reduce_precision`, such as the E5M6 that DeepSeek-V3 caches for the
-input of the post-attention linear.
-
-Casts saturate: values beyond +-max are clipped *before* `astype`, because XLA converts e4m3
-overflow and +-inf to NaN (measured: 465 -> NaN) and e5m2 overflow to inf. NaN propagates and is
-never sanitised. Emulated formats are stored in the narrowest standard dtype that holds them
-exactly (E5M6 fits bfloat16) and, like XLA's `reduce_precision`, flush their own subnormals to
-zero. On CPU, XLA also treats f32 subnormal *inputs* as zero (denormals-are-zero), which the
-quantiser in `scaling.py` makes explicit so every platform agrees.
+A `Format` stores a quantised operand: the hardware FP8 types E4M3 and E5M2 (and AMD's fnuz
+variants), or a format emulated through `lax.reduce_precision`, such as V3's E5M6. Casts saturate
+at +-max (XLA would turn E4M3 overflow into NaN); NaN propagates and is never sanitised.
 """
 
 from __future__ import annotations

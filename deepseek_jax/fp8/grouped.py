@@ -1,22 +1,8 @@
 """FP8 numerics of the routed experts' grouped GEMMs (V3 report §3.3; `dispatch.block_swiglu`).
 
-`dispatch.py`'s block path runs the three expert projections of every 32-row block in one scan
-with its own backward pass, so that operands are quantised once per array instead of once per
-block and per use (the weights above all: `[E, D, M]` once per step, not once per block).
-`ExpertNumerics(spec)` tells it how: each method returns f32 values on the FP8 grid
-(`scaling.fake_quantize`, bitwise `quantize(...).dequantize()`), and `dot` accumulates per the
-spec's `Accum` on those values. With power-of-two scales that equals the `QArray` GEMM of
-`accumulate.gemm` (scales factor exactly out of every product and partial sum), so the block
-path reproduces `fp8_dot_general` per block: same tiles, same weight blocks, same wgrad re-tiling
-of the cached activation, same promotion.
-
-Layouts: activations `[W, U, C]` (W blocks of U rows of one expert each), weights `[E, K, N]`.
-Row tiles (contract=2) never cross rows; column tiles (contract=1, wgrad) run along U inside
-one block, so a block's scales are those `fp8_dot_general` computes on that block alone.
-
-`supports(spec)` says which specs qualify: emulate backend, current scaling at tile, block or
-axis granularity (per-tensor and delayed scales would span blocks), and power-of-two scales
-unless accumulation is plain f32. Others keep the generic per-block `fp8_dot_general` path.
+`ExpertNumerics(spec)` prepares the operands of the block path's expert projections once per array
+(f32 values on the FP8 grid, not once per block and use) and accumulates per the spec, reproducing
+`fp8_dot_general` block by block; `supports(spec)` says which specs qualify.
 """
 
 from __future__ import annotations
@@ -31,6 +17,8 @@ from deepseek_jax.fp8.scaling import Scaling, fake_quantize, unquantized
 
 
 def supports(spec: GemmSpec) -> bool:
+  """Emulate backend, current scaling at tile, block or axis granularity (tensor and delayed
+  scales would span blocks), power-of-two scales unless accumulation is f32."""
   if spec.backend != "emulate":
     return False
   for o in spec.operands():
@@ -51,7 +39,12 @@ def expert_numerics(dot) -> "ExpertNumerics | None":
 
 @dataclasses.dataclass(frozen=True)
 class ExpertNumerics:
-  """Operand preparation and accumulation of one expert projection `[.., K] x [E, K, N]`."""
+  """Operand preparation and accumulation of one expert projection.
+
+  Activations `[W, U, d_in]` (W blocks of U rows of one expert each), weights `[E, d_in, d_out]`.
+  Row tiles never cross rows; column tiles (wgrad) run along U inside one block, so a block's
+  scales are those `fp8_dot_general` computes on that block alone.
+  """
   spec: GemmSpec
 
   def __post_init__(self):
@@ -59,33 +52,34 @@ class ExpertNumerics:
       raise ValueError(f"ExpertNumerics: spec {self.spec} needs per-block scales (tile, block "
                        "or axis; current; pow2 unless accum is f32) and backend='emulate'")
 
-  def weight(self, w_EKN):
-    """Weights as fprop uses them (blocks along K for the contraction)."""
-    return operand_values(w_EKN, self.spec.fprop_w, 1)
+  def weight(self, w):
+    """Weights as fprop uses them (blocks along d_in for the contraction)."""
+    return operand_values(w, self.spec.fprop_w, 1)
 
-  def dgrad_weight(self, w_EKN, w_fprop_EKN):
-    """Weights as dgrad uses them (`g . w^T`, contracting N); fprop's copy when reusable."""
-    return w_fprop_EKN if self.spec.reuse_weight else operand_values(w_EKN, self.spec.dgrad_w, 2)
+  def dgrad_weight(self, w, w_fprop):
+    """Weights as dgrad uses them (`g . w^T`, contracting d_out); fprop's copy when reusable."""
+    return w_fprop if self.spec.reuse_weight else operand_values(w, self.spec.dgrad_w, 2)
 
-  def fprop_x(self, x_WUK):
-    return operand_values(x_WUK, self.spec.fprop_x, 2)
+  def fprop_x(self, x):
+    return operand_values(x, self.spec.fprop_x, 2)
 
-  def dgrad_g(self, g_WUN):
-    return operand_values(g_WUN, self.spec.dgrad_g, 2)
+  def dgrad_g(self, g):
+    return operand_values(g, self.spec.dgrad_g, 2)
 
-  def cached_x(self, x_WUK, x_fprop_WUK):
+  def cached_x(self, x, x_fprop):
     """What the backward keeps of x for wgrad (cf. `fp8_dot_general`'s `cache`)."""
     spec = self.spec
     if spec.cache == "fp8" and spec.cache_fmt is not None:
-      return fake_quantize(x_WUK, spec.cache_fmt, Scaling("tile"), 2)
-    return x_fprop_WUK if (spec.cache == "fp8" and spec.fprop_x is not None) else x_WUK
+      return fake_quantize(x, spec.cache_fmt, Scaling("tile"), 2)
+    return x_fprop if (spec.cache == "fp8" and spec.fprop_x is not None) else x
 
-  def wgrad_x(self, x_cached_WUK):
-    return operand_values(x_cached_WUK, self.spec.wgrad_x, 1)
+  def wgrad_x(self, x_cached):
+    return operand_values(x_cached, self.spec.wgrad_x, 1)
 
-  def wgrad_g(self, g_WUN):
-    return operand_values(g_WUN, self.spec.wgrad_g, 1)
+  def wgrad_g(self, g):
+    return operand_values(g, self.spec.wgrad_g, 1)
 
-  def dot(self, a_RK, b_KN):
-    """f32 `[R, N]` product of prepared operands under the spec's accumulation."""
-    return gemm(unquantized(a_RK[None], 2), unquantized(b_KN[None], 1), self.spec.accum)[0]
+  def dot(self, a, b):
+    """f32 `[rows, cols]` product of prepared `a [rows, k]` and `b [k, cols]` under the spec's
+    accumulation."""
+    return gemm(unquantized(a[None], 2), unquantized(b[None], 1), self.spec.accum)[0]

@@ -1,27 +1,9 @@
-"""LogFMT-nBit: the logarithmic communication format of P1 §3.2 ("Insights into DeepSeek-V3").
+"""LogFMT-nBit, the logarithmic communication format of Insights §3.2 (ISCA '25).
 
-Per 1x128 tile along the last axis, an n-bit code holds a sign bit S and an (n-1)-bit index K.
-With `Kmax = 2**(n-1) - 1`, the tile's smallest nonzero magnitude is coded K=1, its largest K=Kmax,
-zero K=0, and K in between decodes to `exp(log(min) + Step*(K-1))`, `Step = (log(max) - log(min))
-/ (Kmax - 1)` (the paper's `(max - min) / (2^(n-1) - 2)` in log space).
-
-Choices the paper leaves open, made here:
-- metadata: the tile's min and max *magnitudes* as f32 (64 bits per tile, 0.5 bit per element at
-  T=128); decoding K=1 and K=Kmax returns them verbatim, so both round-trip exactly (a log/exp
-  round trip would not);
-- min excludes zeros; the clamp `min >= max * 2**-32` (the paper's `min > max - log(2^32)`) is
-  applied in linear space, where multiplying by 2**-32 is exact;
-- rounding "in linear space": each magnitude goes to the nearest of its neighbouring codes by
-  linear distance (threshold at the arithmetic mean of two neighbours, not the geometric mean that
-  log-space rounding uses, which biases magnitudes upward); zero is a candidate too, so values
-  below the clamped min round to 0 or to min, whichever is nearer. `rounding='log'` (nearest in log
-  space) exists to test the difference. Measured on U(-1, 1) data, LogFMT-8 magnitude bias: linear
-  4e-6, log +2.5e-4. Where the density falls within a code interval (Gaussian tails), nearest
-  rounding of either kind leans low (linear -1.3e-4, log +1.7e-4 at 8 bits); only stochastic
-  rounding is unbiased for every distribution;
-- signs: S is the sign bit of x, also for zeros (-0 round-trips);
-- a tile containing inf or NaN decodes to NaN entirely (propagated, never sanitised);
-- codes are stored as uint8 for n <= 8, else uint16; K not a multiple of T gives a short last tile.
+Per 1x128 tile along the last axis, an n-bit code is a sign bit and an (n-1)-bit index k: 0 codes
+zero, 1 the tile's smallest nonzero magnitude, kmax = 2**(n-1) - 1 its largest (both sent as f32
+metadata and decoded verbatim), and the codes between are evenly spaced in log space. Values round
+to the nearest code in linear space (`rounding='log'` for comparison); inf or NaN make a NaN tile.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
 """Scaling recipes and the quantiser: fine-grained FP8 scales (V3 report §3.3.1-3.3.2, App. B).
 
-An operand is quantised in a canonical 3-d layout `[B, R, C]` (B a batch of independent matrices,
-e.g. experts; one of R/C is the GEMM's contracting axis, named by `contract`). A scale covers a
-block of `(bB, bR, bC)` elements:
-
-| granularity | contracting axis last (contract=2) | contracting axis first (contract=1) |
-|---|---|---|
-| tensor      | (B, R, C): one scale for the operand   | same |
-| axis        | (1, 1, C): one per row (amax over K)    | (1, R, 1) |
-| tile (1xT)  | (1, 1, T): DeepSeek's activation tiles  | (1, T, 1) (the 128x1 wgrad tiles) |
-| block (TxT) | (1, T, T): DeepSeek's weight blocks     | same (transpose-invariant) |
-
-Per block: amax = max|x| (NaN propagates), floored at `amax_floor`; the dequantisation multiplier
-`scale_inv = amax * f32(1 / fmt.max)`, optionally rounded *up* to a power of two (so
-`x / scale_inv` never exceeds max, and re-tiling a cached FP8 tensor is exact, §3.3.2);
-`data = cast(x / scale_inv)` with a saturating cast. A block holding +-inf or NaN gets a
-non-finite scale and dequantises to NaN: upstream overflow stays visible. f32 subnormal inputs
-become signed zeros: XLA:CPU treats them as zero (denormals-are-zero), and elsewhere they fall far
-below the smallest FP8 subnormal at any scale the amax floor allows. Ragged blocks (K not a
-multiple of T) are zero-padded for the amax only (the last tile is simply shorter).
-`mode='delayed'` takes its amax from an explicit history (`delayed.py`) instead of the tensor;
-it is per-tensor only.
+An operand is quantised as `[batch, rows, cols]`, one of rows/cols being the contracting axis
+(`contract`), with one scale per block: the tensor, one row or column (`axis`), a 1x128 tile along
+the contracting axis (`tile`, activations) or a 128x128 block (`block`, weights). Scales come from
+the block's amax, optionally rounded up to a power of two; non-finite blocks dequantise to NaN.
 """
 
 from __future__ import annotations
@@ -66,26 +49,26 @@ class Scaling:
       raise ValueError(f"scaling.margin={self.margin!r}: must be an integer >= 0")
 
   def blocks(self, shape: tuple[int, int, int], contract: int) -> tuple[int, int, int]:
-    """Block size (bB, bR, bC) covered by one scale for a `[B, R, C]` operand."""
+    """Block size (batch, rows, cols) covered by one scale of a `[batch, rows, cols]` operand."""
     if contract not in (1, 2):
-      raise ValueError(f"contract={contract!r}: must be 1 or 2 (axis of R or C)")
-    B, R, C = shape
+      raise ValueError(f"contract={contract!r}: must be 1 or 2 (axis of rows or cols)")
+    n_batch, n_rows, n_cols = shape
     g, t = self.granularity, self.tile
     if g == "tensor":
-      return (B, R, C)
+      return (n_batch, n_rows, n_cols)
     if g == "axis":
-      return (1, R, 1) if contract == 1 else (1, 1, C)
+      return (1, n_rows, 1) if contract == 1 else (1, 1, n_cols)
     if g == "tile":
-      return (1, min(t, R), 1) if contract == 1 else (1, 1, min(t, C))
-    return (1, min(t, R), min(t, C))
+      return (1, min(t, n_rows), 1) if contract == 1 else (1, 1, min(t, n_cols))
+    return (1, min(t, n_rows), min(t, n_cols))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray:
-  """Quantised `[B, R, C]` data with f32 dequantisation multipliers per `blocks`.
+  """Quantised `[batch, rows, cols]` data with f32 dequantisation multipliers per `blocks`.
 
-  `scale_inv` has shape `ceil([B, R, C] / blocks)`. A pytree (data and scales are leaves, the
+  `scale_inv` has shape `ceil(data.shape / blocks)`. A pytree (data and scales are leaves, the
   rest static), so it flows through scan, remat and custom_vjp residuals as FP8 bytes.
   """
   data: jax.Array
@@ -100,10 +83,10 @@ class QArray:
 
   @property
   def T(self) -> QArray:
-    """The transpose `[B, C, R]` (no requantisation)."""
-    bB, bR, bC = self.blocks
-    return QArray(self.data.swapaxes(1, 2), self.scale_inv.swapaxes(1, 2), (bB, bC, bR),
-                  self.fmt, 3 - self.contract)
+    """The transpose `[batch, cols, rows]` (no requantisation)."""
+    b_batch, b_rows, b_cols = self.blocks
+    return QArray(self.data.swapaxes(1, 2), self.scale_inv.swapaxes(1, 2),
+                  (b_batch, b_cols, b_rows), self.fmt, 3 - self.contract)
 
   def scales_full(self, axes=(0, 1, 2)) -> jax.Array:
     """Scales repeated over their blocks along `axes` (other axes keep their block count)."""
@@ -114,10 +97,9 @@ class QArray:
     return self.data.astype(jnp.float32) * self.scales_full()
 
 
-def unquantized(x_BRC: jax.Array, contract: int) -> QArray:
+def unquantized(x: jax.Array, contract: int) -> QArray:
   """A high-precision operand in QArray form (unit scale), so GEMMs treat both alike."""
-  B, R, C = x_BRC.shape
-  return QArray(x_BRC.astype(jnp.float32), jnp.ones((1, 1, 1), jnp.float32), (B, R, C), None,
+  return QArray(x.astype(jnp.float32), jnp.ones((1, 1, 1), jnp.float32), tuple(x.shape), None,
                 contract)
 
 
@@ -130,12 +112,12 @@ def pow2_ceil(s: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(s), r, s)
 
 
-def block_amax(x_BRC: jax.Array, blocks: tuple[int, int, int]) -> jax.Array:
+def block_amax(x: jax.Array, blocks: tuple[int, int, int]) -> jax.Array:
   """max|x| per block, shape ceil(shape / blocks); ragged blocks are zero-padded."""
-  shape = x_BRC.shape
+  shape = x.shape
   n = [-(-d // b) for d, b in zip(shape, blocks)]
   pad = [(0, k * b - d) for d, b, k in zip(shape, blocks, n)]
-  a = jnp.abs(x_BRC)
+  a = jnp.abs(x)
   if any(p for _, p in pad):
     a = jnp.pad(a, pad)
   dims, reduce = [], []   # only non-trivial axes: fewer, fusable kernels on XLA:CPU
@@ -157,10 +139,10 @@ def scale_from_amax(amax: jax.Array, fmt: Format, scaling: Scaling) -> jax.Array
   return pow2_ceil(s) if scaling.pow2 else s
 
 
-def _scaled(x_BRC, fmt, scaling, contract, amax, fn):
-  if x_BRC.ndim != 3:
-    raise ValueError(f"{fn}: expected a [B, R, C] array, got shape {x_BRC.shape}")
-  x = x_BRC.astype(jnp.float32)
+def _scaled(x, fmt, scaling, contract, amax, fn):
+  if x.ndim != 3:
+    raise ValueError(f"{fn}: expected a [batch, rows, cols] array, got shape {x.shape}")
+  x = x.astype(jnp.float32)
   blocks = scaling.blocks(x.shape, contract)
   if amax is None:
     amax = block_amax(x, blocks)
@@ -171,29 +153,29 @@ def _scaled(x_BRC, fmt, scaling, contract, amax, fn):
   return x, blocks, scale_inv, expand_scales(scale_inv, blocks, x.shape)
 
 
-def quantize(x_BRC: jax.Array, fmt: Format, scaling: Scaling, contract: int,
+def quantize(x: jax.Array, fmt: Format, scaling: Scaling, contract: int,
              amax: jax.Array | None = None) -> QArray:
-  """Quantises `[B, R, C]` with scales along `contract`; `amax` overrides the measured one
+  """Quantises `[batch, rows, cols]` with scales along `contract`; `amax` overrides the measured one
   (delayed scaling; per-tensor, any shape broadcasting to (1, 1, 1))."""
-  x, blocks, scale_inv, s_full = _scaled(x_BRC, fmt, scaling, contract, amax, "quantize")
+  x, blocks, scale_inv, s_full = _scaled(x, fmt, scaling, contract, amax, "quantize")
   return QArray(fmt.cast(x / s_full), scale_inv, blocks, fmt, contract)
 
 
-def quantize_with_values(x_BRC: jax.Array, fmt: Format, scaling: Scaling, contract: int,
+def quantize_with_values(x: jax.Array, fmt: Format, scaling: Scaling, contract: int,
                          amax: jax.Array | None = None) -> tuple[QArray, jax.Array]:
   """`(q, q.dequantize())` for `q = quantize(...)`, bitwise, without reading the FP8 bytes back:
   the values come from `Format.round` and the bytes are their exact narrowing."""
-  x, blocks, scale_inv, s_full = _scaled(x_BRC, fmt, scaling, contract, amax,
+  x, blocks, scale_inv, s_full = _scaled(x, fmt, scaling, contract, amax,
                                          "quantize_with_values")
   r = fmt.round(x / s_full)
   return QArray(r.astype(fmt.dtype), scale_inv, blocks, fmt, contract), r * s_full
 
 
-def fake_quantize(x_BRC: jax.Array, fmt: Format, scaling: Scaling, contract: int,
+def fake_quantize(x: jax.Array, fmt: Format, scaling: Scaling, contract: int,
                   amax: jax.Array | None = None) -> jax.Array:
   """`quantize(...).dequantize()` bitwise, in f32 and without FP8 bytes (`Format.round`): the
   emulator's path for operands that are consumed at once."""
-  x, _, _, s_full = _scaled(x_BRC, fmt, scaling, contract, amax, "fake_quantize")
+  x, _, _, s_full = _scaled(x, fmt, scaling, contract, amax, "fake_quantize")
   return fmt.round(x / s_full) * s_full
 
 

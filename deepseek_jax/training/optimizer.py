@@ -1,14 +1,8 @@
 """AdamW with DeepSeek-V3's schedule and numerics (V3 report §4.2; BF16 moments §3.3.4).
 
-- Learning rate: linear warmup to the peak, constant, cosine down to `min_lr_ratio` * peak, then
-  constant: V3's shape (2K warmup steps; constant to 10T of 14.8T tokens; cosine over 4.3T; a low
-  tail), with the phase boundaries given as fractions of the run (`decay_start_frac`,
-  `decay_end_frac`, defaults 10/14.8 and 14.3/14.8) so any run length gets the same shape.
-- AdamW (b1 0.9, b2 0.95, weight decay 0.1) with decay masked off norm weights and biases (and the
-  routing biases are not parameters at all: they live in `router_state`).
-- Global-norm clipping (1.0) before Adam.
-- Optional BF16 first and second moments (§3.3.4): stored in BF16, updated in FP32.
-Gradient accumulation happens in the train step (one optimizer update per step).
+Warmup -> constant -> cosine -> constant tail, boundaries as fractions of the run; AdamW (0.9, 0.95,
+weight decay 0.1, none on norm weights and biases); global-norm clipping (1.0) before Adam;
+optional BF16 moments. Gradient accumulation happens in the train step.
 """
 
 from __future__ import annotations
