@@ -185,7 +185,7 @@ def run(cfg: Config, workdir: pathlib.Path, resume: bool = False) -> int:
   ckpt, data, b, state = prepare(cfg, workdir, resume)
   start_step = int(state.step)
   peak, peak_src = training.peak_flops(t.peak_flops)
-  fpt = training.train_flops_per_token(cfg.model, t.seq_len)
+  fpt = cfg.model.flops_per_token(t.seq_len, mtp=True)   # the MTP modules train too
   # Compile once, ahead of time: the loop cannot trigger another compilation of either step.
   t0 = time.perf_counter()
   with b.activate():

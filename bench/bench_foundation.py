@@ -56,7 +56,7 @@ def train_mfu(cfg, batch: int, seq: int, peak: float) -> dict:
   params = variables.pop("params")
   step = jax.jit(jax.value_and_grad(lambda p, t: loss_fn(model, p, variables, t)))
   t = best_time(step, params, tokens)
-  flops = cfg.flops_per_token(seq) * batch * seq
+  flops = cfg.flops_per_token(seq, mtp=False) * batch * seq   # the loss ignores MTP
   return {"step_s": t, "gflops": flops / 1e9, "achieved_gflops_s": flops / t / 1e9,
           "mfu": flops / t / 1e9 / peak}
 

@@ -3,12 +3,12 @@
     python bench/bench_train.py              # compile time, tokens/s, MFU vs an f32 matmul peak
     python bench/bench_train.py --e2e        # also `python train.py` wall time and val bits/byte
 
-MFU = model FLOPs per token (`training.train_flops_per_token`: the "Insights" Table 2 method plus
-the MTP modules) x tokens/s / peak. The peak is measured in this process, in every round right
-before that round's steps, so a machine shared with other work slows both sides of the ratio
-alike; the median over rounds is reported. `--e2e` runs `python train.py` in a fresh process with
-an empty compilation cache (a fresh machine) and reports its wall and CPU time, the validation
-bits per byte it reaches and the corpus's unigram entropy.
+MFU = model FLOPs per token (`ModelConfig.flops_per_token(mtp=True)`: the "Insights" Table 2 method
+plus the MTP modules) x tokens/s / peak. The peak is measured in this process, in every round right
+before that round's steps, so a machine shared with other work slows both sides of the ratio alike;
+the median over rounds is reported. `--e2e` runs `python train.py` in a fresh process with an empty
+compilation cache (a fresh machine) and reports its wall and CPU time, the validation bits per byte
+it reaches and the corpus's unigram entropy.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def bench_steps(cfg, rounds: int, steps: int) -> dict:
   for i in range(2):                                     # warm up
     state, m = step_fn(state, batches[i])
   jax.block_until_ready(m)
-  fpt = training.train_flops_per_token(cfg.model, t.seq_len)
+  fpt = cfg.model.flops_per_token(t.seq_len, mtp=True)
   tokens = t.batch_size * t.seq_len * steps
   rows = []
   for _ in range(rounds):

@@ -12,12 +12,12 @@ from deepseek_jax.codesign.ep import EPBound, ep_tpot_bound, ep_tpot_bound_for
 from deepseek_jax.codesign.flops import table2, train_flops_per_token
 from deepseek_jax.codesign.hardware import PRESETS, Hardware, get_hardware
 from deepseek_jax.codesign.kv_cache import kv_cache_bytes_per_token, table1
-from deepseek_jax.codesign.memory import PLANNING_RULES, MemoryPlan, abstract_mesh, memory_plan
+from deepseek_jax.codesign.memory import PLANNING_RULES, MemoryPlan, memory_plan
 from deepseek_jax.codesign.params import eval_shape_param_counts, param_counts
 
 __all__ = [
     "DENSE_MODELS", "DenseModel", "EPBound", "Hardware", "LLAMA3_1_405B", "MemoryPlan",
-    "PLANNING_RULES", "PRESETS", "QWEN2_5_72B", "abstract_mesh", "ep_tpot_bound",
+    "PLANNING_RULES", "PRESETS", "QWEN2_5_72B", "ep_tpot_bound",
     "ep_tpot_bound_for", "eval_shape_param_counts", "get_hardware", "kv_cache_bytes_per_token",
     "memory_plan", "param_counts", "table1", "table2", "train_flops_per_token",
 ]

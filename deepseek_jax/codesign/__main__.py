@@ -13,7 +13,10 @@ import math
 import pathlib
 import sys
 
-from deepseek_jax.config import ConfigError
+from deepseek_jax.codesign import kv_cache, memory, plots, report
+from deepseek_jax.codesign.hardware import get_hardware
+from deepseek_jax.config import ConfigError, load_config
+from deepseek_jax.model import abstract_variables
 
 DEFAULT_CONFIG = "deepseek_v3_671b"
 
@@ -91,9 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv=None) -> list[str]:
-  from deepseek_jax.codesign import kv_cache, memory, plots, report  # noqa: PLC0415
-  from deepseek_jax.codesign.hardware import get_hardware  # noqa: PLC0415
-  from deepseek_jax.config import load_config  # noqa: PLC0415
   args = build_parser().parse_args(argv)
   if args.sample_tokens < 0:
     raise ConfigError(f"--sample-tokens={args.sample_tokens}: must be >= 0")
@@ -112,10 +112,7 @@ def run(argv=None) -> list[str]:
   bandwidth = None if args.bandwidth is None else args.bandwidth * 1e9
   moment_bytes = 2 if args.bf16_moments else 4
 
-  variables = None
-  if not args.no_eval_shape:
-    from deepseek_jax.codesign.params import abstract_variables  # noqa: PLC0415
-    variables = abstract_variables(m)
+  variables = None if args.no_eval_shape else abstract_variables(m)
   lines = [f"# co-design report for {path} on {hw.name}"]
   lines += report.section_model(m, seq_len, variables)
   lines += report.section_table1(v3)

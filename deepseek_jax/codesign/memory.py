@@ -1,9 +1,8 @@
 """Per-device training memory on any mesh, without allocating (V3 report §3.2.3, §3.4; DESIGN.md).
 
-Parameters come from `jax.eval_shape` of the real model with their logical axis names; a rules
-table (logical name -> mesh axis or axes or None, in priority order, as `flax.linen` reads it)
-maps them onto an abstract mesh, and each leaf's per-device shard is ceil(dim / mesh size) along
-every sharded dimension. Per device:
+Parameters come from `jax.eval_shape` of the real model with their logical axis names; the rules
+of `sharding/rules.py` map them onto the mesh through `sharding.specs.mesh_spec`, and each leaf's
+per-device shard is ceil(dim / mesh size) along every sharded dimension. Per device:
 
   params     master weights in `model.param_dtype` (+ the f32 router biases)
   gradients  same sharding, `grad_bytes` per element (default: the master dtype)
@@ -22,34 +21,26 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+from jax.sharding import AbstractMesh, Mesh
 
 from deepseek_jax.codesign.activations import activation_bytes_per_token
 from deepseek_jax.config import ConfigError, ModelConfig
+from deepseek_jax.model import abstract_variables
+from sharding import mesh as mesh_lib
+from sharding import rules as rules_lib
+from sharding import specs
 
-Rule = tuple[str, "str | tuple[str, ...] | None"]
+Rule = rules_lib.Rule
 
-# A "shard everything" alternative to `sharding/rules.py` (`project_rules`, the default), for
-# asking how far FSDP can go. Beyond the project table, the model width of non-expert weights
-# also takes `expert` (the routed experts' own width is `expert_embed`), so no weight is
-# replicated across expert-parallel ranks, and the MLA up-projections split their head dim over
-# `expert`. Order matters: the first rule whose mesh axes are still free wins (flax).
-PLANNING_RULES: tuple[Rule, ...] = (
-    ("act_batch", ("data", "fsdp", "expert")),
-    ("act_seq", None),
-    ("act_embed", None),
-    ("experts", "expert"),
-    ("embed", ("fsdp", "expert")),
-    ("expert_embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("moe_mlp", "tensor"),
-    ("q_latent", "fsdp"),
-    ("kv_latent", "fsdp"),
-    ("qk_head_dim", "expert"),
-    ("kv_head_dim", "expert"),
-    ("layers", None),
-)
+# "Shard everything", for asking how far FSDP can go: the project table with the model width of
+# non-expert weights also over `expert` (the routed experts' own width is `expert_embed`), so no
+# weight is replicated across expert-parallel ranks, and the MLA up-projections' head dims over
+# `expert` too. `experts` moves first: flax gives a contested mesh axis to the earlier rule, so the
+# router kernel [D, E] keeps E on `expert` and leaves D replicated.
+PLANNING_OVERRIDES = ("embed=fsdp,expert", "qk_head_dim=expert", "kv_head_dim=expert")
+_PLANNING = rules_lib.with_overrides(rules_lib.DEFAULT_RULES, PLANNING_OVERRIDES)
+PLANNING_RULES: rules_lib.Rules = (tuple(r for r in _PLANNING if r[0] == "experts")
+                                   + tuple(r for r in _PLANNING if r[0] != "experts"))
 
 _BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -58,8 +49,8 @@ def mesh_axis_sizes(mesh) -> dict[str, int]:
   """{axis: size} from a `jax.sharding.AbstractMesh`, a `Mesh` or a mapping."""
   if isinstance(mesh, Mapping):
     sizes = dict(mesh)
-  elif hasattr(mesh, "shape") and isinstance(mesh.shape, Mapping):
-    sizes = dict(mesh.shape)
+  elif isinstance(mesh, (Mesh, AbstractMesh)):
+    sizes = mesh_lib.axis_sizes(mesh)
   else:
     raise ConfigError(f"mesh={mesh!r}: must be a jax.sharding.AbstractMesh or a mapping "
                       "axis -> size")
@@ -69,64 +60,39 @@ def mesh_axis_sizes(mesh) -> dict[str, int]:
   return sizes
 
 
-def abstract_mesh(sizes: Mapping[str, int]) -> jax.sharding.AbstractMesh:
-  """An `AbstractMesh` with the given axis sizes (no devices needed)."""
-  sizes = mesh_axis_sizes(sizes)
-  return jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes.keys()))
-
-
-def _axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def check_rules(rules: Sequence[Rule], sizes: Mapping[str, int]) -> None:
-  """Every rule is a (name, axes) pair and names only axes of the mesh."""
+  """Every rule is a (name, axes) pair and names only axes of this mesh."""
   for r in rules:
     if not (isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)):
       raise ConfigError(f"sharding rule {r!r}: must be a (logical_name, mesh_axis or None) pair")
-    for a in _axes(r[1]):
+    for a in rules_lib.as_axes(r[1]):
       if a not in sizes:
         raise ConfigError(f"sharding rule {tuple(r)!r}: mesh axis {a!r} is not in the mesh "
                           f"(axes: {', '.join(sizes)})")
 
 
-def mesh_spec(logical_axes, rules: Sequence[Rule]):
-  """Logical axis names -> a mesh PartitionSpec (flax's priority rules)."""
-  import flax.linen as nn  # noqa: PLC0415
-  return nn.logical_to_mesh_axes(tuple(logical_axes), tuple(tuple(r) for r in rules))
-
-
 def shard_elements(shape, spec, sizes: Mapping[str, int]) -> tuple[int, bool]:
   """(elements of the largest per-device shard, whether every sharded dimension divides evenly)."""
   n, even = 1, True
-  for i, d in enumerate(shape):
-    entry = spec[i] if spec is not None and i < len(spec) else None
-    ways = math.prod(sizes[a] for a in _axes(entry))
+  for d, entry in zip(shape, spec):
+    ways = math.prod(sizes[a] for a in rules_lib.as_axes(entry))
     n *= math.ceil(d / ways)
     even = even and d % ways == 0
   return n, even
 
 
 def _logical_leaves(variables):
-  """(path, collection, shape, logical names) for every leaf of boxed abstract variables."""
-  import flax.linen as nn  # noqa: PLC0415
-  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
-  out = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_box)[0]:
-    keys = [str(getattr(k, "key", k)) for k in path]
-    if is_box(leaf):
-      out.append(("/".join(keys), keys[0], leaf.value.shape, leaf.names))
-    else:
-      out.append(("/".join(keys), keys[0], leaf.shape, (None,) * len(leaf.shape)))
-  return out
+  """(path, collection, shape, logical names) for every leaf; unboxed leaves are replicated."""
+  table = specs.logical_table(variables)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(specs.strip_boxes(variables))[0]:
+    keys = specs.path_names(path)
+    yield "/".join(keys), keys[0], leaf.shape, table.get(keys, (None,) * len(leaf.shape))
 
 
 def batch_shards(rules: Sequence[Rule], sizes: Mapping[str, int], name: str = "act_batch") -> int:
-  """How many ways the rules split the activation axis `name` on this mesh."""
-  spec = mesh_spec((name,), rules)
-  return math.prod(sizes[a] for a in _axes(spec[0]))
+  """How many ways the rules split the logical axis `name` on this mesh."""
+  spec = specs.mesh_spec((name,), tuple(tuple(r) for r in rules), sizes)
+  return math.prod(sizes[a] for a in rules_lib.as_axes(spec[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +127,7 @@ def memory_plan(model: ModelConfig, mesh, rules: Sequence[Rule] | None = None, *
   rules = project_rules() if rules is None else rules
   sizes = mesh_axis_sizes(mesh)
   check_rules(rules, sizes)
+  rules = tuple(tuple(r) for r in rules)
   for a in opt_shard_axes:
     if a not in sizes:
       raise ConfigError(f"opt_shard_axes: {a!r} is not a mesh axis (axes: {', '.join(sizes)})")
@@ -168,14 +135,13 @@ def memory_plan(model: ModelConfig, mesh, rules: Sequence[Rule] | None = None, *
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
       raise ConfigError(f"{n}={v!r}: must be a positive integer")
   if variables is None:
-    from deepseek_jax.codesign.params import abstract_variables  # noqa: PLC0415
     variables = abstract_variables(model)
   pbytes = _BYTES[model.param_dtype]
   gbytes = pbytes if grad_bytes is None else grad_bytes
   params = grads = opt = 0.0
   elements, uneven = 0, []
   for path, coll, shape, names in _logical_leaves(variables):
-    spec = mesh_spec(names, rules)
+    spec = specs.mesh_spec(names, rules, sizes)
     n, even = shard_elements(shape, spec, sizes)
     elements += n
     if not even:
@@ -185,7 +151,7 @@ def memory_plan(model: ModelConfig, mesh, rules: Sequence[Rule] | None = None, *
       continue
     params += n * pbytes
     grads += n * gbytes
-    used = {a for e in (spec or ()) for a in _axes(e)}
+    used = {a for e in spec for a in rules_lib.as_axes(e)}
     extra = math.prod(sizes[a] for a in opt_shard_axes if a not in used)
     opt += 2 * moment_bytes * math.ceil(n / extra)
   tokens = (math.ceil(micro_batch / batch_shards(rules, sizes, "act_batch"))
@@ -211,8 +177,8 @@ def auto_mesh(model: ModelConfig, devices: int, rules: Sequence[Rule] | None = N
   fsdp, data = devices // expert, 1
 
   def width_shards() -> int:
-    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": 1}
-    return math.prod(sizes.get(a, 1) for a in _axes(mesh_spec(("embed",), rules)[0]))
+    return batch_shards(rules, {"data": data, "fsdp": fsdp, "expert": expert, "tensor": 1},
+                        "embed")
 
   while fsdp > 1 and model.d_model % width_shards() and fsdp % 2 == 0:
     fsdp //= 2
@@ -220,25 +186,17 @@ def auto_mesh(model: ModelConfig, devices: int, rules: Sequence[Rule] | None = N
   return {"data": data, "fsdp": fsdp, "expert": expert, "tensor": 1}
 
 
-def project_rules(mesh_cfg=None) -> tuple[Rule, ...]:
-  """The repository's table (`sharding.rules`, with `mesh_cfg.rules` overrides), else
-  `PLANNING_RULES` where that module is absent."""
+def project_rules(mesh_cfg=None) -> rules_lib.Rules:
+  """`sharding.rules.DEFAULT_RULES`, with `mesh_cfg.rules` overrides applied when given."""
+  if mesh_cfg is None:
+    return rules_lib.DEFAULT_RULES
   try:
-    from sharding import rules as sharding_rules  # noqa: PLC0415
-  except ImportError:
-    return PLANNING_RULES
-  try:
-    if mesh_cfg is None:
-      return tuple(sharding_rules.DEFAULT_RULES)
-    return tuple(sharding_rules.rules_from_config(mesh_cfg))
+    return rules_lib.rules_from_config(mesh_cfg)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-
-
-def parse_mesh(text: str, axes: Sequence[str] | None = MESH_AXES) -> dict[str, int]:
+def parse_mesh(text: str, axes: Sequence[str] | None = rules_lib.MESH_AXES) -> dict[str, int]:
   """'data=2,fsdp=16,expert=64' -> {axis: size}; each axis once, sizes >= 1. With `axes`, names
   must come from it and the missing ones get size 1 (in `axes` order)."""
   sizes: dict[str, int] = {}

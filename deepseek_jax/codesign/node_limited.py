@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import numpy as np
 
+from deepseek_jax import router
 from deepseek_jax.config import ConfigError, ModelConfig
 
 
@@ -126,8 +128,6 @@ def sample_nodes_spanned(model: ModelConfig, n_tokens: int = 4096, seed: int = 0
 
   One routing group = one node. `bias_scale` > 0 draws a random balancing bias of that size.
   """
-  import jax  # noqa: PLC0415 (the analytic part of this module needs no JAX)
-  from deepseek_jax import router  # noqa: PLC0415
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   logits = jax.random.normal(k1, (n_tokens, model.n_routed_experts))
   bias = None

@@ -9,12 +9,13 @@ embedding table and the routed experts it was not sent to (K of E per MoE layer)
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from deepseek_jax import naming
 from deepseek_jax.codesign.dense_models import DenseModel
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import abstract_variables
 
 
 def param_counts(model: ModelConfig | DenseModel) -> dict[str, int]:
@@ -24,13 +25,6 @@ def param_counts(model: ModelConfig | DenseModel) -> dict[str, int]:
   return model.param_counts()
 
 
-def abstract_variables(model: ModelConfig):
-  """`jax.eval_shape` of `Transformer(model).init`: ShapeDtypeStructs with logical-axis boxes."""
-  from deepseek_jax.model import Transformer  # noqa: PLC0415 (heavy; only this route needs it)
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(Transformer(model).init, jax.random.PRNGKey(0), tokens)
-
-
 def eval_shape_param_counts(model: ModelConfig, variables=None) -> dict[str, int]:
   """Counts from the model's abstract variables (`params` and `router_state`).
 
@@ -38,7 +32,6 @@ def eval_shape_param_counts(model: ModelConfig, variables=None) -> dict[str, int
   'mtp_active') and the main model's 'active' scales each routed-expert tensor by K/E and drops
   the embedding table.
   """
-  import flax.linen as nn  # noqa: PLC0415
   if variables is None:
     variables = abstract_variables(model)
   variables = nn.unbox(variables)

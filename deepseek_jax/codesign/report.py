@@ -10,6 +10,7 @@ import pathlib
 
 from deepseek_jax.codesign import ep, flops, kv_cache, memory, node_limited, params
 from deepseek_jax.codesign.hardware import Hardware
+from deepseek_jax.codesign.roofline import roofline
 from deepseek_jax.config import ConfigError, ModelConfig, load_config
 
 GiB = 2**30
@@ -64,8 +65,9 @@ def section_model(m: ModelConfig, seq_len: int, variables=None) -> list[str]:
           + (f"{mha / 1e6:.3f} MB" if mha >= 1e6 else f"{mha / 1000:.3f} KB")
           + f" ({mha / kv:.1f}x)",
           f"  training FLOPs per token at {seq_len}: "
-          f"{_flops(flops.train_flops_per_token(m, seq_len))} (causal; "
-          f"{_flops(flops.train_flops_per_token(m, seq_len, causal=False))} non-causal)"]
+          f"{_flops(flops.train_flops_per_token(m, seq_len, mtp=False))} (causal; "
+          f"{_flops(flops.train_flops_per_token(m, seq_len, mtp=False, causal=False))} "
+          "non-causal; MTP modules excluded)"]
   return out
 
 
@@ -207,7 +209,6 @@ def plans_by_mesh(m: ModelConfig, devices: int, user_mesh: dict | None, seq_len:
 
 
 def section_roofline(m: ModelConfig, batch: int, seq_len: int, steps: int) -> list[str]:
-  from deepseek_jax.codesign.roofline import roofline  # noqa: PLC0415
   r = roofline(m, batch, seq_len, measure_steps=steps)
   out = [f"== Roofline of our train step ({batch} x {seq_len} tokens) ==",
          "  FLOP check on the loop-free twin (layers unrolled, dense dispatch: XLA counts every "

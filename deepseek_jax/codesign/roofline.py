@@ -10,9 +10,10 @@ XLA's cost analysis counts a while-loop body once, whatever its trip count, and 
 compiles a loop-free twin of the step (layer stacks unrolled, the "dense" dispatch that runs all
 E experts on every token) whose arithmetic XLA counts in full, against
 
-  tokens x ModelConfig.flops_per_token(T, causal=False)   (the expanded path computes all T x T
-                                                           scores and masks half of them)
-  + tokens x 6 x L_moe x (E - K) x 3 D M                 (the dense dispatch's other experts)
+  tokens x ModelConfig.flops_per_token(T, mtp=False, causal=False)
+                                            (the expanded path computes all T x T scores and
+                                             masks half of them)
+  + tokens x 6 x L_moe x (E - K) x 3 D M   (the dense dispatch's other experts)
 
 The configured step itself is what gets timed; its own XLA count is reported with the number of
 while loops that make it an undercount. Speed is set against a matmul peak measured in the same
@@ -24,10 +25,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.codesign.activations import activation_bytes_per_token
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import Transformer, abstract_variables
+from deepseek_jax.mtp import cross_entropy
 from deepseek_jax.training.metrics import measure_matmul_peak  # one peak measurement for all
 
 
@@ -40,8 +45,6 @@ def _cost(compiled) -> dict:
 
 def make_train_step(model: ModelConfig, lr: float = 1e-3):
   """(params, router_state, tokens_BT) -> (params, loss): one SGD step on next-token CE."""
-  from deepseek_jax.model import Transformer  # noqa: PLC0415
-  from deepseek_jax.mtp import cross_entropy  # noqa: PLC0415
   net = Transformer(model)
 
   def loss_fn(params, router_state, tokens_BT):
@@ -102,9 +105,8 @@ class Roofline:
 
 
 def _compile(model: ModelConfig, tokens_BT, seed: int):
-  import flax.linen as nn  # noqa: PLC0415
   net, step = make_train_step(model)
-  abstract = nn.unbox(jax.eval_shape(net.init, jax.random.PRNGKey(seed), tokens_BT[:, :1]))
+  abstract = nn.unbox(abstract_variables(model))
   compiled = jax.jit(step, donate_argnums=(0,)).lower(
       abstract["params"], abstract.get("router_state", {}), tokens_BT).compile()
   return net, compiled
@@ -118,16 +120,15 @@ def roofline(model: ModelConfig, batch: int, seq_len: int, measure_steps: int = 
              seed: int = 0) -> Roofline:
   """Counts the loop-free twin for [batch, seq_len] tokens; with `measure_steps` > 0 also
   compiles the configured step, counts its while loops and times it."""
-  import flax.linen as nn  # noqa: PLC0415
   tokens_BT = jax.random.randint(jax.random.PRNGKey(seed), (batch, seq_len), 0, model.vocab_size)
   n_tok = batch * seq_len
   twin = dataclasses.replace(model, scan_layers=False, moe_dispatch="dense")
   _, compiled = _compile(twin, tokens_BT, seed)
   cost = _cost(compiled)
-  analytic = (n_tok * twin.flops_per_token(seq_len, causal=False)
+  analytic = (n_tok * twin.flops_per_token(seq_len, mtp=False, causal=False)
               + dense_dispatch_overhead_flops(twin, n_tok))
   out = Roofline(n_tok, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-                 analytic, n_tok * model.flops_per_token(seq_len))
+                 analytic, n_tok * model.flops_per_token(seq_len, mtp=False))
   if measure_steps <= 0:
     return out
   net, compiled = _compile(model, tokens_BT, seed)
@@ -141,7 +142,6 @@ def roofline(model: ModelConfig, batch: int, seq_len: int, measure_steps: int = 
     params, loss = compiled(params, state, tokens_BT)
     loss.block_until_ready()
     times.append(time.perf_counter() - t)
-  from deepseek_jax.codesign.activations import activation_bytes_per_token  # noqa: PLC0415
   mem = compiled.memory_analysis()
   return dataclasses.replace(
       out, step_xla_flops=float(_cost(compiled).get("flops", 0.0)),

@@ -186,15 +186,18 @@ class ModelConfig:
         "mtp_active": self.num_mtp_layers * (mtp_one - moe_layer_total + moe_layer_active),
     }
 
-  def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), MTP excluded.
+  def flops_per_token(self, seq_len: int, *, mtp: bool, causal: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward); the one FLOP count.
 
     Matmuls: 6 * (active matmul parameters without the embedding lookup). Attention: per layer the
     score (H+R per head) and value (J per head) products over the visible context, which averages
-    seq_len/2 under a causal mask; 2 FLOPs per MAC, times 3 for the backward. This is the method
-    that gives the paper's Table 2 (V3: 250 GFLOPs at 4096).
+    seq_len/2 under a causal mask; 2 FLOPs per MAC, times 3 for the backward. With `mtp=False`
+    this is the method that gives the paper's Table 2 (V3: 250 GFLOPs at 4096; the co-design
+    tables). `mtp=True` adds what a training run also computes (V3 report §2.2), per MTP depth one
+    MoE block, eh_proj [2D, D] and the shared output head (train.py's MFU).
     """
     _check(isinstance(seq_len, int) and seq_len > 0, "seq_len", seq_len, "must be a positive integer")
+    _check(isinstance(mtp, bool), "mtp", mtp, "must be True or False")
     p = self.param_counts()
     norm_params = self.num_layers * 2 * self.d_model + self.d_model
     if self.q_lora_rank is not None:
@@ -204,7 +207,15 @@ class ModelConfig:
     matmul = p["active"] - norm_params - bias
     ctx = seq_len / 2 if causal else seq_len
     attn = self.num_layers * 2 * self.num_heads * (self.qk_head_dim + self.v_head_dim) * ctx
-    return 6.0 * matmul + 3.0 * attn
+    flops = 6.0 * matmul + 3.0 * attn
+    if not mtp or self.num_mtp_layers == 0:
+      return flops
+    # A 1-layer MoE model counts that layer + the output head: what an MTP depth multiplies through.
+    one_moe_layer = dataclasses.replace(self, num_layers=1, first_k_dense_replace=0,
+                                        num_mtp_layers=0)
+    per_depth = (one_moe_layer.flops_per_token(seq_len, mtp=False, causal=causal)
+                 + 6.0 * 2 * self.d_model * self.d_model)
+    return flops + self.num_mtp_layers * per_depth
 
 
 @dataclasses.dataclass(frozen=True)

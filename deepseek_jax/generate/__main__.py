@@ -6,75 +6,42 @@
 
 DIR is a Hugging Face DeepSeek checkpoint directory (config.json + safetensors, FP8 included) or
 a train.py workdir (its newest orbax checkpoint).
-Tokenizers: the checkpoint's `tokenizer.json` when present, else UTF-8 bytes (vocab >= 256), or
-`ids` (prompts and output as comma/space separated token ids). A single prompt streams; several
-are printed one per line when done. User errors print one line to stderr and exit with 2.
+Tokenizers (`deepseek_jax.tokenizer`): the checkpoint's `tokenizer.json` when present, else UTF-8
+bytes (vocab >= 256), or `ids` (prompts and output as comma/space separated token ids). Generation
+stops at the checkpoint's `eos_token_id`, else at the tokenizer's EOS (bytes: NUL), unless
+--ignore-eos. A single prompt streams; several are printed one per line when done. User errors
+print one line to stderr and exit with 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
 import pathlib
 import sys
 
 from deepseek_jax.generate.decode import Sampling, generate
 from deepseek_jax.generate.load import load_for_inference
 from deepseek_jax.hf import CheckpointError, HFConfigError
-
-
-class Tokenizer:
-  """encode(str) -> ids; decode_stream() -> a function ids -> new text (incremental)."""
-
-  def __init__(self, kind: str, vocab_size: int, path: pathlib.Path | None = None):
-    self.kind, self.vocab_size = kind, vocab_size
-    self._tok = None
-    if kind == "json":
-      from tokenizers import Tokenizer as HFTokenizer  # noqa: PLC0415
-      self._tok = HFTokenizer.from_file(str(path))
-    elif kind == "bytes" and vocab_size < 256:
-      raise ValueError(f"byte tokenizer needs vocab_size >= 256, the model has {vocab_size}; "
-                       "use --tokenizer ids")
-
-  def encode(self, text: str) -> list[int]:
-    if self.kind == "ids":
-      try:
-        return [int(t) for t in text.replace(",", " ").split()]
-      except ValueError:
-        raise ValueError(f"--prompt {text!r}: with --tokenizer ids give token ids such as "
-                         "'1,2,3'") from None
-    if self.kind == "bytes":
-      return list(text.encode("utf-8"))
-    return self._tok.encode(text).ids
-
-  def decode_stream(self):
-    if self.kind == "ids":
-      return lambda ids: "".join(f"{t} " for t in ids)
-    if self.kind == "bytes":
-      dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-      return lambda ids: dec.decode(bytes(t for t in ids if t < 256))
-    seen: list[int] = []
-    state = {"text": ""}
-
-    def step(ids):
-      seen.extend(ids)
-      text = self._tok.decode(seen)
-      new, state["text"] = text[len(state["text"]):], text
-      return new
-    return step
+from deepseek_jax.tokenizer import ByteTokenizer, HFTokenizer, IdsTokenizer, Tokenizer
 
 
 def _tokenizer(arg: str, ckpt: pathlib.Path, vocab: int) -> Tokenizer:
+  """--tokenizer: auto (the checkpoint's tokenizer.json, else bytes, else ids), bytes, ids, path."""
   if arg == "auto":
     if (ckpt / "tokenizer.json").is_file():
-      return Tokenizer("json", vocab, ckpt / "tokenizer.json")
-    return Tokenizer("bytes" if vocab >= 256 else "ids", vocab)
-  if arg in ("bytes", "ids"):
-    return Tokenizer(arg, vocab)
+      return HFTokenizer(ckpt / "tokenizer.json", "--tokenizer")
+    arg = "bytes" if vocab >= 256 else "ids"
+  if arg == "ids":
+    return IdsTokenizer()
+  if arg == "bytes":
+    if vocab < ByteTokenizer.vocab_size:
+      raise ValueError(f"byte tokenizer needs vocab_size >= 256, the model has {vocab}; "
+                       "use --tokenizer ids")
+    return ByteTokenizer()
   path = pathlib.Path(arg)
   if not path.is_file():
     raise ValueError(f"--tokenizer {arg!r}: not 'auto', 'bytes', 'ids' or a tokenizer.json file")
-  return Tokenizer("json", vocab, path)
+  return HFTokenizer(path, "--tokenizer")
 
 
 def main(argv=None) -> int:
@@ -90,7 +57,8 @@ def main(argv=None) -> int:
   ap.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
   ap.add_argument("--tokenizer", default="auto")
   ap.add_argument("--stop-id", type=int, action="append", default=[])
-  ap.add_argument("--ignore-eos", action="store_true", help="do not stop at config eos_token_id")
+  ap.add_argument("--ignore-eos", action="store_true",
+                  help="do not stop at the checkpoint's eos_token_id or the tokenizer's EOS")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   args = ap.parse_args(argv)
   try:
@@ -98,12 +66,15 @@ def main(argv=None) -> int:
     ckpt = pathlib.Path(args.checkpoint)
     cfg, variables, info = load_for_inference(ckpt, args.dtype)
     tok = _tokenizer(args.tokenizer, ckpt, cfg.vocab_size)
-    prompts = [tok.encode(p) for p in args.prompt]
+    try:
+      prompts = [tok.encode(p) for p in args.prompt]
+    except ValueError as e:
+      raise ValueError(f"--prompt {e}") from None
     stops = list(args.stop_id)
-    eos = info.get("eos_token_id")
+    eos = info.get("eos_token_id", tok.eos_id)
     if not args.ignore_eos and eos is not None:
       stops += eos if isinstance(eos, list) else [eos]
-    streams = [tok.decode_stream() for _ in prompts]
+    streams = [tok.decoder() for _ in prompts]
     texts = [""] * len(prompts)
 
     def on_tokens(row, ids):

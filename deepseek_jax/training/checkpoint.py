@@ -1,7 +1,9 @@
 """Checkpoints through orbax's `CheckpointManager`: async, keep N, exact resume, fallback.
 
-A checkpoint holds the whole `TrainState` (so the data position and router biases come back too)
-and a JSON record of the config. Saves are asynchronous (the device-to-host copy happens before
+The layout, declared here once: `<workdir>/checkpoints/<step>/state` holds the whole `TrainState`
+(so the data position and router biases come back too) and `<step>/meta/metadata` a JSON record
+of the config and step. `step_dir`, `read_model_config` and `restore_weights` read it back for
+inference (generate/load.py). Saves are asynchronous (the device-to-host copy happens before
 `save` returns, so the donated state may be reused at once) and refuse parameters that are not
 finite. `restore` walks the steps newest first; a checkpoint that cannot be read is reported in one
 line, moved aside into `checkpoints_corrupt/` (never deleted) and the next older one is tried.
@@ -10,6 +12,7 @@ Half-written checkpoints (a run killed mid-save) are orbax temporaries and are n
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import sys
@@ -20,7 +23,54 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from deepseek_jax.config import ConfigError
+from deepseek_jax.config import ConfigError, ModelConfig, config_from_dict
+
+CHECKPOINTS = "checkpoints"          # under the workdir, one directory per step
+STATE, META = "state", "meta"        # orbax items of a step: the TrainState, the JSON record
+META_FILE = "metadata"               # the file orbax's JsonSave writes inside META
+
+
+def step_dir(path: str | pathlib.Path) -> pathlib.Path | None:
+  """The newest `checkpoints/<step>` under a workdir, a checkpoints dir or a step dir itself."""
+  path = pathlib.Path(path)
+  if (path / STATE).is_dir() and (path / META).is_dir():
+    return path
+  root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+  steps = sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit() and p.is_dir()
+                 and (p / STATE).is_dir()) if root.is_dir() else []
+  return steps[-1][1] if steps else None
+
+
+def read_model_config(step: pathlib.Path) -> ModelConfig:
+  """The model config of the JSON record beside a step's state, validated like a config file."""
+  meta_file = step / META / META_FILE
+  try:
+    model = json.loads(meta_file.read_text())["config"]["model"]
+  except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    raise ConfigError(f"{meta_file}: no readable model config (expected the JSON record "
+                      "train.py writes beside each checkpoint)") from None
+  try:
+    return config_from_dict({"model": model}).model
+  except ConfigError as e:
+    raise ConfigError(f"{meta_file}: the saved model config is invalid here ({e})") from None
+
+
+def restore_weights(step: pathlib.Path) -> dict:
+  """{'params', 'router_state'} of a step's TrainState on the first device (a partial restore:
+  the optimizer moments never leave the disk)."""
+  tree = ocp.PyTreeCheckpointHandler().metadata(step / STATE)
+  if "params" not in tree:
+    raise ConfigError(f"{step / STATE}: holds no 'params' (not a train.py TrainState)")
+  want = {k: tree[k] for k in ("params", "router_state") if k in tree}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(dtype=m.dtype, sharding=device), want)
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), want)
+  out = ocp.PyTreeCheckpointer().restore(step / STATE, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=args, partial_restore=True))
+  variables = {"params": out["params"]}
+  if out.get("router_state"):
+    variables["router_state"] = out["router_state"]
+  return variables
 
 
 def tree_all_finite(tree) -> jax.Array:
@@ -38,7 +88,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str | pathlib.Path, keep: int, async_save: bool, config: dict):
     self.root = pathlib.Path(workdir).absolute()
-    self.directory = self.root / "checkpoints"
+    self.directory = self.root / CHECKPOINTS
     self.config = config
     self._finite = jax.jit(tree_all_finite)
     self._manager = self._make_manager(keep, async_save)
@@ -46,7 +96,7 @@ class Checkpointer:
   def _make_manager(self, keep: int, async_save: bool) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                         create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
+    return ocp.CheckpointManager(self.directory, options=opts, item_names=(STATE, META))
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -71,7 +121,7 @@ class Checkpointer:
       return False
     meta = {"config": self.config, "step": step, "time": time.time()}
     return self._manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -109,10 +159,11 @@ class Checkpointer:
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        self._check_config(step, meta["meta"])
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            **{META: ocp.args.JsonRestore()}))[META]
+        self._check_config(step, meta)
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+            **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
         if int(restored.step) != step:
           raise ValueError(f"holds step {int(restored.step)}")
         if not self.params_finite(restored):

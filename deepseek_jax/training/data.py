@@ -6,11 +6,11 @@ standard library, sorted by name), `synthetic` (uniform random tokens, for bench
 file, a directory or a glob. The validation split is by file: every n-th file of the sorted list
 (n = 1 / val_fraction); a single file splits its documents (or its text) instead.
 
-Tokenizers (`train.tokenizer`): `bytes` (UTF-8 bytes are the ids; NUL separates documents) or a
-local HF `tokenizer.json`. Documents are joined by the separator and packed into sequences of
-seq_len + 1 tokens without cross-document masking, as V3 does. Order is deterministic: a grain
-`MapDataset` shuffled per epoch from the seed, so batch i is a pure function of (seed, i) and the
-iterator's checkpointable position is one integer, `TrainState.data_position`.
+Tokenizers (`train.tokenizer`, `deepseek_jax.tokenizer`): `bytes` or a local HF `tokenizer.json`.
+Each document is followed by the tokenizer's `eos_id` (bytes: NUL) and the stream is packed into
+sequences of seq_len + 1 tokens without cross-document masking, as V3 does. Order is deterministic:
+a grain `MapDataset` shuffled per epoch from the seed, so batch i is a pure function of (seed, i)
+and the iterator's checkpointable position is one integer, `TrainState.data_position`.
 """
 
 from __future__ import annotations
@@ -22,59 +22,14 @@ import math
 import os
 import pathlib
 import sysconfig
-from typing import Protocol
 
 import grain
 import numpy as np
 
 from deepseek_jax.config import Config, ConfigError
+from deepseek_jax.tokenizer import Tokenizer, make_tokenizer
 
 EXTENSIONS = (".txt", ".jsonl")
-
-
-class Tokenizer(Protocol):
-  name: str
-  vocab_size: int
-  separator: int | None        # id placed between documents (None: nothing)
-
-  def encode(self, texts: list[str]) -> list[np.ndarray]: ...
-
-
-class ByteTokenizer:
-  """UTF-8 bytes as ids 0..255; the NUL byte separates documents."""
-  name, vocab_size, separator = "bytes", 256, 0
-
-  def encode(self, texts: list[str]) -> list[np.ndarray]:
-    return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in texts]
-
-
-class HFTokenizer:
-  """A local Hugging Face `tokenizer.json` (any model's), through the `tokenizers` library."""
-  _EOS = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
-
-  def __init__(self, path: str):
-    from tokenizers import Tokenizer as _Tok  # noqa: PLC0415 (optional until used)
-    try:
-      self._tok = _Tok.from_file(path)
-    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception)
-      raise ConfigError(f"train.tokenizer={path!r}: not a readable tokenizer.json "
-                        f"({type(e).__name__}: {str(e)[:80]})") from None
-    self.name = path
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    ids = [self._tok.token_to_id(t) for t in self._EOS]
-    self.separator = next((i for i in ids if i is not None), None)
-
-  def encode(self, texts: list[str]) -> list[np.ndarray]:
-    encs = self._tok.encode_batch(texts, add_special_tokens=False)
-    return [np.asarray(e.ids, np.int32) for e in encs]
-
-
-def make_tokenizer(spec: str) -> Tokenizer:
-  if spec == "bytes":
-    return ByteTokenizer()
-  if not os.path.isfile(spec):
-    raise ConfigError(f"train.tokenizer={spec!r}: must be 'bytes' or an existing tokenizer.json")
-  return HFTokenizer(spec)
 
 
 def stdlib_files() -> list[str]:
@@ -139,11 +94,12 @@ def split_documents(files: list[str], val_fraction: float) -> tuple[list[str], l
 
 
 def token_stream(docs: list[str], tok: Tokenizer) -> np.ndarray:
+  """The documents' ids, each followed by `tok.eos_id` (when the tokenizer has one)."""
   parts = []
-  for ids in tok.encode(docs):
+  for ids in tok.encode_documents(docs):
     parts.append(ids)
-    if tok.separator is not None:
-      parts.append(np.asarray([tok.separator], np.int32))
+    if tok.eos_id is not None:
+      parts.append(np.asarray([tok.eos_id], np.int32))
   return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 

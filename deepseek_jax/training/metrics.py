@@ -1,12 +1,10 @@
 """Training metrics: model FLOPs utilisation, JSONL + TensorBoard logs, a progress bar.
 
-MFU = (training FLOPs per token) * tokens/s / peak. FLOPs per token follow the method of
-"Insights into DeepSeek-V3" Table 2 (`ModelConfig.flops_per_token`: 6 x active matmul weights +
-causal attention) plus the MTP modules this run trains (V3 §2.2: per depth one MoE block, the
-eh_proj projection and the shared output head). The peak is `train.peak_flops` if set, else the
-declared dense BF16 peak of a known accelerator, else an f32 matmul rate measured in this process
-(CPU); the measured rate is the best of several large matmuls, so MFU is not flattered by a slow
-measurement.
+MFU = `ModelConfig.flops_per_token(seq_len, mtp=True)` * tokens/s / peak ("Insights into
+DeepSeek-V3" Table 2 method plus the MTP modules the run trains, V3 report §2.2). The peak is
+`train.peak_flops` if set, else the declared dense BF16 peak of a known accelerator, else the best
+f32 rate of several large matmuls measured in this process (CPU), so a slow measurement does not
+flatter MFU.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.codesign.hardware import PRESETS
 
 TERA = 1e12
 # Dense BF16 peaks of devices that `codesign.hardware.PRESETS` does not describe (vendor datasheets);
@@ -32,7 +30,6 @@ _OTHER_PEAKS = {"H20": 148 * TERA, "A100": 312 * TERA, "TPU v4": 275 * TERA,
 
 def declared_peaks() -> dict[str, float]:
   """device_kind substring -> dense BF16 FLOP/s."""
-  from deepseek_jax.codesign.hardware import PRESETS  # noqa: PLC0415 (codesign imports this module)
   from_presets = {"H100": PRESETS["h100"], "H800": PRESETS["h800"], "H200": PRESETS["h200"],
                   "TPU v5p": PRESETS["tpu_v5p"]}
   return {**{k: hw.peak_bf16_flops for k, hw in from_presets.items()}, **_OTHER_PEAKS}
@@ -63,26 +60,6 @@ def peak_flops(declared: float = 0.0) -> tuple[float, str]:
   return measure_matmul_peak(), f"measured f32 matmul peak ({kind})"
 
 
-def mtp_flops_per_token(m: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token of the MTP modules (same method as `flops_per_token`)."""
-  if m.num_mtp_layers == 0:
-    return 0.0
-  one_moe_layer = ModelConfig(**{**_fields(m), "num_layers": 1, "first_k_dense_replace": 0,
-                                 "num_mtp_layers": 0})
-  # flops_per_token of a 1-layer MoE model = that layer + the output head (V x D): exactly what
-  # an MTP depth multiplies through, plus eh_proj [2D, D].
-  per_depth = one_moe_layer.flops_per_token(seq_len) + 6.0 * 2 * m.d_model * m.d_model
-  return m.num_mtp_layers * per_depth
-
-
-def _fields(m: ModelConfig) -> dict:
-  return {f: getattr(m, f) for f in m.__dataclass_fields__}
-
-
-def train_flops_per_token(m: ModelConfig, seq_len: int) -> float:
-  return m.flops_per_token(seq_len) + mtp_flops_per_token(m, seq_len)
-
-
 def to_python(x):
   """Device/NumPy metric values as JSON-friendly floats, ints, bools and lists."""
   a = np.asarray(x)
@@ -108,7 +85,7 @@ class MetricsWriter:
     self._file = self.path.open("a")
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415 (import is slow)
+      from tensorboardX import SummaryWriter  # noqa: PLC0415 (slow import; only when logging)
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
 
   @staticmethod

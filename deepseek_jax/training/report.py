@@ -14,6 +14,8 @@ import pathlib
 from deepseek_jax.codesign.kv_cache import (kv_cache_bytes_per_token,
                                             mha_equivalent_bytes_per_token)
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.training.metrics import MetricsWriter
+from deepseek_jax.training.state import param_count
 
 
 def kv_cache_row(m: ModelConfig, bytes_per_element: int = 2) -> tuple[float, float]:
@@ -24,7 +26,7 @@ def kv_cache_row(m: ModelConfig, bytes_per_element: int = 2) -> tuple[float, flo
 
 def plot_curves(rows: list[dict], path: pathlib.Path) -> pathlib.Path | None:
   """Two panels: train/validation loss and MaxVio per MoE layer, against the step."""
-  import matplotlib  # noqa: PLC0415 (slow import, only at the end of a run)
+  import matplotlib  # noqa: PLC0415 (slow import; only at the end of a run)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -72,9 +74,6 @@ def finish_report(cfg, workdir: pathlib.Path, result, final_eval: dict, data, *,
                   compile_s: float, wall_s: float, peak: float, peak_src: str,
                   flops_per_token: float, start_step: int) -> str:
   """Writes curves.png, summary.txt and summary.json; returns the table to print."""
-  from deepseek_jax.training.metrics import MetricsWriter  # noqa: PLC0415
-  from deepseek_jax.training.state import param_count  # noqa: PLC0415
-
   t, m = cfg.train, cfg.model
   rows = MetricsWriter.read(workdir / "metrics.jsonl")
   png = plot_curves(rows, workdir / "curves.png")

@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepseek_jax.codesign import activations, memory
-from deepseek_jax.codesign.params import abstract_variables
 from deepseek_jax.codesign.report import reference_model
-from deepseek_jax.config import ConfigError
+from deepseek_jax.config import ConfigError, MeshConfig
+from deepseek_jax.model import abstract_variables
+from sharding.mesh import make_abstract_mesh
 
 TINY = reference_model("tiny")
 V3 = reference_model("deepseek_v3_671b")
@@ -34,7 +35,7 @@ def _toy_vars():
 def test_toy_bytes_are_exact():
   rules = (("act_batch", ("data", "fsdp")), ("experts", "expert"), ("embed", "fsdp"),
            ("mlp", "tensor"))
-  mesh = memory.abstract_mesh({"data": 2, "fsdp": 4, "expert": 2, "tensor": 3})
+  mesh = make_abstract_mesh(MeshConfig(data=2, fsdp=4, expert=2, tensor=3), 48)
   p = memory.memory_plan(TINY, mesh, rules, micro_batch=8, seq_len=16, variables=_toy_vars(),
                          opt_shard_axes=("data",))
   # w: 64/4 x 96/3 = 512; e: 8/2 x 64/4 x 16 = 1024; b: 10 (replicated)
@@ -93,8 +94,6 @@ def test_v3_on_2048_devices_with_the_planning_rules():
 
 def test_v3_on_2048_devices_with_the_project_rules_fits_an_h800():
   rules = memory.project_rules()
-  if rules == memory.PLANNING_RULES:
-    pytest.skip("sharding/rules.py is not there yet")
   mesh = memory.auto_mesh(V3, 2048, rules)
   p = memory.memory_plan(V3, mesh, rules, micro_batch=2048, seq_len=4096, remat="full")
   assert p.uneven == () and p.total < 80e9

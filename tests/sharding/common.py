@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import MeshConfig, load_config
-from deepseek_jax.model import Transformer
+from deepseek_jax.model import Transformer, abstract_variables
 from deepseek_jax.mtp import cross_entropy, mtp_loss
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -47,11 +47,6 @@ def loss_fn(params, router_state, tokens_BT, cfg):
 def init_variables(cfg, seed=0):
   toks = tokens(cfg)[:, :-1]
   return specs.strip_boxes(jax.jit(Transformer(cfg).init)(jax.random.key(seed), toks))
-
-
-def abstract_variables(cfg):
-  toks = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32)
-  return jax.eval_shape(Transformer(cfg).init, jax.random.key(0), toks)
 
 
 @functools.lru_cache(maxsize=None)
