@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.fp8 import logfmt
 from deepseek_jax.fp8.formats import E4M3, Format
-from deepseek_jax.fp8.scaling import QArray, Scaling, quantize
+from deepseek_jax.fp8.scaling import TILE, QArray, Scaling, quantize
 
 KINDS = ("none", "bf16", "fp8", "logfmt")
 
@@ -27,7 +27,7 @@ class Codec:
   """Wire format of one direction of a transfer."""
   kind: str = "fp8"
   fmt: Format = E4M3
-  tile: int = 128
+  tile: int = TILE
   n_bits: int = 8               # logfmt only
   amax_floor: float = 1e-30     # fp8 only: dispatch carries activations and gradients alike
 

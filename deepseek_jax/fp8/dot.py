@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from deepseek_jax.fp8 import delayed
 from deepseek_jax.fp8.accumulate import BACKENDS, Accum, gemm, promote
 from deepseek_jax.fp8.formats import E4M3, Format
-from deepseek_jax.fp8.scaling import (QArray, Scaling, fake_quantize, quantize,
+from deepseek_jax.fp8.scaling import (BLOCK, QArray, Scaling, fake_quantize, quantize,
                                      quantize_with_values, tensor_amax, unquantized)
 
 SLOTS = ("fprop_x", "fprop_w", "dgrad_g", "dgrad_w", "wgrad_x", "wgrad_g")
@@ -38,7 +38,7 @@ class Operand:
 # use the smallest floor instead (a 1e-4 floor would push such tiles into E4M3's subnormals).
 GRAD_AMAX_FLOOR = 1e-30
 X_TILE = Operand(E4M3, Scaling("tile"))
-W_BLOCK = Operand(E4M3, Scaling("block"))
+W_BLOCK = Operand(E4M3, Scaling("block", tile=BLOCK))
 G_TILE = Operand(E4M3, Scaling("tile", amax_floor=GRAD_AMAX_FLOOR))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 
 from deepseek_jax.fp8.accumulate import gemm
 from deepseek_jax.fp8.dot import Fp8Dot, GemmSpec, operand_values

@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.fp8.scaling import TILE
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,7 @@ def _decode_mag(k, mn, mx, kmax):
   return jnp.where(k == 0, 0.0, jnp.where(k == 1, mn, jnp.where(k == kmax, mx, mid)))
 
 
-def encode(x: jax.Array, n_bits: int = 8, tile: int = 128, rounding: str = "linear") -> LogFmtArray:
+def encode(x: jax.Array, n_bits: int = 8, tile: int = TILE, rounding: str = "linear") -> LogFmtArray:
   """LogFMT-n encoding of `x [..., D]` along its last axis, 1 x `tile` tiles."""
   _check(n_bits, tile, rounding)
   kmax = 2 ** (n_bits - 1) - 1
@@ -115,12 +117,12 @@ def decode(enc: LogFmtArray) -> jax.Array:
   return y[..., :enc.codes.shape[-1]] if pad else y
 
 
-def roundtrip(x: jax.Array, n_bits: int = 8, tile: int = 128, rounding: str = "linear"):
+def roundtrip(x: jax.Array, n_bits: int = 8, tile: int = TILE, rounding: str = "linear"):
   """decode(encode(x)) in x's dtype: what a LogFMT transfer delivers."""
   return decode(encode(x, n_bits, tile, rounding)).astype(x.dtype)
 
 
-def bits_per_element(n_bits: int, tile: int = 128) -> float:
+def bits_per_element(n_bits: int, tile: int = TILE) -> float:
   """Wire cost including the two f32 metadata values per tile."""
   return n_bits + 64 / tile
 

@@ -17,13 +17,18 @@ from deepseek_jax.fp8.formats import E4M3, Format
 
 GRANULARITIES = ("tensor", "axis", "tile", "block")
 MIN_AMAX_FLOOR = 1e-30  # keeps amax_floor / fmt.max a normal f32 for every format
+# DeepSeek-V3's granularity (§3.3.1), read by every FP8 default (GEMM operands, the E5M6 cache,
+# the dispatch and LogFMT wire tiles): activations and gradients in 1 x TILE tiles along the
+# contracting axis, weights in BLOCK x BLOCK blocks.
+TILE = 128
+BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
 class Scaling:
   """How one operand slot computes its scales (hashable: it is static in every trace)."""
   granularity: str = "tile"
-  tile: int = 128
+  tile: int = TILE             # tile length, or block side for granularity 'block'
   mode: str = "current"       # 'current' (online amax) | 'delayed' (amax history, tensor only)
   pow2: bool = True
   amax_floor: float = 1e-4    # DeepGEMM's floor for activations and weights

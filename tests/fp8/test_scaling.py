@@ -1,6 +1,7 @@
 """The quantiser, bitwise against the NumPy reference, and the pow2 re-tiling property."""
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deepseek_jax.fp8 import scaling
+from deepseek_jax.fp8 import comm, logfmt, scaling
+from deepseek_jax.fp8.dot import GemmSpec
 from deepseek_jax.fp8.formats import E4M3, E5M2, min_normal
-from deepseek_jax.fp8.scaling import Scaling, quantize, requantize
+from deepseek_jax.fp8.scaling import BLOCK, TILE, Scaling, quantize, requantize
 from tests.fp8 import reference as ref
 
 NP_DTYPES = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
@@ -173,3 +175,18 @@ def test_pow2_ceil_exact():
 def test_scaling_validation_names_the_field(kw, msg):
   with pytest.raises(ValueError, match=msg):
     Scaling(**kw)
+
+
+def test_every_fp8_default_reads_the_declared_tile_and_block():
+  """Changing the activation tile is one edit (`scaling.TILE`): GEMM operands, the E5M6 cache,
+  the dispatch and LogFMT wire tiles all default to it; weights to `scaling.BLOCK`."""
+  spec = GemmSpec()
+  for slot in ("fprop_x", "wgrad_x", "dgrad_g", "wgrad_g"):
+    assert getattr(spec, slot).scaling.granularity == "tile"
+    assert getattr(spec, slot).scaling.tile == TILE
+  for slot in ("fprop_w", "dgrad_w"):
+    assert getattr(spec, slot).scaling.tile == BLOCK
+  assert Scaling().tile == TILE and comm.Codec().tile == TILE
+  assert comm.FP8_DISPATCH.scaling.tile == TILE
+  for fn in (logfmt.encode, logfmt.roundtrip, logfmt.bits_per_element):
+    assert inspect.signature(fn).parameters["tile"].default == TILE
