@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 from deepseek_jax.config import Config, ConfigError  # noqa: E402
 from deepseek_jax.config import config_to_dict, load_config  # noqa: E402
-from sharding import distributed, specs  # noqa: E402
+from sharding import distributed, expert_parallel, specs  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
 from sharding import rules as rules_lib  # noqa: E402
 
@@ -125,8 +125,9 @@ def build(cfg: Config) -> Built:
 
   t = cfg.train
   mesh, rules = make_mesh(cfg)
-  activate = functools.partial(mesh_lib.activate, mesh, rules, cfg.mesh)
-  model = Transformer(cfg.model, fp8_policy=fp8_policy(cfg))
+  activate = functools.partial(mesh_lib.activate, mesh, rules)
+  model = Transformer(cfg.model, fp8_policy=fp8_policy(cfg),
+                      experts=expert_parallel.runner(cfg.model, cfg.mesh, mesh, rules))
   tx = training.make_optimizer(t)
   init_fn = training.make_init_fn(model, tx, (t.batch_size, t.seq_len), t.seed)
   with activate():

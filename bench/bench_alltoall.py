@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 
@@ -58,18 +57,17 @@ def measure(cfg: ModelConfig, mesh_cfg: MeshConfig, tokens: int, d: int, m: int,
   k = jax.random.split(jax.random.key(1), 4)
   x = jax.random.normal(k[0], (tokens, d))
   w = [0.1 * jax.random.normal(kk, s) for kk, s in zip(k[1:], [(E, d, m), (E, d, m), (E, m, d)])]
-  f = functools.partial(ep.moe_ffn, n_group=cfg.n_group, topk_group=cfg.topk_group)
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  f = ep.runner(cfg, mesh_cfg, mesh)
 
   def step(x, weights, *w):
     y, stats = f(x, weights, out.experts_XK, *w)
     return jnp.sum(y * y), stats
 
-  mesh = mesh_lib.make_mesh(mesh_cfg)
-  with mesh_lib.activate(mesh, mesh_cfg=mesh_cfg):
-    g = jax.jit(jax.value_and_grad(step, argnums=(0, 1, 2, 3, 4), has_aux=True))
-    lowered = g.lower(x, out.weights_XK, *w)
-    compiled = lowered.compile()
-    (_, stats), _ = compiled(x, out.weights_XK, *w)
+  g = jax.jit(jax.value_and_grad(step, argnums=(0, 1, 2, 3, 4), has_aux=True))
+  lowered = g.lower(x, out.weights_XK, *w)
+  compiled = lowered.compile()
+  (_, stats), _ = compiled(x, out.weights_XK, *w)
   text = lowered.as_text(dialect="hlo") if as_written else compiled.as_text()
   a2a = hlo.collectives(text).get("all-to-all", hlo.Collective(0, 0))
   s = {k: int(v) for k, v in stats._asdict().items()}

@@ -31,7 +31,7 @@ from deepseek_jax.moe import MoE
 
 def _moe_step(cfg, impl, block, x_BTD):
   """A jitted fwd+bwd step of the MoE layer (gradients w.r.t. all params and x)."""
-  model = MoE(cfg, dropless_impl=impl, dropless_block=block)
+  model = MoE(cfg, experts=dispatch.LocalExperts(cfg.moe_dispatch, impl, block))
   variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x_BTD))
 
   def loss(params, x_BTD):

@@ -23,6 +23,7 @@ class Block(nn.Module):
   fp8_policy: Any = None
   moe: bool = False
   absorb: bool = True
+  experts: Any = None   # the MoE's routed-expert runner (`moe.RoutedExperts`)
 
   @nn.compact
   def __call__(self, h_BTD, positions_BT, cache, layer=None):
@@ -35,7 +36,7 @@ class Block(nn.Module):
     h_BTD = h_BTD + attn_BTD
     x_BTD = RMSNorm(name="post_attention_layernorm", **norm_kw)(h_BTD)
     if self.moe:
-      y_BTD, aux = MoE(cfg, self.fp8_policy, name="mlp")(x_BTD)
+      y_BTD, aux = MoE(cfg, self.fp8_policy, self.experts, name="mlp")(x_BTD)
     else:
       y_BTD = MLP(cfg.d_model, cfg.ffn_dim, dtype=dt, param_dtype=pdt, init_std=cfg.init_std,
                   fp8_policy=self.fp8_policy, name="mlp")(x_BTD)
@@ -69,6 +70,7 @@ class BlockStack(nn.Module):
   moe: bool
   fp8_policy: Any = None
   absorb: bool = True
+  experts: Any = None
 
   @nn.compact
   def __call__(self, h_BTD, positions_BT, cache):
@@ -77,7 +79,8 @@ class BlockStack(nn.Module):
     if cfg.remat != "none":
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat],
                            prevent_cse=not cfg.scan_layers)
-    kw = dict(cfg=cfg, fp8_policy=self.fp8_policy, moe=self.moe, absorb=self.absorb)
+    kw = dict(cfg=cfg, fp8_policy=self.fp8_policy, moe=self.moe, absorb=self.absorb,
+              experts=self.experts)
     if cfg.scan_layers:
       axes = {"params": 0, "router_state": 0, "fp8_state": 0, "intermediates": 0}
       scanned = nn.scan(block_cls, variable_axes=axes, split_rngs={"params": True},

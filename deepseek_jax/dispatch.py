@@ -1,29 +1,7 @@
-"""MoE dispatch: routed SwiGLU experts applied to tokens (V3 report §2.1.2, DeepSeekMoE).
-
-Pure functions with one signature, `f(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM,
-w_down_EMD, ...) -> y_XD` with y_t = sum_k w_{t,k} * Expert_{e_{t,k}}(x_t):
-
-- `dense_ffn`: every expert on every token, weighted by a dense [X, E] gate matrix. Exact and
-  simple; O(E) cost. The test oracle.
-- `dropless_ffn`: sort the A = X*K token-expert assignments by expert, grouped matmul, unsort,
-  combine. No assignment is ever dropped, every shape is static, and the cost grows with K, not E.
-  Two grouped-matmul implementations:
-    * "block": pad each expert's group to a multiple of U rows and lay the groups out in a fixed
-      number W = floor((A + min(E, A) (U - 1)) / U) of blocks (the worst case over all routings);
-      then scan over the blocks, each a plain [U, D] x [D, M] SwiGLU against its expert's weights
-      (sliced, never gathered into a copy). Fast on CPU, where `jax.lax.ragged_dot` costs
-      O(E) (measured fwd+bwd at X=2048, K=4: 5x the block path at E=8, 33x at E=64).
-    * "ragged": `jax.lax.ragged_dot` on the unpadded sorted rows; for GPU/TPU.
-  `dropless_ffn` is what the expert-parallel code runs on each shard's local experts.
-
-Expert matmuls go through `dots` (an `ExpertDots`, e.g. from the FP8 policy). In "block", dots
-whose numerics are known (`lax.dot_general`, or an `fp8.Fp8Dot` of a per-block recipe:
-`fp8.grouped.expert_numerics`) run `block_swiglu`: one scan forward and one backward with
-a hand-written VJP, operands prepared (quantised) once per array instead of once per block and
-use, and weight gradients added in place per expert. Any other `dot_general` callable is called
-per block, 2-d x 2-d, with autodiff for the backward. `dense_ffn` calls the dots on
-[X, D] x [E, D, M] with a batch dimension over experts. Local letters beyond the dimension key:
-P padded rows = W blocks x U rows per block.
+"""The routed experts on one device (V3 report §2.1.2, DeepSeekMoE): `dense_ffn` (every expert
+on every token, the test oracle), `dropless_ffn` (sort assignments by expert, grouped matmul,
+unsort; "block" or "ragged" kernels) and `LocalExperts`, the runner the MoE block is given.
+Letters beyond the dimension key: U rows per block, W blocks.
 """
 
 from __future__ import annotations
@@ -128,8 +106,11 @@ def _sort_by_expert(experts_A: jax.Array, num_experts: int):
 
 
 def _block_layout(experts_XK, num_experts: int, block: int | None):
-  """The padded block layout: (U, W, dest_A [A] padded row of each assignment, token_P [P]
-  source token of each padded row (X for padding), expert_W [W] expert of each block)."""
+  """The padded block layout: (U, W, dest_A [A] padded row (of W*U) of each assignment,
+  token_WU source token of each padded row (X for padding), expert_W expert of each block).
+
+  Each expert's rows are padded to a multiple of U; W = `num_blocks` is the worst case over all
+  routings, so every shape is static."""
   X, K = experts_XK.shape
   E, A = num_experts, X * K
   U = block or auto_block_size(A, E)
@@ -143,21 +124,25 @@ def _block_layout(experts_XK, num_experts: int, block: int | None):
   dest_sorted_A = pad_start_E[sorted_e_A] + jnp.arange(A, dtype=jnp.int32) - start_E[sorted_e_A]
   dest_A = jnp.zeros((A,), jnp.int32).at[order_A].set(dest_sorted_A, unique_indices=True)
   token_A = jnp.arange(A, dtype=jnp.int32) // K
-  token_P = jnp.full((W * U,), X, jnp.int32).at[dest_A].set(token_A, unique_indices=True)
+  token_WU = jnp.full((W * U,), X, jnp.int32).at[dest_A].set(
+      token_A, unique_indices=True).reshape(W, U)
   # Unused trailing blocks map to expert E-1: their rows are zeros, so they add nothing to any
   # output or gradient.
   expert_W = jnp.minimum(
       jnp.searchsorted(jnp.cumsum(blocks_E), jnp.arange(W), side="right"), E - 1)
-  return U, W, dest_A, token_P, expert_W.astype(jnp.int32)
+  return U, W, dest_A, token_WU, expert_W.astype(jnp.int32)
 
 
 def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, block):
-  """Returns y_XKD: expert outputs per assignment, via the padded block layout (P = W * U)."""
+  """Returns y_XKD: expert outputs per assignment, via the padded block layout.
+
+  "block" is fast on CPU, where `jax.lax.ragged_dot` costs O(E) (measured fwd+bwd at X=2048,
+  K=4: 5x the block path at E=8, 33x at E=64)."""
   X, D = x_XD.shape
   K = experts_XK.shape[1]
-  U, W, dest_A, token_P, expert_W = _block_layout(experts_XK, w_gate_EDM.shape[0], block)
+  U, W, dest_A, token_WU, expert_W = _block_layout(experts_XK, w_gate_EDM.shape[0], block)
   x_pad_XD = jnp.concatenate([x_XD, jnp.zeros((1, D), x_XD.dtype)], axis=0)
-  x_WUD = x_pad_XD[token_P].reshape(W, U, D)
+  x_WUD = x_pad_XD[token_WU]
   numerics = block_numerics(dots)
   if numerics is not None:
     y_WUD = block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics)
@@ -193,7 +178,8 @@ class HighPrecision:
   The protocol `block_swiglu` expects of each projection (`fp8.grouped.ExpertNumerics` is the
   FP8 one): operand preparers mapping arrays to same-shaped arrays, `weight(w)`,
   `dgrad_weight(w, w_fprop)`, `fprop_x(x)`, `dgrad_g(g)`, `cached_x(x, x_fprop)`, `wgrad_x(x)`,
-  `wgrad_g(g)`, and `dot(a_RK, b_KN)`. Here every preparer returns its first argument.
+  `wgrad_g(g)`, and `dot(a, b)` (a @ b of two matrices). Here every preparer returns its
+  first argument.
   """
 
   def _first(self, a, *_):
@@ -201,8 +187,8 @@ class HighPrecision:
 
   weight = dgrad_weight = fprop_x = dgrad_g = cached_x = wgrad_x = wgrad_g = _first
 
-  def dot(self, a_RK, b_KN):
-    return jax.lax.dot_general(a_RK, b_KN, (((1,), (0,)), ((), ())))
+  def dot(self, a, b):
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())))
 
 
 class BlockNumerics(NamedTuple):
@@ -343,3 +329,46 @@ def dropless_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
     y_XKD = _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
                             dots or ExpertDots(), block)
   return _combine(y_XKD, weights_XK, x_XD.dtype)
+
+
+# ---- the runner the MoE block is given ----
+
+DISPATCH_KINDS = ("dense", "dropless")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalExperts:
+  """Routed experts on one device: `__call__(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM,
+  w_down_EMD, dots=None) -> (y_XD, None)` (no dispatch statistics; see
+  `sharding.expert_parallel.ExpertParallel` for the runner that has them).
+
+  `kind` "dense" runs `dense_ffn`, "dropless" runs `dropless_ffn` with `impl` ("block",
+  "ragged"; None: by backend) and `block` rows per block (None: `auto_block_size`). Frozen and
+  hashable, so it can be a flax module attribute.
+  """
+  kind: str = "dropless"
+  impl: str | None = None
+  block: int | None = None
+
+  def __post_init__(self):
+    if self.kind not in DISPATCH_KINDS:
+      raise ValueError(f"LocalExperts: kind={self.kind!r} must be one of {DISPATCH_KINDS}")
+    if self.impl is not None and self.impl not in DROPLESS_IMPLS:
+      raise ValueError(f"LocalExperts: impl={self.impl!r} must be one of {DROPLESS_IMPLS} or None")
+    if self.block is not None and (not isinstance(self.block, int) or isinstance(self.block, bool)
+                                   or self.block <= 0):
+      raise ValueError(f"LocalExperts: block={self.block!r} must be a positive integer or None")
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "LocalExperts":
+    """`model.moe_dispatch`, `model.dropless_impl` ("auto" -> None) and `model.dropless_block`."""
+    impl = None if model_cfg.dropless_impl == "auto" else model_cfg.dropless_impl
+    return cls(model_cfg.moe_dispatch, impl, model_cfg.dropless_block)
+
+  def __call__(self, x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
+               dots: ExpertDots | None = None) -> tuple[jax.Array, None]:
+    if self.kind == "dense":
+      return dense_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
+                       dots=dots), None
+    return dropless_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
+                        dots=dots, impl=self.impl, block=self.block), None

@@ -47,9 +47,14 @@ class Transformer(nn.Module):
   `positions_BT` and attend to every cached slot at or before their position (absorbed MLA unless
   `absorb=False`). `next_tokens_BT` (the training targets) feeds MTP depth k with t_{i+k}; without
   it the inputs are shifted in from `tokens_BT`.
+
+  `experts` runs the routed experts of every MoE block (None: `dispatch.LocalExperts.from_config`;
+  for expert parallelism `sharding.expert_parallel.runner(...)`), as `fp8_policy` sets the
+  numerics: whoever builds the model chooses, nothing ambient does.
   """
   cfg: ModelConfig
   fp8_policy: Any = None
+  experts: Any = None
   absorb: bool = True
 
   @nn.compact
@@ -72,7 +77,7 @@ class Transformer(nn.Module):
         continue
       stack_cache = None if cache is None else cache[name]
       h_BTD, new_cache[name], stack_aux = BlockStack(
-          cfg, n, moe, self.fp8_policy, self.absorb, name=f"{name}_blocks")(
+          cfg, n, moe, self.fp8_policy, self.absorb, self.experts, name=f"{name}_blocks")(
               h_BTD, positions_BT, stack_cache)
       if moe:
         aux = {"load": stack_aux["load"], "balance_loss": jnp.sum(stack_aux["balance_loss"])}
@@ -86,7 +91,7 @@ class Transformer(nn.Module):
     if cfg.num_mtp_layers and cache is None and with_mtp:
       if next_tokens_BT is None:
         next_tokens_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, -1:]], axis=1)
-      mtp_logits, mtp_aux = MTP(cfg, self.fp8_policy, name="mtp")(
+      mtp_logits, mtp_aux = MTP(cfg, self.fp8_policy, self.experts, name="mtp")(
           hidden_BTD, next_tokens_BT, positions_BT, embed, lm_head)
       aux = dict(aux, **mtp_aux)
     return ModelOutput(logits_BTV, mtp_logits, aux, None if cache is None else new_cache,

@@ -1,17 +1,8 @@
-"""DeepSeekMoE block: shared experts + routed experts behind one dispatch interface (V3 §2.1.2).
+"""DeepSeekMoE block (V3 report §2.1.2): h' = sum_shared FFN_s(u) + sum_{chosen i} g_i FFN_i(u).
 
-h' = sum_{shared} FFN_s(u) + sum_{chosen i} g_i FFN_i(u)   (V3 Eq. 12; the shared sum unscaled)
-
-Parameter names follow the HF checkpoint (`mlp.gate.weight`, `mlp.gate.e_score_correction_bias`,
-`mlp.experts.{j}.{gate,up,down}_proj.weight`, `mlp.shared_experts.*`):
-- `gate/kernel` [D, E] f32, the router, computed in f32 and never through the FP8 seam (§3.3);
-- `gate/e_score_correction_bias` [E] f32 in the `router_state` collection (selection only; moved
-  by `router.update_router_bias`, never by the optimizer);
-- `experts/{gate_proj, up_proj}` [E, D, M] and `experts/down_proj` [E, M, D], stacked;
-- `shared_experts`: a `layers.MLP` of hidden n_shared_experts * moe_ffn_dim.
-The dispatch strategy is `cfg.moe_dispatch` ("dense" oracle or "dropless", see `dispatch.py`);
-"dropless" becomes `sharding/expert_parallel.py` when traced under a mesh whose rules split the
-experts (`sharding.mesh.activate`).
+Parameter names follow the HF checkpoint (`mlp.gate`, `mlp.experts`, `mlp.shared_experts`). The
+routed experts run through the runner the caller passes (`dispatch.LocalExperts` by default, or
+the expert-parallel one from `sharding/`); nothing ambient chooses the algorithm.
 """
 
 from __future__ import annotations
@@ -25,6 +16,7 @@ import jax.numpy as jnp
 from deepseek_jax import dispatch, router
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import ACT_BTD, MLP, dtype_of, module_path
+
 
 class Gate(nn.Module):
   """Router: f32 logits x W_g, then `router.route` with the selection bias from router_state."""
@@ -48,11 +40,15 @@ class Gate(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-  """E stacked SwiGLU experts; `__call__(x_XD, weights_XK, experts_XK) -> y_XD` (weighted sum)."""
+  """E stacked SwiGLU experts; `__call__(x_XD, weights_XK, experts_XK) -> y_XD` (weighted sum).
+
+  Weights [E, D, M] (gate_proj, up_proj) and [E, M, D] (down_proj); `experts` runs them
+  (None: `dispatch.LocalExperts.from_config(cfg)`). A runner that reports dispatch statistics
+  has its dropped assignments sown into `intermediates`.
+  """
   cfg: ModelConfig
   fp8_policy: Any = None
-  dropless_impl: str | None = None   # "block" | "ragged" | None (by backend)
-  dropless_block: int | None = None  # rows per block of the "block" path (None: automatic)
+  experts: Any = None
 
   def _dots(self) -> dispatch.ExpertDots | None:
     if self.fp8_policy is None:
@@ -80,16 +76,11 @@ class RoutedExperts(nn.Module):
                             (E, M, D), param_dtype)
     args = (x_XD.astype(dtype), weights_XK, experts_XK, w_gate_EDM.astype(dtype),
             w_up_EDM.astype(dtype), w_down_EMD.astype(dtype))
-    if cfg.moe_dispatch == "dense":
-      return dispatch.dense_ffn(*args, dots=self._dots())
-    from sharding import expert_parallel  # noqa: PLC0415 (the mesh chooses expert parallelism)
-    if expert_parallel.enabled():
-      y_XD, stats = expert_parallel.moe_ffn(*args, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                                            dots=self._dots(), impl=self.dropless_impl)
+    run = self.experts or dispatch.LocalExperts.from_config(cfg)
+    y_XD, stats = run(*args, dots=self._dots())
+    if stats is not None:
       self.sow("intermediates", "dropped_assignments", stats.dropped_assignments)
-      return y_XD
-    return dispatch.dropless_ffn(*args, dots=self._dots(), impl=self.dropless_impl,
-                                 block=self.dropless_block)
+    return y_XD
 
 
 class MoE(nn.Module):
@@ -97,8 +88,7 @@ class MoE(nn.Module):
   "balance_loss": alpha * sequence-wise balance loss (V3 Eq. 17-20)}."""
   cfg: ModelConfig
   fp8_policy: Any = None
-  dropless_impl: str | None = None   # see RoutedExperts
-  dropless_block: int | None = None
+  experts: Any = None   # the routed-expert runner (see RoutedExperts)
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -111,8 +101,7 @@ class MoE(nn.Module):
     x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
     x_XD = x_BTD.reshape(B * T, D)
     routing = Gate(cfg, name="gate")(x_XD)
-    y_XD = RoutedExperts(cfg, self.fp8_policy, self.dropless_impl, self.dropless_block,
-                         name="experts")(
+    y_XD = RoutedExperts(cfg, self.fp8_policy, self.experts, name="experts")(
         x_XD, routing.weights_XK, routing.experts_XK)
     y_BTD = y_XD.reshape(B, T, D).astype(dtype)
     if cfg.n_shared_experts > 0:

@@ -31,6 +31,7 @@ class MTPLayer(nn.Module):
   """One MTP depth (HF layer `num_hidden_layers + k - 1`: enorm, hnorm, eh_proj, block, shared_head.norm)."""
   cfg: ModelConfig
   fp8_policy: Any = None
+  experts: Any = None   # the block's routed-expert runner (`moe.RoutedExperts`)
 
   @nn.compact
   def __call__(self, h_BTD, emb_BTD, positions_BT, lm_head, cache=None):
@@ -39,12 +40,13 @@ class MTPLayer(nn.Module):
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed")
     D = cfg.d_model
-    x_BTF = jnp.concatenate([RMSNorm(name="enorm", **norm_kw)(emb_BTD),
-                             RMSNorm(name="hnorm", **norm_kw)(h_BTD)], axis=-1)
+    # [enorm(emb) ; hnorm(h)]: the last dimension is 2D wide (D2 in the suffix).
+    x_BTD2 = jnp.concatenate([RMSNorm(name="enorm", **norm_kw)(emb_BTD),
+                              RMSNorm(name="hnorm", **norm_kw)(h_BTD)], axis=-1)
     x_BTD = Dense((2 * D,), (D,), ("mtp_in", "embed"), dtype=dt, param_dtype=pdt,
-                  init_std=cfg.init_std, fp8_policy=self.fp8_policy, name="eh_proj")(x_BTF)
-    h_BTD, (cache, aux) = Block(cfg, self.fp8_policy, moe=True, name="block")(x_BTD, positions_BT,
-                                                                              cache)
+                  init_std=cfg.init_std, fp8_policy=self.fp8_policy, name="eh_proj")(x_BTD2)
+    h_BTD, (cache, aux) = Block(cfg, self.fp8_policy, moe=True, experts=self.experts,
+                                name="block")(x_BTD, positions_BT, cache)
     logits_BTV = lm_head(RMSNorm(name="shared_head_norm", **norm_kw)(h_BTD)).astype(jnp.float32)
     return h_BTD, logits_BTV, aux, cache
 
@@ -53,6 +55,7 @@ class MTP(nn.Module):
   """D sequential MTP depths sharing the main embedding and output head."""
   cfg: ModelConfig
   fp8_policy: Any = None
+  experts: Any = None
 
   @nn.compact
   def __call__(self, hidden_BTD, next_tokens_BT, positions_BT, embed, lm_head):
@@ -61,7 +64,7 @@ class MTP(nn.Module):
       # Depth k embeds t_{i+k} = next_tokens[i+k-1]; positions past the end hold a filler token
       # whose outputs only reach positions without a target (causal attention).
       emb_BTD = embed(shift_left(next_tokens_BT, k - 1)).astype(h_BTD.dtype)
-      h_BTD, logits_BTV, aux, _ = MTPLayer(self.cfg, self.fp8_policy, name=f"layers_{k - 1}")(
+      h_BTD, logits_BTV, aux, _ = MTPLayer(self.cfg, self.fp8_policy, self.experts, name=f"layers_{k - 1}")(
           h_BTD, emb_BTD, positions_BT, lm_head)
       logits.append(logits_BTV)
       loads.append(aux["load"])

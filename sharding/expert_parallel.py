@@ -1,44 +1,22 @@
-"""Expert parallelism: routed experts split over the `expert` mesh axis inside one `shard_map`.
+"""Expert parallelism: the routed experts split over mesh axes inside one `shard_map`.
 
-V3 report §3.2.2 and "Insights into DeepSeek-V3" §4.3: each token is sent once to every
-expert-parallel node that holds one of its experts (not once per expert), and node-limited routing
-caps those nodes at `topk_group` (M = 4 of 8 in V3). Routing groups map onto runs of expert
-shards (`mesh.expert_nodes`), so the router's group limit is exactly a node limit.
-
-Letters: P expert shards, E_loc = E/P local experts, X_loc tokens per device, K experts per token,
-L = min(K, E_loc) slots per row, C rows per (source, destination) pair. Scaling-book notation:
-
-  plan (local):    token x needs shard p iff one of its K experts lives there; it takes row
-                   pos(x, p) < C of the buffer for p (rows beyond C are dropped and counted)
-  pack (local):    send[P_dst, C, D] = x[src(p, c)]; ids, w [P_dst, C, L] (local expert, weight)
-  AllToAll_expert: send[P_dst, C, D] -> recv[P_src, C, D]
-  experts (local): y[P_src, C, D] = sum_l w * Expert_{ids}(recv)  (`dispatch.dropless_ffn`)
-  AllToAll_expert: y[P_src, C, D] -> back[P_dst, C, D]
-  unpack (local):  out[X_loc, D] = sum_p back[p, pos(x, p)];  {U_tensor} -> psum when M_tensor
-
-Expert weights enter as W[E_expert, D, M_tensor]: `shard_map` all-gathers the fsdp split of D
-(ZeRO-3) and reduce-scatters its gradient. Tokens enter split over the act_tokens axes, which
-must include the expert axes. The collective is `all_to_all` on fixed buffers or, where the
-backend has it (not XLA:CPU), `ragged_all_to_all`, which moves only the filled rows. Each
-direction has a wire format (`WIRES`, from `mesh.dispatch_dtype` / `mesh.combine_dtype`): the
-model dtype, bfloat16, FP8 (E4M3, 1x128 tiles, power-of-two scales: `fp8.comm`) or LogFMT-8/10;
-the token-to-expert direction uses the dispatch format in both passes (tokens forward, output
-gradients backward) and the other direction the combine format (see `_exchange`). With
-`capacity_factor=None` every buffer has room for all local tokens and the result equals
-single-device dropless dispatch.
+V3 report §3.2.2 and "Insights into DeepSeek-V3" §4.3: each token goes once to every expert shard
+that holds one of its experts, and routing groups map onto runs of shards (nodes), so node-limited
+routing caps the copies. `runner(...)` builds the runner the model is given. Letters beyond the
+dimension key: P expert shards, Y rows per (source, destination) buffer, Z = P*Y buffer rows,
+I slots per buffer row (min(K, local experts)), O expert-parallel nodes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
 import functools
 import math
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import dispatch, vma
@@ -51,27 +29,13 @@ class EPOptions(NamedTuple):
   """Dispatch settings (see `MeshConfig`): capacity, collective, wire dtypes."""
   capacity_factor: float | None = None
   alltoall: str = "auto"             # "auto" | "dense" | "ragged"
-  dispatch_dtype: str = "model"      # "model" | "bfloat16"
+  dispatch_dtype: str = "model"      # one of WIRES
   combine_dtype: str = "model"
 
   @classmethod
   def from_config(cls, mesh_cfg) -> "EPOptions":
     return cls(mesh_cfg.capacity_factor, mesh_cfg.alltoall, mesh_cfg.dispatch_dtype,
                mesh_cfg.combine_dtype)
-
-
-_OPTIONS: contextvars.ContextVar[EPOptions] = contextvars.ContextVar("ep_options",
-                                                                     default=EPOptions())
-
-
-@contextlib.contextmanager
-def options(opts: EPOptions) -> Iterator[EPOptions]:
-  """Sets the dispatch options for code traced inside (`mesh.activate` enters this)."""
-  token = _OPTIONS.set(opts)
-  try:
-    yield opts
-  finally:
-    _OPTIONS.reset(token)
 
 
 class DispatchStats(NamedTuple):
@@ -83,28 +47,20 @@ class DispatchStats(NamedTuple):
   cross_device_rows: jax.Array     # sent rows whose destination is another device
   cross_node_rows: jax.Array       # sent rows whose destination is another node
   max_nodes_per_token: jax.Array   # most nodes any token reached (<= topk_group when limited)
-  buffer_rows: jax.Array           # rows the fixed buffers move: devices * P * C
-
-
-def _mesh_and_rules():
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh, nn.get_logical_axis_rules()
+  buffer_rows: jax.Array           # rows the fixed buffers move: devices * P * Y
 
 
 def _axes(name: str, rules, sizes) -> tuple[str, ...]:
   return tuple(a for a in rules_lib.mesh_axes_of(name, rules) if sizes.get(a, 1) > 1)
 
 
-def enabled() -> bool:
-  """True when tracing under a mesh and rules that split the `experts` axis (`mesh.activate`)."""
-  mesh, rules = _mesh_and_rules()
-  if mesh.empty or not rules or mesh.manual_axes:
-    return False
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  try:
-    return bool(_axes("experts", rules, sizes))
-  except KeyError:
-    return False
+def _sizes(mesh) -> dict[str, int]:
+  return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def splits_experts(mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> bool:
+  """True when `rules` split the logical `experts` over mesh axes of size > 1."""
+  return bool(_axes("experts", rules_lib.check_rules(rules), _sizes(mesh)))
 
 
 def max_destinations(num_experts_per_tok: int, shards: int, n_group: int, topk_group: int) -> int:
@@ -122,8 +78,8 @@ def capacity(tokens: int, destinations: int, shards: int, factor: float | None) 
 
 class Plan(NamedTuple):
   """Where each token goes on one device (all int32 / bool, no gradient)."""
-  src_R: jax.Array       # [P*C] source token of each send row (X_loc for an empty row)
-  row_XK: jax.Array      # [X, K] send row of each assignment (P*C when dropped or padding)
+  src_Z: jax.Array       # [Z] source token of each send row (X for an empty row)
+  row_XK: jax.Array      # [X, K] send row of each assignment (Z when dropped or padding)
   slot_XK: jax.Array     # [X, K] slot of the assignment within its row
   local_XK: jax.Array    # [X, K] local expert id at the destination
   present_XP: jax.Array  # [X, P] token needs shard p
@@ -138,18 +94,18 @@ def make_plan(experts_XK: jax.Array, shards: int, local_experts: int, cap: int) 
   present_XP = jnp.any(dest_XK[:, :, None] == jnp.arange(shards)[None, None, :], axis=1)
   pos_XP = jnp.cumsum(present_XP, axis=0, dtype=jnp.int32) - 1
   kept_XP = present_XP & (pos_XP < cap)
-  R = shards * cap
-  row_XP = jnp.where(kept_XP, jnp.arange(shards)[None, :] * cap + pos_XP, R)
-  src_R = jnp.full((R,), X, jnp.int32).at[row_XP].set(
+  Z = shards * cap
+  row_XP = jnp.where(kept_XP, jnp.arange(shards)[None, :] * cap + pos_XP, Z)
+  src_Z = jnp.full((Z,), X, jnp.int32).at[row_XP].set(
       jnp.broadcast_to(jnp.arange(X, dtype=jnp.int32)[:, None], (X, shards)), mode="drop")
   safe_dest_XK = jnp.maximum(dest_XK, 0)
-  row_XK = jnp.where(dest_XK >= 0, jnp.take_along_axis(row_XP, safe_dest_XK, axis=1), R)
+  row_XK = jnp.where(dest_XK >= 0, jnp.take_along_axis(row_XP, safe_dest_XK, axis=1), Z)
   earlier_KK = jnp.tril(jnp.ones((K, K), bool), -1)       # k' < k
   same_XKK = dest_XK[:, :, None] == dest_XK[:, None, :]
   slot_XK = jnp.sum(same_XKK & earlier_KK[None], axis=-1, dtype=jnp.int32)
   local_XK = jnp.where(dest_XK >= 0, experts_XK % local_experts, 0).astype(jnp.int32)
   count_P = jnp.sum(kept_XP, axis=0, dtype=jnp.int32)
-  return Plan(src_R, row_XK, slot_XK, local_XK, present_XP, kept_XP, count_P)
+  return Plan(src_Z, row_XK, slot_XK, local_XK, present_XP, kept_XP, count_P)
 
 
 # Wire formats of the two exchange directions (`mesh.dispatch_dtype`, `mesh.combine_dtype`).
@@ -170,55 +126,55 @@ class _Route(NamedTuple):
   back: str
 
 
-def _move(x_R, send_P, recv_P, me, route: _Route, wire: str):
+def _move(x_Z, send_P, recv_P, me, route: _Route, wire: str):
   """encode -> all-to-all of every payload leaf (rows first) -> decode."""
   codec = _CODECS.get(wire)
   if codec is None and wire != "model":
     raise ValueError(f"expert-parallel wire {wire!r}: must be one of {WIRES}")
-  payload = x_R if codec is None else comm.encode(x_R, codec)
+  payload = x_Z if codec is None else comm.encode(x_Z, codec)
   leaves, tree = jax.tree.flatten(payload)
-  R = x_R.shape[0]
+  Z = x_Z.shape[0]
   moved = []
   for leaf in leaves:   # FP8: data and 1x128 scales; LogFMT: codes and tile min/max
-    rows = leaf.reshape(R, -1)
+    rows = leaf.reshape(Z, -1)
     if route.ragged:
       rows = _ragged_a2a(rows, route.axes, route.shards, send_P, recv_P, me)
     else:
       rows = _dense_a2a(rows, route.axes, route.shards)
     moved.append(rows.reshape(leaf.shape))
   payload = jax.tree.unflatten(tree, moved)
-  return payload if codec is None else comm.decode(payload, codec, x_R.shape, x_R.dtype)
+  return payload if codec is None else comm.decode(payload, codec, x_Z.shape, x_Z.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _exchange(x_R, send_P, recv_P, me, route: _Route):
-  """All-to-all of `x_R` in wire format `route.there`; its cotangent returns by the reverse
+def _exchange(x_Z, send_P, recv_P, me, route: _Route):
+  """All-to-all of `x_Z` in wire format `route.there`; its cotangent returns by the reverse
   exchange in `route.back`. Tokens go out in the dispatch format and expert outputs come back
   in the combine format, so the backward pass sends output gradients to the experts in the
   dispatch format and input gradients back in the combine format: V3 §3.3.3's FP8 for "the
   activation before the up-projection and the gradient before the down-projection", BF16 for
   the combine both ways. Lossy codecs are straight-through for the gradient."""
-  return _move(x_R, send_P, recv_P, me, route, route.there)
+  return _move(x_Z, send_P, recv_P, me, route, route.there)
 
 
-def _exchange_fwd(x_R, send_P, recv_P, me, route):
-  return _move(x_R, send_P, recv_P, me, route, route.there), (send_P, recv_P, me, x_R[:0])
+def _exchange_fwd(x_Z, send_P, recv_P, me, route):
+  return _move(x_Z, send_P, recv_P, me, route, route.there), (send_P, recv_P, me, x_Z[:0])
 
 
-def _exchange_bwd(route, res, g_R):
+def _exchange_bwd(route, res, g_Z):
   send_P, recv_P, me, ref = res
-  g_R = _move(g_R, recv_P, send_P, me, route, route.back)   # rows retrace their way
-  return vma.cotangent_like(g_R.astype(ref.dtype), ref), None, None, None
+  g_Z = _move(g_Z, recv_P, send_P, me, route, route.back)   # rows retrace their way
+  return vma.cotangent_like(g_Z.astype(ref.dtype), ref), None, None, None
 
 
 _exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
-def _dense_a2a(buf_R, axes, shards, *_):
-  """AllToAll_expert: [P_dst * C, ...] -> [P_src * C, ...]."""
-  buf = buf_R.reshape((shards, -1) + buf_R.shape[1:])
+def _dense_a2a(buf_Z, axes, shards, *_):
+  """AllToAll_expert: [P_dst * Y, ...] -> [P_src * Y, ...]."""
+  buf = buf_Z.reshape((shards, -1) + buf_Z.shape[1:])
   out = jax.lax.all_to_all(buf, axes, 0, 0, tiled=True)
-  return out.reshape(buf_R.shape)
+  return out.reshape(buf_Z.shape)
 
 
 def _ragged_collective(operand, output, in_off, send, out_off, recv, axis_name):
@@ -226,12 +182,12 @@ def _ragged_collective(operand, output, in_off, send, out_off, recv, axis_name):
                                    axis_name=axis_name)
 
 
-def _ragged_a2a(buf_R, axes, shards, send_P, recv_P, me):
+def _ragged_a2a(buf_Z, axes, shards, send_P, recv_P, me):
   """The same exchange moving only the first send_P[p] rows of each block (block p -> p)."""
-  cap = buf_R.shape[0] // shards
+  cap = buf_Z.shape[0] // shards
   in_off_P = jnp.arange(shards, dtype=jnp.int32) * cap
   out_off_P = jnp.full((shards,), me * cap, jnp.int32)
-  return _ragged_collective(buf_R, jnp.zeros_like(buf_R), in_off_P, send_P, out_off_P, recv_P,
+  return _ragged_collective(buf_Z, jnp.zeros_like(buf_Z), in_off_P, send_P, out_off_P, recv_P,
                             axes)
 
 
@@ -243,102 +199,138 @@ def resolve_alltoall(name: str) -> str:
   return name
 
 
-def moe_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, *,
-            n_group: int = 1, topk_group: int = 1, dots: dispatch.ExpertDots | None = None,
-            impl: str | None = None, opts: EPOptions | None = None):
-  """Expert-parallel routed experts; same contract as `dispatch.dropless_ffn`, plus stats.
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+  """Routed experts split over the mesh axes that `rules` give `experts`, in one `shard_map` over
+  `mesh` (its own mesh and rules, not ambient ones); `local` runs each shard's experts.
 
-  Call under `mesh.activate` (jit traces it; the ambient mesh and rules choose the axes).
-  Args:
-    x_XD: [X, D] tokens; weights_XK, experts_XK: [X, K] routing (`router.route`).
-    w_gate_EDM, w_up_EDM: [E, D, M]; w_down_EMD: [E, M, D], all E experts (sharded by jit).
-    n_group, topk_group: the routing groups (nodes) and how many a token may use.
-    dots, impl: passed to `dispatch.dropless_ffn` (FP8 seam, grouped-matmul kind).
-    opts: `EPOptions`; default the ones set by `options(...)`.
-  Returns:
-    (y_XD [X, D], DispatchStats).
+  Same call as `dispatch.LocalExperts`: `(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM,
+  w_down_EMD, dots=None) -> (y_XD, DispatchStats)`, all E experts' weights (sharded by jit).
+  Weights enter as W[E_expert, D, M_tensor]: `shard_map` all-gathers the fsdp split of D (ZeRO-3)
+  and reduce-scatters its gradient. Tokens enter split over the `act_tokens` axes, which must
+  include the expert axes. With `options.capacity_factor=None` every buffer has room for all
+  local tokens and the result equals single-device dropless dispatch. Build it with `runner`.
   """
-  opts = opts or _OPTIONS.get()
-  mesh, rules = _mesh_and_rules()
-  if mesh.empty or not rules:
-    raise ValueError("expert_parallel.moe_ffn: no mesh or logical rules in context; trace under "
-                     "sharding.mesh.activate(mesh, rules)")
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  ep = _axes("experts", rules, sizes)
-  tok = _axes("act_tokens", rules, sizes)
-  mlp = _axes("moe_mlp", rules, sizes)
-  if not set(ep) <= set(tok):
-    raise ValueError(f"expert parallelism: the token axes {tok} (rule 'act_tokens') must include "
-                     f"the expert axes {ep} (rule 'experts'), so that each expert shard holds "
-                     "different tokens")
-  if set(mlp) & set(tok):
-    raise ValueError(f"expert parallelism: 'moe_mlp' axes {mlp} must not split tokens {tok}")
-  if _axes("act_experts", rules, sizes) != ep:
-    raise ValueError("rules 'act_experts' and 'experts' must name the same mesh axes")
-  X, K = experts_XK.shape
-  E = w_gate_EDM.shape[0]
-  shards = math.prod(sizes[a] for a in ep)
-  token_shards = math.prod(sizes[a] for a in tok)
-  if E % shards:
-    raise ValueError(f"expert parallelism: {E} experts do not divide over {shards} shards {ep}")
-  pad = -X % token_shards
-  if pad:  # e.g. init on a single sequence: padding tokens route nowhere
-    x_XD = jnp.concatenate([x_XD, jnp.zeros((pad, x_XD.shape[1]), x_XD.dtype)])
-    weights_XK = jnp.concatenate([weights_XK, jnp.zeros((pad, K), weights_XK.dtype)])
-    experts_XK = jnp.concatenate([experts_XK.astype(jnp.int32), jnp.full((pad, K), -1, jnp.int32)])
-  x_local = (X + pad) // token_shards
-  dests = max_destinations(K, shards, n_group, topk_group)
-  cap = capacity(x_local, dests, shards, opts.capacity_factor)
-  nodes = min(n_group, shards)
-  body = functools.partial(
-      _local, ep=ep, tok=tok, mlp=mlp, shards=shards, cap=cap, nodes=nodes, dots=dots, impl=impl,
-      alltoall=resolve_alltoall(opts.alltoall), opts=opts)
-  tok_spec = P(tok if len(tok) > 1 else (tok[0] if tok else None), None)
-  ep_entry = ep if len(ep) > 1 else ep[0]
-  mlp_entry = None if not mlp else (mlp if len(mlp) > 1 else mlp[0])
-  stats_spec = DispatchStats(*([P()] * len(DispatchStats._fields)))
-  fn = jax.shard_map(
-      body, mesh=mesh,
-      in_specs=(tok_spec, tok_spec, tok_spec, P(ep_entry, None, mlp_entry),
-                P(ep_entry, None, mlp_entry), P(ep_entry, mlp_entry, None)),
-      out_specs=(tok_spec, stats_spec))
-  y_XD, stats = fn(x_XD, weights_XK, experts_XK.astype(jnp.int32), w_gate_EDM, w_up_EDM,
-                   w_down_EMD)
-  return y_XD[:X], stats
+  mesh: Mesh | AbstractMesh
+  rules: rules_lib.Rules
+  n_group: int = 1               # routing groups (nodes) ...
+  topk_group: int = 1            # ... and how many one token may reach
+  options: EPOptions = EPOptions()
+  local: dispatch.LocalExperts = dispatch.LocalExperts()
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", rules_lib.check_rules(self.rules))
+    ep, tok, mlp = self.axes()
+    if not ep:
+      raise ValueError("ExpertParallel: the rules split 'experts' over no mesh axis of size > 1; "
+                       "use dispatch.LocalExperts (expert_parallel.runner chooses)")
+    if not set(ep) <= set(tok):
+      raise ValueError(f"expert parallelism: the token axes {tok} (rule 'act_tokens') must include "
+                       f"the expert axes {ep} (rule 'experts'), so that each expert shard holds "
+                       "different tokens")
+    if set(mlp) & set(tok):
+      raise ValueError(f"expert parallelism: 'moe_mlp' axes {mlp} must not split tokens {tok}")
+    if _axes("act_experts", self.rules, _sizes(self.mesh)) != ep:
+      raise ValueError("rules 'act_experts' and 'experts' must name the same mesh axes")
+
+  def axes(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Mesh axes (of size > 1) of the experts, the tokens and the expert hidden dimension M."""
+    sizes = _sizes(self.mesh)
+    return tuple(_axes(n, self.rules, sizes) for n in ("experts", "act_tokens", "moe_mlp"))
+
+  def __call__(self, x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
+               dots: dispatch.ExpertDots | None = None):
+    ep, tok, mlp = self.axes()
+    sizes = _sizes(self.mesh)
+    X, K = experts_XK.shape
+    E = w_gate_EDM.shape[0]
+    shards = math.prod(sizes[a] for a in ep)
+    token_shards = math.prod(sizes[a] for a in tok)
+    if E % shards:
+      raise ValueError(f"expert parallelism: {E} experts do not divide over {shards} shards {ep}")
+    pad = -X % token_shards
+    if pad:  # e.g. init on a single sequence: padding tokens route nowhere
+      x_XD = jnp.concatenate([x_XD, jnp.zeros((pad, x_XD.shape[1]), x_XD.dtype)])
+      weights_XK = jnp.concatenate([weights_XK, jnp.zeros((pad, K), weights_XK.dtype)])
+      experts_XK = jnp.concatenate([experts_XK.astype(jnp.int32),
+                                    jnp.full((pad, K), -1, jnp.int32)])
+    x_local = (X + pad) // token_shards
+    dests = max_destinations(K, shards, self.n_group, self.topk_group)
+    cap = capacity(x_local, dests, shards, self.options.capacity_factor)
+    nodes = min(self.n_group, shards)
+    body = functools.partial(
+        _local, ep=ep, tok=tok, mlp=mlp, shards=shards, cap=cap, nodes=nodes, dots=dots,
+        local=self.local, alltoall=resolve_alltoall(self.options.alltoall), opts=self.options)
+    tok_spec = P(tok if len(tok) > 1 else (tok[0] if tok else None), None)
+    ep_entry = ep if len(ep) > 1 else ep[0]
+    mlp_entry = None if not mlp else (mlp if len(mlp) > 1 else mlp[0])
+    stats_spec = DispatchStats(*([P()] * len(DispatchStats._fields)))
+    fn = jax.shard_map(
+        body, mesh=self.mesh,
+        in_specs=(tok_spec, tok_spec, tok_spec, P(ep_entry, None, mlp_entry),
+                  P(ep_entry, None, mlp_entry), P(ep_entry, mlp_entry, None)),
+        out_specs=(tok_spec, stats_spec))
+    y_XD, stats = fn(x_XD, weights_XK, experts_XK.astype(jnp.int32), w_gate_EDM, w_up_EDM,
+                     w_down_EMD)
+    return y_XD[:X], stats
+
+
+def runner(model_cfg, mesh_cfg: MeshConfig | None, mesh,
+           rules: rules_lib.Rules = rules_lib.DEFAULT_RULES):
+  """The routed-expert runner to build the model with on `mesh`.
+
+  `ExpertParallel` (options from `mesh_cfg`, None: defaults; its shards run
+  `LocalExperts.from_config(model_cfg)`) when `rules` split the experts over mesh axes of size
+  > 1 and `model.moe_dispatch` is "dropless"; otherwise that `LocalExperts` itself (the "dense"
+  oracle stays one program that the partitioner splits).
+  """
+  local = dispatch.LocalExperts.from_config(model_cfg)
+  if local.kind == "dense" or not splits_experts(mesh, rules):
+    return local
+  options = EPOptions.from_config(mesh_cfg or MeshConfig())
+  return ExpertParallel(mesh, rules, model_cfg.n_group, model_cfg.topk_group, options, local)
 
 
 def _local(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, *, ep, tok, mlp,
-           shards, cap, nodes, dots, impl, alltoall, opts):
-  """One device: plan, pack, AllToAll_expert, local experts, AllToAll_expert back, unpack."""
+           shards, cap, nodes, dots, local, alltoall, opts):
+  """One device (scaling-book notation; E here is the local experts):
+
+    plan (local):    token x needs shard p iff one of its K experts lives there; it takes row
+                     pos(x, p) < Y of the buffer for p (rows beyond Y are dropped and counted)
+    pack (local):    send[P_dst, Y, D] = x[src(p, y)]; ids, w [P_dst, Y, I] (local expert, weight)
+    AllToAll_expert: send[P_dst, Y, D] -> recv[P_src, Y, D]
+    experts (local): y[P_src, Y, D] = sum_i w * Expert_{ids}(recv)   (`local`)
+    AllToAll_expert: y[P_src, Y, D] -> back[P_dst, Y, D]
+    unpack (local):  out[X, D] = sum_p back[p, pos(x, p)];  {U_tensor} -> psum when M_tensor
+  """
   X, D = x_XD.shape
   E_loc = w_gate_EDM.shape[0]
-  L = min(experts_XK.shape[1], E_loc)
-  R = shards * cap
+  I = min(experts_XK.shape[1], E_loc)  # noqa: E741
+  Z = shards * cap
   me = jax.lax.axis_index(ep)
   plan = make_plan(experts_XK, shards, E_loc, cap)
-  # ---- pack: [P_dst * C] rows ----
+  # ---- pack: [P_dst * Y] rows ----
   x_pad = jnp.concatenate([x_XD, jnp.zeros((1, D), x_XD.dtype)])
-  send_RD = x_pad[plan.src_R]
-  ids_RL = jnp.zeros((R, L), jnp.int32).at[plan.row_XK, plan.slot_XK].set(plan.local_XK,
+  send_ZD = x_pad[plan.src_Z]
+  ids_ZI = jnp.zeros((Z, I), jnp.int32).at[plan.row_XK, plan.slot_XK].set(plan.local_XK,
                                                                           mode="drop")
-  w_RL = jnp.zeros((R, L), weights_XK.dtype).at[plan.row_XK, plan.slot_XK].set(weights_XK,
+  w_ZI = jnp.zeros((Z, I), weights_XK.dtype).at[plan.row_XK, plan.slot_XK].set(weights_XK,
                                                                                mode="drop")
-  # ---- AllToAll_expert: [P_dst*C, D] -> [P_src*C, D] ----
+  # ---- AllToAll_expert: [P_dst*Y, D] -> [P_src*Y, D] ----
   ragged = alltoall == "ragged"
   send_P = plan.count_P
   recv_P = jax.lax.all_to_all(send_P, ep, 0, 0, tiled=True) if ragged else send_P
   out = _Route(ep, shards, ragged, opts.dispatch_dtype, opts.combine_dtype)
   home = _Route(ep, shards, ragged, opts.combine_dtype, opts.dispatch_dtype)
-  recv_RD = _exchange(send_RD, send_P, recv_P, me, out)
-  ids_RL, w_RL = (_move(a, send_P, recv_P, me, out, "model") for a in (ids_RL, w_RL))
+  recv_ZD = _exchange(send_ZD, send_P, recv_P, me, out)
+  ids_ZI, w_ZI = (_move(a, send_P, recv_P, me, out, "model") for a in (ids_ZI, w_ZI))
   if mlp:  # each M shard sees the same rows: typed as varying, so their gradient is psum'd
-    recv_RD, w_RL = jax.lax.pcast((recv_RD, w_RL), mlp, to="varying")
+    recv_ZD, w_ZI = jax.lax.pcast((recv_ZD, w_ZI), mlp, to="varying")
   # ---- local experts (padding rows and slots carry weight 0) ----
-  y_RD = dispatch.dropless_ffn(recv_RD, w_RL, ids_RL, w_gate_EDM, w_up_EDM, w_down_EMD,
-                               dots=dots, impl=impl)
+  y_ZD, _ = local(recv_ZD, w_ZI, ids_ZI, w_gate_EDM, w_up_EDM, w_down_EMD, dots=dots)
   # ---- AllToAll_expert back, then unpack: sum over destination shards ----
-  y_RD = _exchange(y_RD, recv_P, send_P, me, home)
-  out_XD = jnp.zeros((X + 1, D), jnp.float32).at[plan.src_R].add(y_RD.astype(jnp.float32))[:X]
+  y_ZD = _exchange(y_ZD, recv_P, send_P, me, home)
+  out_XD = jnp.zeros((X + 1, D), jnp.float32).at[plan.src_Z].add(y_ZD.astype(jnp.float32))[:X]
   if mlp:
     out_XD = jax.lax.psum(out_XD, mlp)                     # {U_tensor}: partial sums over M
   stats = _stats(plan, experts_XK, me, shards, cap, nodes, tok)
@@ -351,8 +343,8 @@ def _stats(plan: Plan, experts_XK, me, shards, cap, nodes, tok) -> DispatchStats
   kept, present = plan.kept_XP, plan.present_XP
   remote_P = jnp.arange(shards) != me
   cross_P = node_P != (me * nodes // shards)
-  node_PN = node_P[:, None] == jnp.arange(nodes)[None, :]
-  node_hit_XN = jnp.any(present[:, :, None] & node_PN[None], axis=1)
+  node_PO = node_P[:, None] == jnp.arange(nodes)[None, :]
+  node_hit_XO = jnp.any(present[:, :, None] & node_PO[None], axis=1)
   valid_XK = experts_XK >= 0
   dropped_XK = valid_XK & (plan.row_XK >= shards * cap)
   total = lambda v: jax.lax.psum(jnp.sum(v, dtype=i32), tok)  # noqa: E731
@@ -363,6 +355,6 @@ def _stats(plan: Plan, experts_XK, me, shards, cap, nodes, tok) -> DispatchStats
       dropped_rows=total(present & ~kept),
       cross_device_rows=total(kept & remote_P[None]),
       cross_node_rows=total(kept & cross_P[None]),
-      max_nodes_per_token=jax.lax.pmax(jnp.max(jnp.sum(node_hit_XN, axis=1, dtype=i32)), tok),
+      max_nodes_per_token=jax.lax.pmax(jnp.max(jnp.sum(node_hit_XO, axis=1, dtype=i32)), tok),
       buffer_rows=jax.lax.psum(jnp.asarray(shards * cap, i32), tok),
   )

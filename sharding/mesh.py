@@ -129,19 +129,18 @@ def check_batch(batch_size: int, mesh: AnyMesh, rules: rules_lib.Rules = rules_l
 
 
 @contextlib.contextmanager
-def activate(mesh: AnyMesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES,
-             mesh_cfg: MeshConfig | None = None) -> Iterator[AnyMesh]:
-  """Context for tracing the model on `mesh`: the mesh, the logical rules and the EP options.
+def activate(mesh: AnyMesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES
+             ) -> Iterator[AnyMesh]:
+  """Context for tracing the model on `mesh`: the mesh and the logical rules.
 
-  Trace (jit, eval_shape, init) inside it: flax resolves logical names through `rules`, and the
-  MoE switches to expert-parallel dispatch when the rules split the experts over the mesh. Flax
-  rules are not part of jit's cache key: keep one mesh/rules per jitted function.
+  Trace (jit, eval_shape, init) inside it: flax resolves logical names through `rules`. It
+  chooses no algorithm: expert parallelism is the runner passed to the model
+  (`expert_parallel.runner`). Flax rules are not part of jit's cache key: keep one mesh/rules
+  per jitted function.
   """
-  from sharding import expert_parallel  # noqa: PLC0415 (avoids an import cycle)
   rules = rules_lib.check_rules(rules)
-  options = expert_parallel.EPOptions.from_config(mesh_cfg or MeshConfig())
   set_mesh = (jax.sharding.use_abstract_mesh if isinstance(mesh, AbstractMesh) else jax.set_mesh)
-  with set_mesh(mesh), nn.logical_axis_rules(rules), expert_parallel.options(options):
+  with set_mesh(mesh), nn.logical_axis_rules(rules):
     yield mesh
 
 

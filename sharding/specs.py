@@ -16,7 +16,7 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from deepseek_jax.config import ConfigError, MeshConfig
+from deepseek_jax.config import ConfigError
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
@@ -134,13 +134,13 @@ def spec_table(abstract_tree, mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_R
 
 
 def compile_init(init_fn: Callable, *args, mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES,
-                 mesh_cfg: MeshConfig | None = None, logical=None):
+                 logical=None):
   """Compiles `init_fn(*args)` with the state's shardings as `out_shardings`.
 
   Returns (compiled, shardings); `compiled(*args)` creates the state split across the mesh (each
   device computes only its own shards), and `compiled.memory_analysis()` tells what it costs.
   """
-  with mesh_lib.activate(mesh, rules, mesh_cfg):
+  with mesh_lib.activate(mesh, rules):
     abstract = jax.eval_shape(init_fn, *args)
     shardings = state_shardings(abstract, mesh, rules, logical)
     compiled = jax.jit(init_fn, out_shardings=shardings).lower(*args).compile()
@@ -148,14 +148,13 @@ def compile_init(init_fn: Callable, *args, mesh, rules: rules_lib.Rules = rules_
 
 
 def init_sharded(init_fn: Callable, *args, mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES,
-                 mesh_cfg: MeshConfig | None = None, logical=None):
+                 logical=None):
   """Runs `init_fn(*args)` already sharded (see `compile_init`); returns (state, shardings).
 
   `init_fn` may return boxed or unboxed values; e.g. `init_sharded(Transformer(cfg).init, rng,
   tokens_BT, mesh=mesh, rules=rules)`, or a function building the whole train state.
   """
-  compiled, shardings = compile_init(init_fn, *args, mesh=mesh, rules=rules, mesh_cfg=mesh_cfg,
-                                     logical=logical)
+  compiled, shardings = compile_init(init_fn, *args, mesh=mesh, rules=rules, logical=logical)
   return compiled(*args), shardings
 
 

@@ -59,6 +59,10 @@ INVALID = [
     ("model.topk_group=9", "model.topk_group"),
     ("model.scoring_func=relu", "model.scoring_func"),
     ("model.moe_dispatch=magic", "model.moe_dispatch"),
+    ("model.dropless_impl=megablocks", "model.dropless_impl"),
+    ("model.dropless_block=0", "model.dropless_block"),
+    ("model.dropless_block=-8", "model.dropless_block"),
+    ("model.dropless_block=2.5", "model.dropless_block"),
     ("model.rms_norm_eps=0", "model.rms_norm_eps"),
     ("model.routed_scaling_factor=-1", "model.routed_scaling_factor"),
     ("model.dtype=float16", "model.dtype"),
@@ -83,6 +87,17 @@ def test_invalid_configs_are_rejected_clearly(override, field):
   msg = str(e.value)
   assert field in msg and "\n" not in msg
   assert "must" in msg or "unknown" in msg
+
+
+def test_dispatch_fields_reach_the_expert_runner():
+  from deepseek_jax.dispatch import LocalExperts  # noqa: PLC0415
+  cfg = load_config("configs/tiny.yaml").model
+  assert (cfg.dropless_impl, cfg.dropless_block) == ("auto", None)
+  assert LocalExperts.from_config(cfg) == LocalExperts("dropless", None, None)
+  cfg = load_config("configs/tiny.yaml", ["model.moe_dispatch=dense", "model.dropless_impl=ragged",
+                                          "model.dropless_block=16"]).model
+  assert LocalExperts.from_config(cfg) == LocalExperts("dense", "ragged", 16)
+  assert load_config("configs/tiny.yaml", ["model.dropless_block=null"]).model.dropless_block is None
 
 
 def test_topk_group_must_hold_enough_experts():

@@ -81,7 +81,7 @@ def _loss_fn(model, variables):
 def _dense_and_dropless(cfg, variables, x_BTD, ct_BTD):
   out = {}
   for name in ("dense", "dropless"):
-    model = MoE(dataclasses.replace(cfg, moe_dispatch=name), dropless_impl="block")
+    model = MoE(cfg, experts=dispatch.LocalExperts(name, impl="block"))
     out[name] = jax.value_and_grad(_loss_fn(model, variables), (0, 1), has_aux=True)(
         variables["params"], x_BTD, ct_BTD)
   return out
@@ -315,3 +315,21 @@ def test_bfloat16_compute_follows_float32():
   # The router stays f32, so the same experts are chosen; values agree to bf16 precision.
   np.testing.assert_array_equal(np.asarray(aux16["load"]), np.asarray(aux32["load"]))
   _assert_close(y16.astype(jnp.float32), y32, tol=3e-2, what="bf16 vs f32")
+
+
+def test_config_chooses_the_default_runner_and_an_explicit_one_wins():
+  """`MoE(cfg)` runs `LocalExperts.from_config(cfg)`: model.dropless_block=4 gives [W, 4, D]
+  blocks; a runner passed explicitly overrides the config (here the dense oracle)."""
+  cfg = dataclasses.replace(SMALL, moe_dispatch="dropless", dropless_impl="block",
+                            dropless_block=4)
+  x_BTD = jnp.zeros(SMALL_SHAPE + (16,))
+  v = _variables(SMALL, SMALL_SHAPE, 6)
+  text = lambda model: jax.jit(model.apply).lower(v, x_BTD).as_text()  # noqa: E731
+  blocks = f"tensor<{dispatch.num_blocks(16 * 2, 8, 4)}x4x16xf32>"
+  assert blocks in text(MoE(cfg))
+  dense = text(MoE(cfg, experts=dispatch.LocalExperts("dense")))
+  assert blocks not in dense and "tensor<16x8x8xf32>" in dense   # h_XEM: all E experts
+  with pytest.raises(ValueError, match="kind"):
+    dispatch.LocalExperts("expert_parallel")
+  with pytest.raises(ValueError, match="block"):
+    dispatch.LocalExperts("dropless", "block", 0)

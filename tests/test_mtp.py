@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from deepseek_jax.block import Block
+from deepseek_jax.dispatch import LocalExperts
 from deepseek_jax.model import Transformer
 from deepseek_jax.mtp import mtp_loss, shift_left
 from tests.helpers import init_model, random_tokens, small_config
@@ -94,6 +95,29 @@ def test_dropless_model_equals_dense_model():
   import dataclasses
   a = jax.jit(Transformer(cfg).apply)(v, tokens)
   b = jax.jit(Transformer(dataclasses.replace(cfg, moe_dispatch="dropless")).apply)(v, tokens)
+  c = jax.jit(Transformer(cfg, experts=LocalExperts("dropless")).apply)(v, tokens)
+  np.testing.assert_array_equal(np.asarray(b.logits_BTV), np.asarray(c.logits_BTV))
   np.testing.assert_allclose(np.asarray(a.logits_BTV), np.asarray(b.logits_BTV), atol=1e-5)
   np.testing.assert_allclose(np.asarray(a.mtp_logits[0]), np.asarray(b.mtp_logits[0]), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(a.aux["load"]), np.asarray(b.aux["load"]))
+
+
+def test_the_expert_runner_reaches_the_mtp_block():
+  """The main stack is all dense here, so only the MTP block calls the runner it is given."""
+  import dataclasses
+  calls = []
+
+  @dataclasses.dataclass(frozen=True)
+  class Recording(LocalExperts):
+    def __call__(self, *args, **kw):
+      calls.append(self.kind)
+      return super().__call__(*args, **kw)
+
+  cfg = small_config(num_layers=1, first_k_dense_replace=1, num_mtp_layers=1)
+  tokens = random_tokens(cfg, 2, 6)
+  v = init_model(Transformer(cfg), tokens)
+  out = jax.jit(Transformer(cfg, experts=Recording("dropless")).apply)(v, tokens)
+  assert calls == ["dropless"]
+  want = jax.jit(Transformer(cfg).apply)(v, tokens)
+  np.testing.assert_allclose(np.asarray(out.mtp_logits[0]), np.asarray(want.mtp_logits[0]),
+                             atol=1e-5)

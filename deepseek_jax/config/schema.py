@@ -74,6 +74,8 @@ class ModelConfig:
   routed_scaling_factor: float = 2.5
   balance_loss_alpha: float = 1e-4        # sequence-wise balance loss (V3 Eq. 17-20)
   moe_dispatch: Literal["dense", "dropless"] = "dropless"
+  dropless_impl: Literal["auto", "block", "ragged"] = "auto"   # grouped matmul; auto: by backend
+  dropless_block: int | None = None       # rows per block of the "block" path (null: automatic)
   # Positions
   rope_theta: float = 10000.0
   yarn: YarnConfig | None = dataclasses.field(default_factory=YarnConfig)
@@ -116,7 +118,17 @@ class ModelConfig:
     _check(self.scoring_func in ("sigmoid", "softmax"), "model.scoring_func", self.scoring_func,
            "must be 'sigmoid' (V3) or 'softmax' (V2)")
     _check(self.moe_dispatch in ("dense", "dropless"), "model.moe_dispatch", self.moe_dispatch,
-           "must be 'dense' or 'dropless' (expert parallelism is chosen by the mesh)")
+           "must be 'dense' (every expert on every token, the oracle) or 'dropless' (sorted "
+           "grouped matmul; expert-parallel when the caller passes a runner for a mesh that "
+           "splits the experts)")
+    _check(self.dropless_impl in ("auto", "block", "ragged"), "model.dropless_impl",
+           self.dropless_impl, "must be 'auto' (ragged_dot on GPU/TPU, blocks on CPU), 'block' "
+           "or 'ragged'")
+    _check(self.dropless_block is None or (isinstance(self.dropless_block, int)
+                                           and not isinstance(self.dropless_block, bool)
+                                           and self.dropless_block > 0),
+           "model.dropless_block", self.dropless_block,
+           "must be a positive integer (rows per block) or null (automatic)")
     _check(self.routed_scaling_factor > 0, "model.routed_scaling_factor",
            self.routed_scaling_factor, "must be > 0")
     _check(self.balance_loss_alpha >= 0, "model.balance_loss_alpha", self.balance_loss_alpha,

@@ -1,5 +1,6 @@
 """Expert-parallel MoE (shard_map + all-to-all) against single-device dropless dispatch."""
 
+import dataclasses
 import functools
 
 import jax
@@ -29,23 +30,26 @@ def _inputs(seed=0, topk_group=2):
   return (x_XD, weights_XK, experts_XK, *w)
 
 
-def _run(shape, args, mesh_cfg=None, topk_group=2, rules=rules_lib.DEFAULT_RULES, grads=True):
-  """(y, stats, grads or None) from one compiled function on the mesh."""
-  mesh_cfg = mesh_cfg or MeshConfig(*shape)
-  mesh = mesh_lib.make_mesh(mesh_cfg)
-  f = functools.partial(ep.moe_ffn, n_group=G, topk_group=topk_group)
+def _runner(mesh_cfg, topk_group=2, rules=rules_lib.DEFAULT_RULES, **local):
+  """The expert-parallel runner on `mesh_cfg`'s mesh, G routing groups, `local` on each shard."""
+  return ep.ExpertParallel(mesh_lib.make_mesh(mesh_cfg), rules, G, topk_group,
+                           ep.EPOptions.from_config(mesh_cfg), dispatch.LocalExperts(**local))
+
+
+def _run(shape, args, mesh_cfg=None, topk_group=2, rules=rules_lib.DEFAULT_RULES, grads=True,
+         **local):
+  """(y, stats, grads or None) from one compiled function; no ambient mesh or rules."""
+  f = _runner(mesh_cfg or MeshConfig(*shape), topk_group, rules, **local)
 
   def loss(*a):
     y, stats = f(*a)
     return jnp.sum(jnp.sin(y)), (y, stats)
 
-  with mesh_lib.activate(mesh, rules, mesh_cfg):
-    assert ep.enabled()
-    if grads:
-      (_, (y, stats)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5),
-                                                      has_aux=True))(*args)
-    else:
-      (y, stats), g = jax.jit(f)(*args), None
+  if grads:
+    (_, (y, stats)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5),
+                                                    has_aux=True))(*args)
+  else:
+    (y, stats), g = jax.jit(f)(*args), None
   return np.asarray(y), jax.tree.map(int, stats._asdict()), g
 
 
@@ -131,8 +135,8 @@ def _emulated_ragged(operand, output, in_off, send, out_off, recv, axis_name):
 def test_ragged_alltoall_matches(monkeypatch):
   args = _inputs(seed=3)
   cfg = MeshConfig(2, 1, 4, 1, alltoall="ragged")
-  with mesh_lib.activate(mesh_lib.make_mesh(cfg), mesh_cfg=cfg):
-    text = jax.jit(lambda *a: ep.moe_ffn(*a, n_group=G, topk_group=2)[0]).lower(*args).as_text()
+  f = _runner(cfg)
+  text = jax.jit(lambda *a: f(*a)[0]).lower(*args).as_text()
   assert "ragged_all_to_all" in text
   monkeypatch.setattr(ep, "_ragged_collective", _emulated_ragged)
   y, stats, grads = _run(None, args, cfg)
@@ -145,10 +149,10 @@ def test_ragged_alltoall_matches(monkeypatch):
 def test_bf16_wire_formats():
   args = _inputs(seed=4)
   cfg = MeshConfig(1, 1, 8, 1, dispatch_dtype="bfloat16", combine_dtype="bfloat16")
-  with mesh_lib.activate(mesh_lib.make_mesh(cfg), mesh_cfg=cfg):
-    f = jax.jit(lambda *a: ep.moe_ffn(*a, n_group=G, topk_group=2)[0])
-    text = f.lower(*args).as_text()    # XLA:CPU later moves the converts across the collective
-    y = np.asarray(f(*args))
+  run = _runner(cfg)
+  f = jax.jit(lambda *a: run(*a)[0])
+  text = f.lower(*args).as_text()    # XLA:CPU later moves the converts across the collective
+  y = np.asarray(f(*args))
   a2a = [line for line in text.splitlines() if "all_to_all" in line and "x16x" in line]
   assert len(a2a) == 2 and all("bf16>" in line for line in a2a)
   y_ref, _ = _reference(args)
@@ -158,14 +162,13 @@ def test_bf16_wire_formats():
 
 def _wire_run(args, dispatch_dtype, combine_dtype):
   cfg = MeshConfig(1, 1, 8, 1, dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype)
+  run = _runner(cfg)
   x, w, e, *ws = args
-  loss = lambda x, w, *ws: jnp.sum(jnp.sin(  # noqa: E731
-      ep.moe_ffn(x, w, e, *ws, n_group=G, topk_group=2)[0]))
-  with mesh_lib.activate(mesh_lib.make_mesh(cfg), mesh_cfg=cfg):
-    f = jax.jit(lambda *a: ep.moe_ffn(*a, n_group=G, topk_group=2)[0])
-    g = jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4)))
-    return (f.lower(*args).as_text(), g.lower(x, w, *ws).as_text(), np.asarray(f(*args)),
-            g(x, w, *ws))
+  loss = lambda x, w, *ws: jnp.sum(jnp.sin(run(x, w, e, *ws)[0]))  # noqa: E731
+  f = jax.jit(lambda *a: run(*a)[0])
+  g = jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4)))
+  return (f.lower(*args).as_text(), g.lower(x, w, *ws).as_text(), np.asarray(f(*args)),
+          g(x, w, *ws))
 
 
 def test_fp8_dispatch_wire_carries_fp8_bytes_both_ways():
@@ -202,12 +205,65 @@ def test_logfmt_combine_wire(wire, worst):
   assert 0 < rel < worst, rel
 
 
-def test_enabled_only_when_experts_split():
-  assert not ep.enabled()
-  with mesh_lib.activate(mesh_lib.make_mesh(MeshConfig(8, 1, 1, 1))):
-    assert not ep.enabled()
-  with mesh_lib.activate(mesh_lib.make_mesh(MeshConfig(4, 1, 2, 1))):
-    assert ep.enabled()
+def test_runner_is_expert_parallel_only_when_rules_split_experts():
+  model = common.small_cfg(n_routed_experts=E, num_experts_per_tok=K, n_group=G, topk_group=2,
+                           dropless_impl="block", dropless_block=8)
+  local = dispatch.LocalExperts("dropless", "block", 8)
+  assert dispatch.LocalExperts.from_config(model) == local
+  for shape in [(8, 1, 1, 1), (2, 2, 1, 2)]:
+    mesh_cfg = MeshConfig(*shape)
+    assert ep.runner(model, mesh_cfg, mesh_lib.make_mesh(mesh_cfg)) == local
+  mesh_cfg = MeshConfig(4, 1, 2, 1, capacity_factor=1.5, dispatch_dtype="bfloat16")
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  r = ep.runner(model, mesh_cfg, mesh)
+  assert isinstance(r, ep.ExpertParallel) and r.local == local     # block and impl reach shards
+  assert (r.mesh, r.rules, r.n_group, r.topk_group) == (mesh, rules_lib.DEFAULT_RULES, G, 2)
+  assert r.options == ep.EPOptions(1.5, "auto", "bfloat16", "model")
+  hash(r)                                                          # a flax module attribute
+  # Rules that replicate the experts: the same mesh runs the local algorithm.
+  replicated = rules_lib.with_overrides(rules_lib.DEFAULT_RULES, ["experts=", "act_experts="])
+  assert ep.runner(model, mesh_cfg, mesh, replicated) == local
+  # The dense oracle is never expert-parallel.
+  dense = dataclasses.replace(model, moe_dispatch="dense")
+  assert ep.runner(dense, mesh_cfg, mesh) == dispatch.LocalExperts("dense", "block", 8)
+
+
+def test_dropless_block_reaches_the_shards():
+  """block=8 on every shard: the lowered program holds [W, 8, D] blocks (W = 17 for the 64 rows
+  x 2 slots on 2 local experts of each shard), and the result equals block=None and one device."""
+  args = _inputs(seed=8)
+  mesh_cfg = MeshConfig(1, 1, 8, 1)
+  lowered = lambda **local: jax.jit(  # noqa: E731
+      lambda *a: _runner(mesh_cfg, **local)(*a)[0]).lower(*args).as_text()
+  blocks = f"tensor<{dispatch.num_blocks(64 * 2, E // 8, 8)}x8x{D}xf32>"
+  assert blocks in lowered(impl="block", block=8)
+  assert blocks not in lowered(impl="block")
+  y8, _, g8 = _run(None, args, mesh_cfg, impl="block", block=8)
+  y, _, g = _run(None, args, mesh_cfg, impl="block")
+  y_ref, g_ref = _reference(args)
+  np.testing.assert_allclose(y8, y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y8, y_ref, rtol=1e-5, atol=1e-5)
+  for a, b, c in zip(g8, g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_model_under_activate_runs_the_runner_it_is_given():
+  """No hidden switch: `Transformer(cfg)` traced inside `mesh.activate` on a mesh that splits the
+  experts runs the local algorithm; only the expert-parallel runner brings the all-to-all."""
+  from deepseek_jax.model import Transformer  # noqa: PLC0415
+  cfg = common.small_cfg(num_layers=2, num_mtp_layers=0)
+  mesh_cfg = MeshConfig(2, 1, 4, 1)
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  toks = jnp.zeros((8, 16), jnp.int32)
+  variables = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), toks)
+  texts = {}
+  for name, experts in (("default", None), ("runner", ep.runner(cfg, mesh_cfg, mesh))):
+    with mesh_lib.activate(mesh):
+      texts[name] = jax.jit(Transformer(cfg, experts=experts).apply).lower(
+          variables, toks).as_text()
+  assert "all_to_all" not in texts["default"] and "manual_computation" not in texts["default"]
+  assert "all_to_all" in texts["runner"] and "manual_computation" in texts["runner"]
 
 
 def test_tokens_must_split_over_expert_axis():
@@ -231,10 +287,9 @@ def test_node_limit_halves_sized_buffers_in_hlo():
   args = _inputs(seed=6)
   cfg = MeshConfig(2, 1, 4, 1, capacity_factor=1.0)
   got = {}
-  with mesh_lib.activate(mesh_lib.make_mesh(cfg), mesh_cfg=cfg):
-    for topk_group in (2, G):
-      f = jax.jit(lambda *a, t=topk_group: ep.moe_ffn(*a, n_group=G, topk_group=t)[0])
-      got[topk_group] = hlo.collectives(f.lower(*args).compile().as_text())["all-to-all"]
+  for topk_group in (2, G):
+    f = jax.jit(lambda *a, run=_runner(cfg, topk_group): run(*a)[0])
+    got[topk_group] = hlo.collectives(f.lower(*args).compile().as_text())["all-to-all"]
   assert got[2].count == got[G].count == 4     # dispatch x, ids, weights; combine y
   assert got[2].bytes * 2 == got[G].bytes
 
@@ -262,16 +317,13 @@ def test_fp8_expert_dots_under_expert_parallelism():
   dots = dispatch.ExpertDots(dot, dot, dot)
   assert dispatch.block_numerics(dots) is not None
   args = _inputs(seed=5)
-  mesh_cfg = MeshConfig(2, 1, 4, 1)
-  mesh = mesh_lib.make_mesh(mesh_cfg)
   x, w, e, *ws = args
-  f_ep = functools.partial(ep.moe_ffn, n_group=G, topk_group=2, dots=dots, impl="block")
+  f_ep = functools.partial(_runner(MeshConfig(2, 1, 4, 1), impl="block"), dots=dots)
   f_ref = lambda x, w, *ws: dispatch.dropless_ffn(x, w, e, *ws, dots=dots, impl="block")  # noqa: E731
   loss_ep = lambda x, w, *ws: jnp.sum(jnp.sin(f_ep(x, w, e, *ws)[0]))  # noqa: E731
   loss_ref = lambda x, w, *ws: jnp.sum(jnp.sin(f_ref(x, w, *ws)))  # noqa: E731
-  with mesh_lib.activate(mesh, rules_lib.DEFAULT_RULES, mesh_cfg):
-    y = jax.jit(lambda *a: f_ep(*a)[0])(*args)
-    g = jax.jit(jax.grad(loss_ep, argnums=(0, 1, 2, 3, 4)))(x, w, *ws)
+  y = jax.jit(lambda *a: f_ep(*a)[0])(*args)
+  g = jax.jit(jax.grad(loss_ep, argnums=(0, 1, 2, 3, 4)))(x, w, *ws)
   y_ref = jax.jit(f_ref)(x, w, *ws)
   g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2, 3, 4)))(x, w, *ws)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ConfigError, MeshConfig, load_config
 from deepseek_jax.model import Transformer
+from sharding import expert_parallel
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 from sharding import specs
@@ -112,10 +113,13 @@ def test_indivisible_dimension_names_the_leaf():
 def test_v3_671b_on_2048_devices_abstract():
   """eval_shape only: 671B parameters on an abstract 32 (fsdp) x 64 (expert) mesh."""
   cfg = load_config(str(common.ROOT / "configs" / "deepseek_v3_671b.yaml")).model
-  mesh = mesh_lib.make_abstract_mesh(MeshConfig(data=-1, fsdp=32, expert=64), 2048)
+  mesh_cfg = MeshConfig(data=-1, fsdp=32, expert=64)
+  mesh = mesh_lib.make_abstract_mesh(mesh_cfg, 2048)
   mesh_lib.check_model(cfg, mesh)
+  experts = expert_parallel.runner(cfg, mesh_cfg, mesh)
+  assert isinstance(experts, expert_parallel.ExpertParallel)
   with mesh_lib.activate(mesh):
-    abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
+    abstract = jax.eval_shape(Transformer(cfg, experts=experts).init, jax.random.key(0),
                               jax.ShapeDtypeStruct((2048, 8), jnp.int32))
   sh = specs.state_shardings(abstract, mesh)
   n = sum(x.size for x in jax.tree.leaves(specs.strip_boxes(abstract)))
