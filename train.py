@@ -24,12 +24,16 @@ from typing import Any, Callable, NamedTuple
 
 T_START = time.perf_counter()
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
-from deepseek_jax.config import Config, ConfigError  # noqa: E402
-from deepseek_jax.config import config_to_dict, load_config  # noqa: E402
+from deepseek_jax import training  # noqa: E402
+from deepseek_jax.config import Config, ConfigError, config_to_dict, load_config  # noqa: E402
+from deepseek_jax.fp8 import policy_from_config  # noqa: E402
+from deepseek_jax.model import Transformer  # noqa: E402
+from deepseek_jax.training import loop as loop_lib  # noqa: E402
 from sharding import distributed, expert_parallel, specs  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
 from sharding import rules as rules_lib  # noqa: E402
@@ -62,7 +66,6 @@ def init_distributed(args) -> None:
 
 
 def fp8_policy(cfg: Config):
-  from deepseek_jax.fp8 import policy_from_config  # noqa: PLC0415
   return policy_from_config(cfg.fp8)                # None unless fp8.recipe quantises something
 
 
@@ -119,10 +122,6 @@ class Built(NamedTuple):
 
 
 def build(cfg: Config) -> Built:
-  import flax.linen as nn  # noqa: PLC0415
-  from deepseek_jax import training  # noqa: PLC0415
-  from deepseek_jax.model import Transformer  # noqa: PLC0415
-
   t = cfg.train
   mesh, rules = make_mesh(cfg)
   activate = functools.partial(mesh_lib.activate, mesh, rules)
@@ -151,8 +150,6 @@ def build(cfg: Config) -> Built:
 
 def prepare(cfg: Config, workdir: pathlib.Path, resume: bool):
   """Checkpointer, data, built pieces and the state (restored, or initialised sharded)."""
-  from deepseek_jax import training  # noqa: PLC0415
-
   t, m = cfg.train, cfg.model
   ckpt = training.Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoint,
                                config_to_dict(cfg))
@@ -179,9 +176,6 @@ def prepare(cfg: Config, workdir: pathlib.Path, resume: bool):
 
 
 def run(cfg: Config, workdir: pathlib.Path, resume: bool = False) -> int:
-  from deepseek_jax import training  # noqa: PLC0415
-  from deepseek_jax.training import loop as loop_lib  # noqa: PLC0415
-
   t = cfg.train
   ckpt, data, b, state = prepare(cfg, workdir, resume)
   start_step = int(state.step)

@@ -1,0 +1,42 @@
+"""deepseek-jax: DeepSeek-V3 (arXiv 2412.19437) and its hardware co-design (ISCA '25, arXiv 2505.09343)
+in JAX/Flax.
+
+Who may import whom (`scripts/import_graph.py` checks it; `tests/test_house.py` fails on a breach):
+- `config` imports nothing of the project; `tokenizer` only `config`; `fp8/` only `config`.
+- The model side (`layers rope mla router dispatch moe block mtp model naming vma`) imports
+  `config`, `fp8/` and itself, never `sharding/`: whoever builds a `Transformer` passes the FP8
+  policy and the expert runner (`dispatch.LocalExperts` or `sharding.expert_parallel`).
+- `sharding/` imports `config`, `fp8/` and model-side primitives; never training or inference.
+- `training/`, `generate/`, `hf/`, `codesign/` build on all of the above; the commands
+  (`train.py`, the `__main__` modules) on anything. No cycles anywhere.
+
+The public API below is loaded on first use, so `import deepseek_jax.config` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_API = {
+    "Config": "deepseek_jax.config", "ConfigError": "deepseek_jax.config",
+    "ModelConfig": "deepseek_jax.config", "load_config": "deepseek_jax.config",
+    "Transformer": "deepseek_jax.model", "abstract_variables": "deepseek_jax.model",
+    "init_model_cache": "deepseek_jax.model", "LocalExperts": "deepseek_jax.dispatch",
+    "policy_from_config": "deepseek_jax.fp8", "load_hf": "deepseek_jax.hf",
+    "save_hf": "deepseek_jax.hf", "Sampling": "deepseek_jax.generate",
+    "load_for_inference": "deepseek_jax.generate", "kv_cache_bytes_per_token": "deepseek_jax.codesign",
+    "param_counts": "deepseek_jax.codesign", "memory_plan": "deepseek_jax.codesign",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+  if name not in _API:
+    raise AttributeError(f"module 'deepseek_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_API[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_API))

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import naming
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import ACT_BTD, MLP, RMSNorm, dtype_of
 from deepseek_jax.mla import MLA
@@ -31,15 +32,15 @@ class Block(nn.Module):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed")
-    attn_BTD, cache = MLA(cfg, self.fp8_policy, self.absorb, name="self_attn")(
-        RMSNorm(name="input_layernorm", **norm_kw)(h_BTD), positions_BT, cache, layer)
+    attn_BTD, cache = MLA(cfg, self.fp8_policy, self.absorb, name=naming.ATTN)(
+        RMSNorm(name=naming.ATTN_NORM, **norm_kw)(h_BTD), positions_BT, cache, layer)
     h_BTD = h_BTD + attn_BTD
-    x_BTD = RMSNorm(name="post_attention_layernorm", **norm_kw)(h_BTD)
+    x_BTD = RMSNorm(name=naming.FFN_NORM, **norm_kw)(h_BTD)
     if self.moe:
-      y_BTD, aux = MoE(cfg, self.fp8_policy, self.experts, name="mlp")(x_BTD)
+      y_BTD, aux = MoE(cfg, self.fp8_policy, self.experts, name=naming.MLP)(x_BTD)
     else:
       y_BTD = MLP(cfg.d_model, cfg.ffn_dim, dtype=dt, param_dtype=pdt, init_std=cfg.init_std,
-                  fp8_policy=self.fp8_policy, name="mlp")(x_BTD)
+                  fp8_policy=self.fp8_policy, name=naming.MLP)(x_BTD)
       aux = {}
     h_BTD = nn.with_logical_constraint(h_BTD + y_BTD, ACT_BTD)
     return h_BTD, (cache, aux)
@@ -87,14 +88,14 @@ class BlockStack(nn.Module):
                         in_axes=(nn.broadcast, 0), length=self.n,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       if cache is None:
-        h_BTD, (_, aux) = scanned(name="layers", **kw)(h_BTD, positions_BT, None)
+        h_BTD, (_, aux) = scanned(name=naming.SCANNED_LAYERS, **kw)(h_BTD, positions_BT, None)
       else:
-        (h_BTD, cache), aux = scanned(name="layers", **kw)(
+        (h_BTD, cache), aux = scanned(name=naming.SCANNED_LAYERS, **kw)(
             (h_BTD, cache), positions_BT, jnp.arange(self.n, dtype=jnp.int32))
       return h_BTD, cache, aux
     auxes = []
     for i in range(self.n):
-      block = block_cls(name=f"layers_{i}", **kw)
+      block = block_cls(name=naming.unrolled_layer(i), **kw)
       if cache is None:
         h_BTD, (_, a) = block(h_BTD, positions_BT, None)
       else:

@@ -17,8 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax import naming
 from deepseek_jax.block import BlockStack
+from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import ACT_BTD, Dense, RMSNorm, dtype_of
 from deepseek_jax.mla import init_cache
 from deepseek_jax.mtp import MTP
@@ -65,33 +66,33 @@ class Transformer(nn.Module):
     B, T = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pdt, name="embed_tokens",
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pdt, name=naming.EMBED,
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(cfg.init_std), ("vocab", "embed")))
     h_BTD = nn.with_logical_constraint(embed(tokens_BT).astype(dt), ACT_BTD)
     new_cache, aux = {}, {}
-    for name, n, moe in (("dense", cfg.first_k_dense_replace, False),
-                         ("moe", cfg.num_moe_layers, True)):
+    for name, stack, n, moe in (("dense", naming.DENSE_STACK, cfg.first_k_dense_replace, False),
+                                ("moe", naming.MOE_STACK, cfg.num_moe_layers, True)):
       if n == 0:
         new_cache[name] = None
         continue
       stack_cache = None if cache is None else cache[name]
       h_BTD, new_cache[name], stack_aux = BlockStack(
-          cfg, n, moe, self.fp8_policy, self.absorb, self.experts, name=f"{name}_blocks")(
+          cfg, n, moe, self.fp8_policy, self.absorb, self.experts, name=stack)(
               h_BTD, positions_BT, stack_cache)
       if moe:
         aux = {"load": stack_aux["load"], "balance_loss": jnp.sum(stack_aux["balance_loss"])}
-    norm = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed", name="norm")
+    norm = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed", name=naming.FINAL_NORM)
     lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=dt,
                     param_dtype=pdt, init_std=cfg.init_std, fp8_policy=self.fp8_policy,
-                    name="lm_head")
+                    name=naming.HEAD)
     hidden_BTD = norm(h_BTD)
     logits_BTV = lm_head(hidden_BTD).astype(jnp.float32)
     mtp_logits = ()
     if cfg.num_mtp_layers and cache is None and with_mtp:
       if next_tokens_BT is None:
         next_tokens_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, -1:]], axis=1)
-      mtp_logits, mtp_aux = MTP(cfg, self.fp8_policy, self.experts, name="mtp")(
+      mtp_logits, mtp_aux = MTP(cfg, self.fp8_policy, self.experts, name=naming.MTP)(
           hidden_BTD, next_tokens_BT, positions_BT, embed, lm_head)
       aux = dict(aux, **mtp_aux)
     return ModelOutput(logits_BTV, mtp_logits, aux, None if cache is None else new_cache,

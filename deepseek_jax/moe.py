@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax import dispatch, router
+from deepseek_jax import dispatch, naming, router
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import ACT_BTD, MLP, dtype_of, module_path
 
@@ -32,7 +32,7 @@ class Gate(nn.Module):
     bias_E = None
     if cfg.routing_bias:
       bias_E = self.variable(
-          "router_state", "e_score_correction_bias",
+          "router_state", naming.ROUTER_BIAS,
           nn.with_logical_partitioning(lambda: jnp.zeros((E,), jnp.float32), ("experts",))).value
     logits_XE = jnp.einsum("XD,DE->XE", x_XD.astype(jnp.float32), kernel_DE,
                            precision=jax.lax.Precision.HIGHEST)
@@ -100,14 +100,14 @@ class MoE(nn.Module):
     dtype = dtype_of(cfg.dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
     x_XD = x_BTD.reshape(B * T, D)
-    routing = Gate(cfg, name="gate")(x_XD)
-    y_XD = RoutedExperts(cfg, self.fp8_policy, self.experts, name="experts")(
+    routing = Gate(cfg, name=naming.ROUTER)(x_XD)
+    y_XD = RoutedExperts(cfg, self.fp8_policy, self.experts, name=naming.ROUTED_EXPERTS)(
         x_XD, routing.weights_XK, routing.experts_XK)
     y_BTD = y_XD.reshape(B, T, D).astype(dtype)
     if cfg.n_shared_experts > 0:
       shared = MLP(d_model=D, hidden=cfg.n_shared_experts * cfg.moe_ffn_dim, hidden_axis="moe_mlp",
                    dtype=dtype, param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.init_std,
-                   fp8_policy=self.fp8_policy, name="shared_experts")
+                   fp8_policy=self.fp8_policy, name=naming.SHARED_EXPERTS)
       y_BTD = y_BTD + shared(x_BTD).astype(dtype)
     aux = {
         "load": router.expert_load(routing.experts_XK, E),

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import naming
 from deepseek_jax.block import Block
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Dense, RMSNorm, dtype_of
@@ -41,13 +42,13 @@ class MTPLayer(nn.Module):
     norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed")
     D = cfg.d_model
     # [enorm(emb) ; hnorm(h)]: the last dimension is 2D wide (D2 in the suffix).
-    x_BTD2 = jnp.concatenate([RMSNorm(name="enorm", **norm_kw)(emb_BTD),
-                              RMSNorm(name="hnorm", **norm_kw)(h_BTD)], axis=-1)
+    x_BTD2 = jnp.concatenate([RMSNorm(name=naming.MTP_ENORM, **norm_kw)(emb_BTD),
+                              RMSNorm(name=naming.MTP_HNORM, **norm_kw)(h_BTD)], axis=-1)
     x_BTD = Dense((2 * D,), (D,), ("mtp_in", "embed"), dtype=dt, param_dtype=pdt,
-                  init_std=cfg.init_std, fp8_policy=self.fp8_policy, name="eh_proj")(x_BTD2)
+                  init_std=cfg.init_std, fp8_policy=self.fp8_policy, name=naming.MTP_PROJ)(x_BTD2)
     h_BTD, (cache, aux) = Block(cfg, self.fp8_policy, moe=True, experts=self.experts,
-                                name="block")(x_BTD, positions_BT, cache)
-    logits_BTV = lm_head(RMSNorm(name="shared_head_norm", **norm_kw)(h_BTD)).astype(jnp.float32)
+                                name=naming.MTP_BLOCK)(x_BTD, positions_BT, cache)
+    logits_BTV = lm_head(RMSNorm(name=naming.MTP_HEAD_NORM, **norm_kw)(h_BTD)).astype(jnp.float32)
     return h_BTD, logits_BTV, aux, cache
 
 
@@ -64,8 +65,8 @@ class MTP(nn.Module):
       # Depth k embeds t_{i+k} = next_tokens[i+k-1]; positions past the end hold a filler token
       # whose outputs only reach positions without a target (causal attention).
       emb_BTD = embed(shift_left(next_tokens_BT, k - 1)).astype(h_BTD.dtype)
-      h_BTD, logits_BTV, aux, _ = MTPLayer(self.cfg, self.fp8_policy, self.experts, name=f"layers_{k - 1}")(
-          h_BTD, emb_BTD, positions_BT, lm_head)
+      layer = MTPLayer(self.cfg, self.fp8_policy, self.experts, name=naming.unrolled_layer(k - 1))
+      h_BTD, logits_BTV, aux, _ = layer(h_BTD, emb_BTD, positions_BT, lm_head)
       logits.append(logits_BTV)
       loads.append(aux["load"])
       balance.append(aux["balance_loss"])

@@ -3,9 +3,10 @@
   python scripts/import_graph.py [ROOT] [--edges]
 
 Reads the source with `ast` (nothing is imported), so it also runs on an old checkout: ROOT is
-the repository root (default: this file's). Prints one line per cycle, per import made inside a
-function, and per model-side module that imports `sharding/`; exits 1 when there is a cycle or a
-model module importing `sharding/`. `tests/test_house.py` asserts the same.
+the repository root (default: this file's). Importing `a.b.c` counts as importing the package
+`__init__`s of `a` and `a.b` too, as Python runs them first. Prints one line per cycle, per
+import that the layer rules (`ALLOWED`) forbid, and per import made inside a function; exits 1
+on a cycle or a forbidden import. `tests/test_house.py` asserts the same.
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ import sys
 
 PACKAGES = ("deepseek_jax", "sharding")
 # Model-side modules (DESIGN.md): they name logical axes only and never import sharding/.
-MODEL_MODULES = ("layers", "rope", "mla", "router", "dispatch", "moe", "block", "mtp", "model",
-                 "naming", "vma", "fp8")
+MODEL = tuple(f"deepseek_jax.{m}" for m in ("layers", "rope", "mla", "router", "dispatch", "moe",
+                                             "block", "mtp", "model", "naming", "vma"))
+# Who may import whom: a module matching a key (longest prefix wins) may import only modules
+# matching one of its values, besides its own package. Modules matching no key (training,
+# generate, hf, codesign: the consumers above the model) may import anything without a cycle.
+ALLOWED = {
+    "deepseek_jax.config": (),
+    "deepseek_jax.tokenizer": ("deepseek_jax.config",),
+    "deepseek_jax.fp8": ("deepseek_jax.config",),
+    **{m: ("deepseek_jax.config", "deepseek_jax.fp8") + MODEL for m in MODEL},
+    "sharding": ("deepseek_jax.config", "deepseek_jax.fp8") + MODEL,
+}
 
 
 def modules(root: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -27,6 +38,11 @@ def modules(root: pathlib.Path) -> dict[str, pathlib.Path]:
       name = ".".join(p.relative_to(root).with_suffix("").parts)
       out[name.removesuffix(".__init__")] = p
   return out
+
+
+def _parents(name: str) -> list[str]:
+  parts = name.split(".")
+  return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _imports(path: pathlib.Path, name: str, known) -> tuple[set[str], list[tuple[int, str]]]:
@@ -51,6 +67,9 @@ def _imports(path: pathlib.Path, name: str, known) -> tuple[set[str], list[tuple
     else:
       continue
     found = {d for d in found if d in known and d != name}
+    # Importing a.b.c runs the __init__ of a and a.b first, unless the importer lives inside them.
+    found |= {p for d in found for p in _parents(d)
+              if p in known and not (name == p or name.startswith(p + "."))}
     deps |= found
     if id(node) in in_function:
       nested += [(node.lineno, d) for d in sorted(found)] or [(node.lineno, "(third-party)")]
@@ -96,12 +115,21 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
   return sorted(out)
 
 
-def model_imports_sharding(edges: dict[str, set[str]]) -> list[str]:
+def _matches(name: str, prefix: str) -> bool:
+  return name == prefix or name.startswith(prefix + ".")
+
+
+def violations(edges: dict[str, set[str]]) -> list[str]:
+  """'importer -> imported' for every import that `ALLOWED` forbids."""
   bad = []
   for name, deps in sorted(edges.items()):
-    parts = name.split(".")
-    if parts[0] == "deepseek_jax" and len(parts) > 1 and parts[1] in MODEL_MODULES:
-      bad += [f"{name} -> {d}" for d in sorted(deps) if d.split(".")[0] == "sharding"]
+    keys = [k for k in ALLOWED if _matches(name, k)]
+    if not keys:
+      continue
+    key = max(keys, key=len)
+    ok = ALLOWED[key] + (key,)
+    bad += [f"{name} -> {d}" for d in sorted(deps)
+            if d != "deepseek_jax" and not any(_matches(d, a) for a in ok)]   # the root is lazy
   return bad
 
 
@@ -113,17 +141,17 @@ def main(argv: list[str]) -> int:
     for name in sorted(edges):
       print(f"{name} -> {', '.join(sorted(edges[name])) or '-'}")
   found = cycles(edges)
-  bad = model_imports_sharding(edges)
+  bad = violations(edges)
   n_nested = sum(len(v) for v in nested.values())
   for c in found:
     print("cycle: " + " <-> ".join(c))
   for line in bad:
-    print("model imports sharding/: " + line)
+    print("forbidden import: " + line)
   for name in sorted(nested):
     for lineno, dep in nested[name]:
       print(f"function-level import: {modules(root)[name].relative_to(root)}:{lineno} {dep}")
   print(f"{len(edges)} modules, {sum(len(v) for v in edges.values())} imports, {len(found)} "
-        f"cycles, {len(bad)} model->sharding imports, {n_nested} function-level imports")
+        f"cycles, {len(bad)} forbidden imports, {n_nested} function-level imports")
   return 1 if found or bad else 0
 
 

@@ -117,9 +117,9 @@ def nodes_spanned(experts_XK, n_experts: int, n_nodes: int) -> np.ndarray:
   e = np.asarray(experts_XK)
   per = n_experts // n_nodes
   node_XK = e // per
-  hit_XN = np.zeros((e.shape[0], n_nodes), bool)
-  np.put_along_axis(hit_XN, node_XK, True, axis=1)
-  return hit_XN.sum(axis=1)
+  hit_XO = np.zeros((e.shape[0], n_nodes), bool)
+  np.put_along_axis(hit_XO, node_XK, True, axis=1)
+  return hit_XO.sum(axis=1)
 
 
 def sample_nodes_spanned(model: ModelConfig, n_tokens: int = 4096, seed: int = 0,

@@ -94,19 +94,19 @@ class Carry(NamedTuple):
 
 
 class Emit(NamedTuple):
-  """What one step produced: row b emitted tokens_BK[b, :count_B[b]]."""
-  tokens_BK: jax.Array
+  """What one step produced: row b emitted tokens_Bs[b, :count_B[b]]."""
+  tokens_Bs: jax.Array
   count_B: jax.Array
   done_B: jax.Array
   accepted_B: jax.Array    # speculative: accepted drafts (0 or 1)
   drafted_B: jax.Array     # speculative: the row had a draft verified this step
 
 
-def _settle(emitted_BK, want_B, carry: Carry, stop_S):
+def _settle(emitted_Bs, want_B, carry: Carry, stop_S):
   """Tokens actually emitted (cut after the first stop token, by the budget, 0 once done)."""
-  K = emitted_BK.shape[1]
-  is_stop_BK = jnp.isin(emitted_BK, stop_S)
-  first_stop_B = jnp.where(jnp.any(is_stop_BK, axis=1), jnp.argmax(is_stop_BK, axis=1), K)
+  per_step = emitted_Bs.shape[1]
+  is_stop_Bs = jnp.isin(emitted_Bs, stop_S)
+  first_stop_B = jnp.where(jnp.any(is_stop_Bs, axis=1), jnp.argmax(is_stop_Bs, axis=1), per_step)
   count_B = jnp.minimum(jnp.minimum(want_B, first_stop_B + 1), carry.remaining_B)
   count_B = jnp.where(carry.done_B, 0, count_B).astype(jnp.int32)
   remaining_B = carry.remaining_B - count_B
@@ -272,7 +272,7 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], max_
     drafted += int(e.drafted_B.sum())
     accepted += int(e.accepted_B.sum())
     for b in range(B):
-      new = [int(t) for t in e.tokens_BK[b, :e.count_B[b]]]
+      new = [int(t) for t in e.tokens_Bs[b, :e.count_B[b]]]
       if new and new[-1] in stop_set:
         new, stopped[b] = new[:-1], True
       if new:

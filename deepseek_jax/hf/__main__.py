@@ -13,6 +13,7 @@ import pathlib
 import re
 import sys
 
+from deepseek_jax import naming
 from deepseek_jax.generate.load import load_for_inference
 from deepseek_jax.hf.config import HFConfigError, from_hf_config
 from deepseek_jax.hf.convert import NP_DTYPES, read_config, save_hf
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     extra.pop("step", None)
     if args.no_mtp and cfg.num_mtp_layers:
       cfg = dataclasses.replace(cfg, num_mtp_layers=0)
-      variables = {c: {k: v for k, v in t.items() if k != "mtp"} for c, t in variables.items()}
+      variables = {c: {k: v for k, v in t.items() if k != naming.MTP} for c, t in variables.items()}
     files = save_hf(args.dst, cfg, variables, dtype=args.dtype, fp8=args.fp8,
                     max_shard_bytes=shard, extra_config=extra)
     print(f"wrote {len(files)} file(s) to {args.dst}")
