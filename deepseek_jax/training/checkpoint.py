@@ -19,11 +19,12 @@ import sys
 import time
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from deepseek_jax.config import ConfigError, ModelConfig, config_from_dict
+from deepseek_jax.config import ConfigError, ModelConfig, config_from_dict, config_to_dict
 
 CHECKPOINTS = "checkpoints"          # under the workdir, one directory per step
 STATE, META = "state", "meta"        # orbax items of a step: the TrainState, the JSON record
@@ -71,6 +72,15 @@ def restore_weights(step: pathlib.Path) -> dict:
   if out.get("router_state"):
     variables["router_state"] = out["router_state"]
   return variables
+
+
+def _with_defaults(model: dict) -> dict:
+  """A saved model section with today's defaults for the fields it predates (as written by
+  `config_to_dict`), or as saved when it no longer validates."""
+  try:
+    return config_to_dict(config_from_dict({"model": model}))["model"]
+  except ConfigError:
+    return model
 
 
 def tree_all_finite(tree) -> jax.Array:
@@ -132,9 +142,10 @@ class Checkpointer:
 
   def _check_config(self, step: int, meta: dict) -> None:
     saved = meta.get("config", {})
-    if saved.get("model") != self.config.get("model"):
-      diff = sorted(k for k in set(saved.get("model", {})) | set(self.config["model"])
-                    if saved.get("model", {}).get(k) != self.config["model"].get(k))
+    saved_model = _with_defaults(saved.get("model", {}))
+    if saved_model != self.config.get("model"):
+      diff = sorted(k for k in set(saved_model) | set(self.config["model"])
+                    if saved_model.get(k) != self.config["model"].get(k))
       raise ConfigError(f"--resume: checkpoint {self.directory / str(step)} holds a different "
                         f"model (changed: model.{', model.'.join(diff[:4])}); use its config or a "
                         "new --workdir")
@@ -142,6 +153,20 @@ class Checkpointer:
                      if saved.get("train", {}).get(k) != v)
     if changed:
       _warn(f"resuming step {step} with changed train.{', train.'.join(changed)}")
+
+  def _check_layout(self, step: int, abstract_state) -> None:
+    """ConfigError (nothing moved) when the step's state has other fields than this version's
+    TrainState: a checkpoint of another version is not a corrupt one."""
+    try:
+      tree = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / STATE)
+      saved = set(tree.tree if hasattr(tree, "tree") else tree)
+    except Exception:  # noqa: BLE001 (unreadable metadata: the restore below reports it)
+      return
+    want = set(flax.serialization.to_state_dict(abstract_state))
+    if saved != want:
+      raise ConfigError(f"--resume: checkpoint {self.directory / str(step)} holds a TrainState "
+                        f"with other fields (only there: {sorted(saved - want)}, only here: "
+                        f"{sorted(want - saved)}); resume it with the version that wrote it")
 
   def _move_aside(self, step: int) -> pathlib.Path:
     dest_root = self.root / "checkpoints_corrupt"
@@ -162,6 +187,7 @@ class Checkpointer:
         meta = self._manager.restore(step, args=ocp.args.Composite(
             **{META: ocp.args.JsonRestore()}))[META]
         self._check_config(step, meta)
+        self._check_layout(step, abstract_state)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
         if int(restored.step) != step:

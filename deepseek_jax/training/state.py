@@ -2,7 +2,8 @@
 
 `TrainState`: step, `params`, optimizer state, `router_state` (the balancing biases, §2.1.2, moved
 by the bias rule, never by the optimizer), `fp8_state` (delayed-scaling amax histories, if any),
-the data-iterator position and the non-finite-step counters. Checkpointing it makes resume exact.
+the run key, the data-iterator position and the non-finite-step counters. Checkpointing it
+makes resume exact.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class TrainState:
   opt_state: Any               # optax state
   router_state: Any            # {'moe_blocks': ..., 'mtp': ...} routing biases; {} for dense models
   fp8_state: Any               # FP8 delayed-scaling amax histories; {} for stateless recipes
+  rng: jax.Array               # uint32[2] run key for stochastic layers (fold_in(rng, step)); no
+                               # layer draws from it yet, it stays for the checkpoint layout
   data_position: jax.Array     # int32 scalar: batches consumed by the data iterator
   bad_streak: jax.Array        # int32 scalar: consecutive non-finite steps (updates skipped)
   bad_total: jax.Array         # int32 scalar: all non-finite steps of the run
@@ -37,15 +40,15 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, batch_shape
   """
   def init() -> TrainState:
     root = jax.random.PRNGKey(seed)
-    init_key = jax.random.split(root)[0]   # not `root` itself: pins each seed's initial params
+    init_key, run_key = jax.random.split(root)
     tokens_BT = jnp.zeros(batch_shape, jnp.int32)
     variables = model.init(init_key, tokens_BT)
     params = variables["params"]
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=tx.init(params),
                       router_state=variables.get("router_state", {}),
-                      fp8_state=variables.get("fp8_state", {}), data_position=zero,
-                      bad_streak=zero, bad_total=zero)
+                      fp8_state=variables.get("fp8_state", {}), rng=run_key,
+                      data_position=zero, bad_streak=zero, bad_total=zero)
   return init
 
 

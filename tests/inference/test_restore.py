@@ -29,8 +29,8 @@ def trained(tmp_path_factory):
   zero = jnp.zeros((), jnp.int32)
   state = training.TrainState(
       step=jnp.asarray(7, jnp.int32), params=params, opt_state=optax.adam(1e-3).init(params),
-      router_state=variables["router_state"], fp8_state={}, data_position=zero,
-      bad_streak=zero, bad_total=zero)
+      router_state=variables["router_state"], fp8_state={}, rng=jax.random.PRNGKey(0),
+      data_position=zero, bad_streak=zero, bad_total=zero)
   workdir = tmp_path_factory.mktemp("run")
   cfg_dict = config_to_dict(Config(model=model_cfg))
   ckpt = training.Checkpointer(workdir, keep=2, async_save=False, config=cfg_dict)
