@@ -12,7 +12,6 @@ config.json fields worth keeping (token ids) for HF checkpoints and the training
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import flax
@@ -21,6 +20,7 @@ import jax
 from deepseek_jax import hf
 from deepseek_jax.config import ConfigError, ModelConfig
 from deepseek_jax.hf import CheckpointError
+from deepseek_jax.hf.convert import read_config
 from deepseek_jax.model import abstract_variables
 from deepseek_jax.training import checkpoint
 
@@ -52,7 +52,7 @@ def load_for_inference(path, dtype: str = "float32") -> tuple[ModelConfig, dict,
     raise CheckpointError(f"{path}: no such file or directory")
   if (path / "config.json").is_file() or path.suffix == ".safetensors":
     cfg, variables = hf.load_hf(path, dtype=dtype)
-    raw = json.loads(((path if path.is_dir() else path.parent) / "config.json").read_text())
+    raw = read_config(path)
     return cfg, variables, {k: raw[k] for k in hf.PASSTHROUGH if k in raw}
   cfg, variables, step = load_trained(path, dtype)
   return cfg, variables, {"step": step}

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ConfigError, MeshConfig, load_config
-from deepseek_jax.model import Transformer
+from deepseek_jax.model import Transformer, abstract_variables
 from sharding import expert_parallel
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -22,9 +22,7 @@ GOLDEN_MESHES = {"tiny_2x2x2x1.json": (2, 2, 2, 1), "tiny_1x2x2x2.json": (1, 2, 
 
 
 def _tiny_abstract():
-  cfg = load_config(common.TINY).model
-  toks = jax.ShapeDtypeStruct((8, 16), jnp.int32)
-  return jax.eval_shape(Transformer(cfg).init, jax.random.key(0), toks)
+  return abstract_variables(load_config(common.TINY).model)
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_MESHES))
