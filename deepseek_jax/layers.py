@@ -22,6 +22,10 @@ ACT_BTD = ("act_batch", "act_seq", "act_embed")
 
 
 def dtype_of(name: str) -> Dtype:
+  """The jnp dtype of a config dtype name; "auto" (a config not `resolved` for a platform)
+  follows `jax.default_backend()`: bfloat16 on GPU/TPU, float32 on CPU."""
+  if name == "auto":
+    name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 

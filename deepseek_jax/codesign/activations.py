@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from deepseek_jax.config import ConfigError, ModelConfig
 
-_BYTES = {"float32": 4, "bfloat16": 2}
+_BYTES = {"float32": 4, "bfloat16": 2, "auto": 2}   # plans are for accelerators: auto = bf16
 
 
 def _attention(m: ModelConfig, t: int, remat: str) -> tuple[float, float]:

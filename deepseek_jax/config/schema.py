@@ -13,6 +13,8 @@ import dataclasses
 import math
 from typing import Literal
 
+from deepseek_jax.config import counts
+
 
 class ConfigError(ValueError):
   """A user-facing configuration error: names the field, the value and the rule."""
@@ -28,6 +30,13 @@ def _positive(section: str, obj, *names: str) -> None:
     v = getattr(obj, n)
     _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{section}.{n}", v,
            "must be a positive integer")
+
+
+# none: keep every activation; full: recompute each block in the backward; dots: save matmul
+# outputs; projections: save the tagged projections (`checkpoint_name`), recompute the rest;
+# projections_offload: the same with the block inputs moved to host memory where the backend can.
+PLATFORMS = ("cpu", "gpu", "tpu")
+REMAT_POLICIES = ("none", "full", "dots", "projections", "projections_offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +83,7 @@ class ModelConfig:
   routed_scaling_factor: float = 2.5
   balance_loss_alpha: float = 1e-4        # sequence-wise balance loss (V3 Eq. 17-20)
   moe_dispatch: Literal["dense", "dropless"] = "dropless"
-  dropless_impl: Literal["auto", "block", "ragged"] = "auto"   # grouped matmul; auto: by backend
+  dropless_impl: Literal["auto", "block", "ragged", "gmm"] = "auto"   # grouped matmul; see below
   dropless_block: int | None = None       # rows per block of the "block" path (null: automatic)
   # Positions
   rope_theta: float = 10000.0
@@ -83,12 +92,22 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   # Multi-token prediction (V3 §2.2)
   num_mtp_layers: int = 1
-  # Numerics and implementation
-  dtype: Literal["float32", "bfloat16"] = "float32"
+  # Numerics and implementation. "auto" resolves by the platform the step is built for
+  # (`resolved(platform)`; the target, not the host: `python -m deepseek_jax.aot` builds for
+  # GPUs/TPUs on a CPU host; unresolved, the model resolves by `jax.default_backend()`):
+  # dtype: bfloat16 compute on GPU/TPU, float32 on CPU (parameters stay `param_dtype`);
+  # dropless_impl: "gmm" (a grouped-matmul kernel, cost ~ tokens x K) on GPU/TPU, "block" on CPU;
+  # attention_impl: "fused" (cuDNN on GPU, splash on TPU) there, "blockwise" (online softmax over
+  # `attention_block` keys, never [B, N, T, S]) on CPU when T > attention_block, else
+  # "materialized" (the reference).
+  dtype: Literal["auto", "float32", "bfloat16"] = "auto"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   init_std: float = 0.006
   scan_layers: bool = True
-  remat: Literal["none", "full", "dots"] = "none"
+  remat: Literal["none", "full", "dots", "projections", "projections_offload"] = "none"
+  attention_impl: Literal["auto", "materialized", "blockwise", "fused"] = "auto"
+  attention_block: int = 512               # keys (and queries) per block of "blockwise"
+  fuse_gate_up: bool = True                # gate_proj and up_proj as one matmul (same params)
 
   def __post_init__(self):
     _positive("model", self, "vocab_size", "d_model", "num_layers", "num_heads", "kv_lora_rank",
@@ -121,9 +140,9 @@ class ModelConfig:
            "must be 'dense' (every expert on every token, the oracle) or 'dropless' (sorted "
            "grouped matmul; expert-parallel when the caller passes a runner for a mesh that "
            "splits the experts)")
-    _check(self.dropless_impl in ("auto", "block", "ragged"), "model.dropless_impl",
-           self.dropless_impl, "must be 'auto' (ragged_dot on GPU/TPU, blocks on CPU), 'block' "
-           "or 'ragged'")
+    _check(self.dropless_impl in ("auto", "block", "ragged", "gmm"), "model.dropless_impl",
+           self.dropless_impl, "must be 'auto' (gmm on GPU/TPU, block on CPU), 'block', 'ragged' "
+           "(jax.lax.ragged_dot) or 'gmm' (grouped-matmul kernel, XLA blocks where none)")
     _check(self.dropless_block is None or (isinstance(self.dropless_block, int)
                                            and not isinstance(self.dropless_block, bool)
                                            and self.dropless_block > 0),
@@ -138,12 +157,31 @@ class ModelConfig:
            "must lie in (0, 1)")
     _check(isinstance(self.num_mtp_layers, int) and self.num_mtp_layers >= 0,
            "model.num_mtp_layers", self.num_mtp_layers, "must be an integer >= 0")
-    for n in ("dtype", "param_dtype"):
-      v = getattr(self, n)
-      _check(v in ("float32", "bfloat16"), f"model.{n}", v, "must be 'float32' or 'bfloat16'")
-    _check(self.remat in ("none", "full", "dots"), "model.remat", self.remat,
-           "must be 'none', 'full' or 'dots'")
+    _check(self.dtype in ("auto", "float32", "bfloat16"), "model.dtype", self.dtype,
+           "must be 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'")
+    _check(self.param_dtype in ("float32", "bfloat16"), "model.param_dtype", self.param_dtype,
+           "must be 'float32' or 'bfloat16'")
+    _check(self.remat in REMAT_POLICIES, "model.remat", self.remat,
+           f"must be one of {', '.join(map(repr, REMAT_POLICIES))}")
+    _check(self.attention_impl in ("auto", "materialized", "blockwise", "fused"),
+           "model.attention_impl", self.attention_impl,
+           "must be 'auto', 'materialized', 'blockwise' or 'fused'")
+    _positive("model", self, "attention_block")
+    _check(isinstance(self.fuse_gate_up, bool), "model.fuse_gate_up", self.fuse_gate_up,
+           "must be true or false")
     _check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+
+  def resolved(self, platform: str) -> "ModelConfig":
+    """This config with every "auto" choice made for `platform` ("cpu", "gpu" or "tpu")."""
+    _check(platform in PLATFORMS, "platform", platform, f"must be one of {PLATFORMS}")
+    accel = platform != "cpu"
+    return dataclasses.replace(
+        self,
+        dtype=("bfloat16" if accel else "float32") if self.dtype == "auto" else self.dtype,
+        dropless_impl=(("gmm" if accel else "block") if self.dropless_impl == "auto"
+                       else self.dropless_impl),
+        attention_impl=("fused" if accel else "auto") if self.attention_impl == "auto"
+        else self.attention_impl)
 
   # ---- derived sizes ----
   @property
@@ -160,74 +198,14 @@ class ModelConfig:
     return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_layers
 
   def param_counts(self) -> dict[str, int]:
-    """Parameter counts from the shapes (norm weights and router biases included).
-
-    `active` counts what one token touches through matmuls: attention, dense FFNs, the shared and
-    K routed experts, the router and the output head, *without* the embedding lookup (V3 report's
-    "37B" is 36.6B this way); `active_with_embedding` adds the lookup table (37.5B).
-    """
-    D, N, C, R = self.d_model, self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim
-    H, J, E = self.qk_nope_head_dim, self.v_head_dim, self.n_routed_experts
-    if self.q_lora_rank is None:
-      q = D * N * (H + R)
-    else:
-      q = D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * N * (H + R)
-    attn = q + D * (C + R) + C + C * N * (H + J) + N * J * D
-    norms = 2 * D
-    dense_ffn = 3 * D * self.ffn_dim
-    expert = 3 * D * self.moe_ffn_dim
-    router = E * D + (E if self.routing_bias else 0)
-    moe_total = E * expert + self.n_shared_experts * expert + router
-    moe_active = (self.num_experts_per_tok + self.n_shared_experts) * expert + router
-    embed = self.vocab_size * D
-    head = self.vocab_size * D + D  # lm_head + final norm
-    dense_layer = attn + norms + dense_ffn
-    moe_layer_total = attn + norms + moe_total
-    moe_layer_active = attn + norms + moe_active
-    nd, nm = self.first_k_dense_replace, self.num_moe_layers
-    total = embed + head + nd * dense_layer + nm * moe_layer_total
-    active = head + nd * dense_layer + nm * moe_layer_active
-    mtp_one = 2 * D * D + 2 * D + moe_layer_total  # eh_proj, enorm, hnorm, block (MoE), shared norm
-    mtp_one += D
-    return {
-        "total": total,
-        "active": active,
-        "active_with_embedding": active + embed,
-        "embedding": embed,
-        "mtp_total": self.num_mtp_layers * mtp_one,
-        "mtp_active": self.num_mtp_layers * (mtp_one - moe_layer_total + moe_layer_active),
-    }
+    """Parameter counts from the shapes (`config.counts.param_counts`)."""
+    return counts.param_counts(self)
 
   def flops_per_token(self, seq_len: int, *, mtp: bool, causal: bool = True) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward); the one FLOP count.
-
-    Matmuls: 6 * (active matmul parameters without the embedding lookup). Attention: per layer the
-    score (H+R per head) and value (J per head) products over the visible context, which averages
-    seq_len/2 under a causal mask; 2 FLOPs per MAC, times 3 for the backward. With `mtp=False`
-    this is the method that gives the paper's Table 2 (V3: 250 GFLOPs at 4096; the co-design
-    tables). `mtp=True` adds what a training run also computes (V3 report §2.2), per MTP depth one
-    MoE block, eh_proj [2D, D] and the shared output head (train.py's MFU).
-    """
+    """Training FLOPs per token, forward + backward (`config.counts.flops_per_token`)."""
     _check(isinstance(seq_len, int) and seq_len > 0, "seq_len", seq_len, "must be a positive integer")
     _check(isinstance(mtp, bool), "mtp", mtp, "must be True or False")
-    p = self.param_counts()
-    norm_params = self.num_layers * 2 * self.d_model + self.d_model
-    if self.q_lora_rank is not None:
-      norm_params += self.num_layers * self.q_lora_rank
-    norm_params += self.num_layers * self.kv_lora_rank
-    bias = self.num_moe_layers * self.n_routed_experts if self.routing_bias else 0
-    matmul = p["active"] - norm_params - bias
-    ctx = seq_len / 2 if causal else seq_len
-    attn = self.num_layers * 2 * self.num_heads * (self.qk_head_dim + self.v_head_dim) * ctx
-    flops = 6.0 * matmul + 3.0 * attn
-    if not mtp or self.num_mtp_layers == 0:
-      return flops
-    # A 1-layer MoE model counts that layer + the output head: what an MTP depth multiplies through.
-    one_moe_layer = dataclasses.replace(self, num_layers=1, first_k_dense_replace=0,
-                                        num_mtp_layers=0)
-    per_depth = (one_moe_layer.flops_per_token(seq_len, mtp=False, causal=causal)
-                 + 6.0 * 2 * self.d_model * self.d_model)
-    return flops + self.num_mtp_layers * per_depth
+    return counts.flops_per_token(self, seq_len, mtp=mtp, causal=causal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +243,7 @@ class TrainConfig:
   max_bad_steps: int = 5                 # consecutive non-finite steps that stop the run
   log_every: int = 10
   peak_flops: float = 0.0                # FLOP/s for MFU; 0: declared per accelerator, or measured
+  loss_chunk: int = 0                    # tokens per cross-entropy chunk (no f32 [B, T, V]); 0: auto
 
   def __post_init__(self):
     _positive("train", self, "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
@@ -297,6 +276,8 @@ class TrainConfig:
            "must be 'bytes' or a path to a HF tokenizer.json")
     _check(0 < self.val_fraction < 1, "train.val_fraction", self.val_fraction,
            "must lie in (0, 1)")
+    _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0, "train.loss_chunk",
+           self.loss_chunk, "must be an integer >= 0 (0: automatic)")
     _check(self.peak_flops >= 0, "train.peak_flops", self.peak_flops,
            "must be >= 0 (0: declared per accelerator, or measured at start)")
 
