@@ -5,9 +5,10 @@ naming the field, the value and the rule.
 """
 
 from deepseek_jax.config.io import config_from_dict, config_to_dict, load_config, parse_override
-from deepseek_jax.config.schema import (Config, ConfigError, FP8Config, MeshConfig, ModelConfig,
+from deepseek_jax.config.schema import (IMPLEMENTATION_FIELDS, PLATFORMS, REMAT_POLICIES, Config,
+                                        ConfigError, FP8Config, MeshConfig, ModelConfig,
                                         TrainConfig, YarnConfig, yarn_mscale)
 
-__all__ = ["Config", "ConfigError", "FP8Config", "MeshConfig", "ModelConfig", "TrainConfig",
+__all__ = ["IMPLEMENTATION_FIELDS", "PLATFORMS", "REMAT_POLICIES", "Config", "ConfigError", "FP8Config", "MeshConfig", "ModelConfig", "TrainConfig",
            "YarnConfig", "config_from_dict", "config_to_dict", "load_config", "parse_override",
            "yarn_mscale"]

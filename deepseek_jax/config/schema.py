@@ -36,6 +36,10 @@ def _positive(section: str, obj, *names: str) -> None:
 # outputs; projections: save the tagged projections (`checkpoint_name`), recompute the rest;
 # projections_offload: the same with the block inputs moved to host memory where the backend can.
 PLATFORMS = ("cpu", "gpu", "tpu")
+# Model fields that choose how the same function is computed, not which parameters it has: a
+# checkpoint resumes across them (another platform, kernel, remat policy or compute dtype).
+IMPLEMENTATION_FIELDS = ("dtype", "platform", "remat", "attention_impl", "attention_block",
+                         "dropless_impl", "dropless_block", "fuse_gate_up", "moe_dispatch")
 REMAT_POLICIES = ("none", "full", "dots", "projections", "projections_offload")
 
 
@@ -105,6 +109,7 @@ class ModelConfig:
   init_std: float = 0.006
   scan_layers: bool = True
   remat: Literal["none", "full", "dots", "projections", "projections_offload"] = "none"
+  platform: Literal["auto", "cpu", "gpu", "tpu"] = "auto"   # built for; auto: jax.default_backend()
   attention_impl: Literal["auto", "materialized", "blockwise", "fused"] = "auto"
   attention_block: int = 512               # keys (and queries) per block of "blockwise"
   fuse_gate_up: bool = True                # gate_proj and up_proj as one matmul (same params)
@@ -163,6 +168,8 @@ class ModelConfig:
            "must be 'float32' or 'bfloat16'")
     _check(self.remat in REMAT_POLICIES, "model.remat", self.remat,
            f"must be one of {', '.join(map(repr, REMAT_POLICIES))}")
+    _check(self.platform in ("auto",) + PLATFORMS, "model.platform", self.platform,
+           "must be 'auto' (jax.default_backend()), 'cpu', 'gpu' or 'tpu'")
     _check(self.attention_impl in ("auto", "materialized", "blockwise", "fused"),
            "model.attention_impl", self.attention_impl,
            "must be 'auto', 'materialized', 'blockwise' or 'fused'")
@@ -176,7 +183,7 @@ class ModelConfig:
     _check(platform in PLATFORMS, "platform", platform, f"must be one of {PLATFORMS}")
     accel = platform != "cpu"
     return dataclasses.replace(
-        self,
+        self, platform=platform,
         dtype=("bfloat16" if accel else "float32") if self.dtype == "auto" else self.dtype,
         dropless_impl=(("gmm" if accel else "block") if self.dropless_impl == "auto"
                        else self.dropless_impl),

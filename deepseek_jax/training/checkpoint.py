@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from deepseek_jax.config import ConfigError, ModelConfig, config_from_dict, config_to_dict
+from deepseek_jax.config import (IMPLEMENTATION_FIELDS, ConfigError, ModelConfig, config_from_dict,
+                                 config_to_dict)
 
 CHECKPOINTS = "checkpoints"          # under the workdir, one directory per step
 STATE, META = "state", "meta"        # orbax items of a step: the TrainState, the JSON record
@@ -143,9 +144,10 @@ class Checkpointer:
   def _check_config(self, step: int, meta: dict) -> None:
     saved = meta.get("config", {})
     saved_model = _with_defaults(saved.get("model", {}))
-    if saved_model != self.config.get("model"):
-      diff = sorted(k for k in set(saved_model) | set(self.config["model"])
-                    if saved_model.get(k) != self.config["model"].get(k))
+    diff = sorted(k for k in set(saved_model) | set(self.config.get("model", {}))
+                  if k not in IMPLEMENTATION_FIELDS
+                  and saved_model.get(k) != self.config["model"].get(k))
+    if diff:
       raise ConfigError(f"--resume: checkpoint {self.directory / str(step)} holds a different "
                         f"model (changed: model.{', model.'.join(diff[:4])}); use its config or a "
                         "new --workdir")
