@@ -14,29 +14,22 @@ too many consecutive non-finite steps exit with code 1.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable, NamedTuple
 
 T_START = time.perf_counter()
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 from deepseek_jax import training  # noqa: E402
 from deepseek_jax.config import Config, ConfigError, config_to_dict, load_config  # noqa: E402
-from deepseek_jax.fp8 import policy_from_config  # noqa: E402
-from deepseek_jax.model import Transformer  # noqa: E402
+from deepseek_jax.training import build as build_lib  # noqa: E402
 from deepseek_jax.training import loop as loop_lib  # noqa: E402
-from sharding import distributed, expert_parallel, specs  # noqa: E402
+from sharding import distributed  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
-from sharding import rules as rules_lib  # noqa: E402
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "tiny.yaml"
 
@@ -65,20 +58,6 @@ def init_distributed(args) -> None:
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
 
-def fp8_policy(cfg: Config):
-  return policy_from_config(cfg.fp8)                # None unless fp8.recipe quantises something
-
-
-def make_mesh(cfg: Config):
-  """The mesh and logical rules of `cfg.mesh` (sharding/), checked against the model and batch."""
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  rules = rules_lib.rules_from_config(cfg.mesh)
-  mesh_lib.check_model(cfg.model, mesh, rules)
-  mesh_lib.check_batch(cfg.train.batch_size // cfg.train.grad_accum, mesh, rules,
-                       field="train.batch_size / train.grad_accum")
-  return mesh, rules
-
-
 def enable_compilation_cache() -> None:
   """Reuse compiled steps across runs (a resumed run starts in seconds) unless the user chose."""
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -103,49 +82,10 @@ def main(argv=None) -> int:
     return 128 + signal.SIGINT
 
 
-class Built(NamedTuple):
-  """The run's static pieces: model, optimizer, init, mesh, shardings and the jitted steps.
-
-  Trace under `activate()` (init, lowering): flax then resolves logical axes through the rules.
-  """
-  model: Any
-  tx: Any
-  init_fn: Callable
-  mesh: Mesh
-  activate: Callable
-  state_sh: Any            # TrainState of NamedShardings
-  batch_sh: NamedSharding
-  abstract: Any            # TrainState of ShapeDtypeStructs with shardings
-  batch_abstract: dict
-  step_fn: Any             # jitted (state, batch) -> (state, metrics), state donated
-  eval_fn: Any             # jitted (model variables, batch) -> mean CE
-
-
-def build(cfg: Config) -> Built:
-  t = cfg.train
-  mesh, rules = make_mesh(cfg)
-  activate = functools.partial(mesh_lib.activate, mesh, rules)
-  model = Transformer(cfg.model, fp8_policy=fp8_policy(cfg),
-                      experts=expert_parallel.runner(cfg.model, cfg.mesh, mesh, rules))
-  tx = training.make_optimizer(t)
-  init_fn = training.make_init_fn(model, tx, (t.batch_size, t.seq_len), t.seed)
-  with activate():
-    boxed = training.abstract_state(init_fn)   # leaves boxed with their logical axis names
-  state_sh = specs.state_shardings(boxed, mesh, rules)
-  batch_sh = specs.batch_sharding(mesh, rules)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          nn.unbox(boxed), state_sh)
-  batch_abstract = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.int32, sharding=batch_sh)
-                    for k in ("tokens", "targets")}
-  replicated = specs.replicated(mesh)
-  step_fn = jax.jit(functools.partial(training.train_step, model=model, tx=tx, cfg=cfg),
-                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                    donate_argnames=("state",))
-  eval_fn = jax.jit(functools.partial(training.eval_step, model=model),
-                    in_shardings=(training.variables_of(state_sh), batch_sh),
-                    out_shardings=replicated)
-  return Built(model, tx, init_fn, mesh, activate, state_sh, batch_sh, abstract, batch_abstract,
-               step_fn, eval_fn)
+# The sharded program (mesh, model, shardings, jitted steps) is built by the library, so that
+# `python -m deepseek_jax.aot` compiles exactly this for devices that are not here.
+Built = build_lib.Built
+build = build_lib.build
 
 
 def prepare(cfg: Config, workdir: pathlib.Path, resume: bool):
