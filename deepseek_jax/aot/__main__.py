@@ -1,0 +1,142 @@
+"""python -m deepseek_jax.aot: compile a config's training step (and a decode step) for an
+accelerator that is not here, and report memory, FLOPs, kernels, collectives and an estimate.
+
+    python -m deepseek_jax.aot --config configs/small.yaml --target h200:1
+    python -m deepseek_jax.aot --config configs/small.yaml --target h200:1 --max-batch
+    python -m deepseek_jax.aot --config configs/v5p_8.yaml --target tpu-v5p:2x2x1 --decode 64,4096
+    python -m deepseek_jax.aot --target h100:8 model.num_layers=4 train.batch_size=16 --json out.json
+
+Needs the target's compiler: pip install 'deepseek-jax[gpu]' (XLA:GPU, cuDNN) or '[tpu]' (libtpu).
+Bad input exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The plugins must not look for devices that are not here (the CUDA plugin's version check
+# otherwise fails); set before jax is imported.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compiling only: no chip to share
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from deepseek_jax.aot import programs, report, targets  # noqa: E402
+from deepseek_jax.config import ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "small.yaml"
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    print(f"aot: error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv):
+  ap = _Parser(prog="python -m deepseek_jax.aot",
+               description="Compile for an accelerator that is not here (see the module docstring).")
+  ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default small.yaml)")
+  ap.add_argument("--target", required=True,
+                  help=f"NAME:SHAPE, NAME one of {', '.join(sorted(targets.CHIPS))}; e.g. h200:1, "
+                  "h100:2x8, tpu-v5p:2x2x1")
+  ap.add_argument("--batch", type=int, help="shorthand for train.batch_size=N")
+  ap.add_argument("--seq", type=int, help="shorthand for train.seq_len=N")
+  ap.add_argument("--decode", metavar="BATCH,CONTEXT",
+                  help="also compile one decode step of BATCH rows over a CONTEXT-token cache")
+  ap.add_argument("--no-train", action="store_true", help="skip the training step")
+  ap.add_argument("--max-batch", action="store_true",
+                  help="search the largest train.batch_size (multiples of the data-parallel "
+                  "degree) whose step fits the memory JAX uses by default")
+  ap.add_argument("--json", help="also write the reports to this file")
+  ap.add_argument("--dump", help="also write each compiled module's optimized HLO text here (a "
+                  "directory)")
+  ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.remat=full")
+  return ap.parse_intermixed_args(argv)
+
+
+def _decode_arg(text: str) -> tuple[int, int]:
+  try:
+    batch, context = (int(v) for v in text.split(","))
+  except ValueError:
+    raise ConfigError(f"--decode={text!r}: must be BATCH,CONTEXT (two positive integers)") from None
+  if batch <= 0 or context <= 0:
+    raise ConfigError(f"--decode={text!r}: BATCH and CONTEXT must be positive")
+  return batch, context
+
+
+def compile_report(program: programs.Program, target, dump: str | None = None) -> report.Report:
+  t0 = time.perf_counter()
+  compiled = program.lowered.compile()
+  if dump:
+    path = pathlib.Path(dump)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{program.what.split(',')[0].replace(' ', '_')}.hlo.txt").write_text(compiled.as_text())
+  r = report.analyze(compiled, target, program.what, program.model_flops)
+  print("\n".join(r.lines()) + f"\n  (compiled in {time.perf_counter() - t0:.0f} s)", flush=True)
+  return r
+
+
+def largest_batch(cfg, devices, target) -> tuple[int, list]:
+  """Doubles then bisects train.batch_size over multiples of the batch-splitting degree."""
+  def fits(batch: int):
+    c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+    try:
+      r = report.analyze(programs.train_program(c, devices).lowered.compile(), target, "")
+    except ConfigError:
+      return None
+    print(f"  batch {batch}: {r.total_bytes / targets.GiB:.1f} GiB "
+          f"({'fits' if r.fits else 'too big'})", flush=True)
+    return r.fits
+  step = cfg.train.grad_accum * len(devices) // (cfg.mesh.tensor * cfg.mesh.expert
+                                                   if cfg.mesh.data == -1 else 1) or 1
+  lo, hi = 0, step
+  while fits(hi):
+    lo, hi = hi, hi * 2
+  while hi - lo > step:
+    mid = (lo + hi) // 2 // step * step
+    if mid in (lo, hi):
+      break
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo, []
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    target = targets.parse_target(args.target)
+    overrides = list(args.overrides)
+    if args.batch:
+      overrides.append(f"train.batch_size={args.batch}")
+    if args.seq:
+      overrides.append(f"train.seq_len={args.seq}")
+    cfg = load_config(args.config, overrides)
+    decode = _decode_arg(args.decode) if args.decode else None
+    devices = targets.devices(target)
+    print(f"aot: {args.config} for {target} ({target.num_devices} x {target.chip.name}, "
+          f"{target.chip.hbm_bytes / targets.GiB:.0f} GiB each); compiling on this host, "
+          "nothing runs", flush=True)
+    reports = []
+    if not args.no_train:
+      reports.append(compile_report(programs.train_program(cfg, devices), target, args.dump))
+    if decode:
+      reports.append(compile_report(programs.decode_program(cfg, devices, *decode), target, args.dump))
+    if args.max_batch:
+      best, _ = largest_batch(cfg, devices, target)
+      print(f"largest train.batch_size that fits {target}: {best} (x {cfg.train.seq_len} tokens)")
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+    return 0
+  except (ConfigError, targets.TargetError) as e:
+    print(f"aot: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,113 @@
+"""The AOT report: target parsing, the HLO reading (loops counted by trip count), the command's
+errors, and (marked `aot`, needing the [gpu]/[tpu] extras) real compiles for an H200 and a v5p."""
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepseek_jax.aot import hlo, targets
+from deepseek_jax.config import load_config
+
+HAS_GPU_COMPILER = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+HAS_TPU_COMPILER = importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.parametrize("text, platform, n", [("h200:1", "gpu", 1), ("h100:8", "gpu", 8),
+                                               ("h100:2x8", "gpu", 16),
+                                               ("tpu-v5p:2x2x1", "tpu", 4)])
+def test_parse_target(text, platform, n):
+  t = targets.parse_target(text)
+  assert t.chip.platform == platform and t.num_devices == n
+
+
+@pytest.mark.parametrize("text, rule", [("b9000:1", "unknown accelerator"),
+                                        ("h200:0", "positive integers"),
+                                        ("h200:2x", "positive integers"),
+                                        ("h100:1x2x8", "GPU shape")])
+def test_bad_target_names_the_rule(text, rule):
+  with pytest.raises(targets.TargetError, match=rule):
+    targets.parse_target(text)
+
+
+def test_gpu_preallocation_is_three_quarters():
+  t = targets.parse_target("h200:1")
+  assert t.usable_bytes == int(0.75 * t.chip.hbm_bytes)
+  assert targets.parse_target("tpu-v5p:2x2x1").usable_bytes == targets.CHIPS["tpu-v5p"].hbm_bytes
+
+
+@settings(max_examples=8, deadline=None)
+@given(layers=st.integers(1, 5), rows=st.integers(1, 24), width=st.sampled_from([8, 16, 40]),
+       grad=st.booleans())
+def test_dot_flops_count_every_loop_iteration(layers, rows, width, grad):
+  """A scanned stack of matmuls: XLA's own cost analysis counts the loop body once; the reading
+  counts each of `layers` iterations (forward 1 matmul per layer, backward 2 more)."""
+  def f(w_LDD, x_RD):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x_RD, w_LDD)
+    return jnp.sum(h)
+
+  fn = jax.grad(f, argnums=(0, 1)) if grad else f
+  w = jnp.ones((layers, width, width))
+  x = jnp.ones((rows, width))
+  text = jax.jit(fn).lower(w, x).compile().as_text()
+  expected = (3 if grad else 1) * 2 * rows * width * width * layers
+  assert hlo.summarize(text).dot_flops == expected
+
+
+def test_bytes_and_custom_calls_are_read():
+  text = jax.jit(lambda a, b: (a @ b).sum()).lower(jnp.ones((64, 32)), jnp.ones((32, 16))
+                                                   ).compile().as_text()
+  s = hlo.summarize(text)
+  # at least the operands are read once
+  assert s.kernel_bytes >= (64 * 32 + 32 * 16) * 4
+  assert not s.custom_calls
+
+
+def _run(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "deepseek_jax.aot", *args], capture_output=True,
+                        text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--target", "b9000:1"], "unknown accelerator"),
+    (["--target", "h200:1", "--decode", "4"], "--decode='4'"),
+    (["--target", "h200:1", "--config", "configs/tiny.yaml", "model.num_heads=0"],
+     "model.num_heads=0"),
+])
+def test_command_bad_input_exits_2_with_one_line(args, needle):
+  r = _run(*args, "--no-train")
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+@pytest.mark.aot
+@pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs the [gpu] extra (jax-cuda12-plugin)")
+def test_tiny_train_step_for_h200(tmp_path):
+  """The real train step compiles for an H200 on this host: it fits, its matmul FLOPs are the
+  model's within 30% (the MoE costs tokens x K, not x E), and the decode step compiles too."""
+  out = tmp_path / "r.json"
+  r = _run("--config", "configs/tiny.yaml", "--target", "h200:1", "--decode", "4,256",
+           "--json", str(out))
+  assert r.returncode == 0, r.stderr[-2000:]
+  train, decode = json.loads(out.read_text())
+  assert train["fits"] and decode["fits"]
+  assert 0.9 <= train["compiled_flops"] / train["model_flops"] <= 1.3
+
+
+@pytest.mark.aot
+@pytest.mark.skipif(not HAS_TPU_COMPILER, reason="needs the [tpu] extra (libtpu)")
+def test_tiny_train_step_for_v5p(tmp_path):
+  out = tmp_path / "r.json"
+  r = _run("--config", "configs/tiny.yaml", "--target", "tpu-v5p:2x2x1", "--json", str(out))
+  assert r.returncode == 0, r.stderr[-2000:]
+  (train,) = json.loads(out.read_text())
+  assert train["fits"]
+  assert 0.9 <= train["compiled_flops"] / train["model_flops"] <= 1.3
