@@ -23,12 +23,15 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compiling only: no 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 from deepseek_jax.aot import programs, report, targets  # noqa: E402
 from deepseek_jax.config import ConfigError, load_config  # noqa: E402
+from sharding import mesh as mesh_lib  # noqa: E402
+from sharding import rules as rules_lib  # noqa: E402
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "small.yaml"
 
@@ -83,19 +86,21 @@ def compile_report(program: programs.Program, target, dump: str | None = None) -
   return r
 
 
-def largest_batch(cfg, devices, target) -> tuple[int, list]:
+def largest_batch(cfg, devices, target) -> int:
   """Doubles then bisects train.batch_size over multiples of the batch-splitting degree."""
   def fits(batch: int):
     c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
     try:
       r = report.analyze(programs.train_program(c, devices).lowered.compile(), target, "")
-    except ConfigError:
-      return None
+    except ConfigError:   # e.g. a batch the mesh cannot split
+      return False
     print(f"  batch {batch}: {r.total_bytes / targets.GiB:.1f} GiB "
           f"({'fits' if r.fits else 'too big'})", flush=True)
     return r.fits
-  step = cfg.train.grad_accum * len(devices) // (cfg.mesh.tensor * cfg.mesh.expert
-                                                   if cfg.mesh.data == -1 else 1) or 1
+  sizes = mesh_lib.mesh_shape(cfg.mesh, len(devices))
+  split = math.prod(sizes[a] for a in rules_lib.mesh_axes_of(
+      "act_batch", rules_lib.rules_from_config(cfg.mesh)))
+  step = cfg.train.grad_accum * split      # batches the mesh and the microbatches divide
   lo, hi = 0, step
   while fits(hi):
     lo, hi = hi, hi * 2
@@ -104,7 +109,7 @@ def largest_batch(cfg, devices, target) -> tuple[int, list]:
     if mid in (lo, hi):
       break
     lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-  return lo, []
+  return lo
 
 
 def main(argv=None) -> int:
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
     if decode:
       reports.append(compile_report(programs.decode_program(cfg, devices, *decode), target, args.dump))
     if args.max_batch:
-      best, _ = largest_batch(cfg, devices, target)
+      best = largest_batch(cfg, devices, target)
       print(f"largest train.batch_size that fits {target}: {best} (x {cfg.train.seq_len} tokens)")
     if args.json:
       pathlib.Path(args.json).write_text(json.dumps([r.to_dict() for r in reports], indent=1))
