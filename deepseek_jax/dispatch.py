@@ -1,21 +1,23 @@
 """The routed experts on one device (V3 report §2.1.2, DeepSeekMoE): `dense_ffn` (every expert
 on every token, the test oracle), `dropless_ffn` (sort assignments by expert, grouped matmul,
-unsort; "block" or "ragged" kernels) and `LocalExperts`, the runner the MoE block is given.
-Letters beyond the dimension key: U rows per block, W blocks.
+unsort; "gmm", "block" or "ragged" kernels) and `LocalExperts`, the runner the MoE block is given.
+Expert id E marks a slot with no expert (expert-parallel padding): zero output, in no group.
+Letters beyond the dimension key: U rows per block, W blocks, M2 = 2M (gate and up fused).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import gmm as gmm_lib
 from deepseek_jax import vma
 from deepseek_jax.fp8 import grouped
+from deepseek_jax.gmm import auto_block_size, num_blocks  # noqa: F401  (dispatch's API too)
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -27,12 +29,14 @@ class ExpertDots(NamedTuple):
   down_proj: DotGeneral = jax.lax.dot_general
 
 
-DROPLESS_IMPLS = ("block", "ragged")
+DROPLESS_IMPLS = ("block", "ragged", "gmm")
+PLATFORMS = ("auto",) + gmm_lib.PLATFORMS
 
 
-def default_dropless_impl() -> str:
-  """'ragged' where the backend has a grouped-matmul kernel (GPU/TPU), 'block' on CPU."""
-  return "block" if jax.default_backend() == "cpu" else "ragged"
+def default_dropless_impl(platform: str = "auto") -> str:
+  """'gmm' on GPU/TPU (a grouped-matmul kernel), 'block' on CPU; `platform` "auto" asks
+  `jax.default_backend()`, any other value is the target and decides alone."""
+  return "block" if gmm_lib.resolve_platform(platform) == "cpu" else "gmm"
 
 
 def _check_shapes(fn: str, x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD):
@@ -63,7 +67,7 @@ def dense_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
   dots = dots or ExpertDots()
   X, E = x_XD.shape[0], w_gate_EDM.shape[0]
   gate_XE = jnp.zeros((X, E), weights_XK.dtype).at[
-      jnp.arange(X)[:, None], experts_XK].add(weights_XK)
+      jnp.arange(X)[:, None], experts_XK].add(weights_XK, mode="drop")   # id E: no expert
   proj = (((1,), (1,)), ((), ()))                         # XD,EDM->XEM
   h_XEM = (jax.nn.silu(dots.gate_proj(x_XD, w_gate_EDM, proj))
            * dots.up_proj(x_XD, w_up_EDM, proj))
@@ -75,62 +79,25 @@ def dense_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
 
 # ---- dropless ----
 
-def auto_block_size(num_assignments: int, num_experts: int) -> int:
-  """Rows per block U for the "block" layout (a power of two).
-
-  The static layout pays up to E (U - 1) padding rows plus a fixed cost per block (one small
-  matmul per projection), so the best U grows like sqrt(A / E); measured on CPU
-  (bench/bench_moe.py --sweep-blocks) U = 32 is best or within noise of it for A = 8192 and
-  E = 8..64, so U = nearest power of two to sqrt(A / E), clipped to [32, 128]. Small inputs
-  (decode: A of a few tokens) use U no larger than the mean rows per nonempty expert.
-  """
-  A, E = max(num_assignments, 1), num_experts
-  target = 2 ** math.floor(math.log2(math.sqrt(A / E)) + 0.5) if A >= E else 1
-  mean_rows = -(-A // min(E, A))
-  return int(min(max(target, 32), 128, 2 ** math.ceil(math.log2(mean_rows))))
-
-
-def num_blocks(num_assignments: int, num_experts: int, block: int) -> int:
-  """Static bound on blocks: sum_e ceil(n_e / block) over any routing with sum_e n_e = A.
-
-  ceil(n / U) <= (n + U - 1) / U for each of the at most min(E, A) nonempty experts.
-  """
-  nonempty = min(num_experts, num_assignments)
-  return (num_assignments + nonempty * (block - 1)) // block
-
-
 def _sort_by_expert(experts_A: jax.Array, num_experts: int):
+  """Stable order by expert and the rows per expert; id E (no expert) sorts last, uncounted."""
   order_A = jnp.argsort(experts_A, stable=True)
-  count_E = jnp.zeros((num_experts,), jnp.int32).at[experts_A].add(1)
+  count_E = jnp.zeros((num_experts,), jnp.int32).at[experts_A].add(1, mode="drop")
   return order_A, count_E
 
 
 def _block_layout(experts_XK, num_experts: int, block: int | None):
-  """The padded block layout: (U, W, dest_A [A] padded row (of W*U) of each assignment,
-  token_WU source token of each padded row (X for padding), expert_W expert of each block).
-
-  Each expert's rows are padded to a multiple of U; W = `num_blocks` is the worst case over all
-  routings, so every shape is static."""
+  """The padded block layout (`gmm.block_layout`) of the assignments: (U, W, dest_A [A] padded
+  row (of W*U) of each assignment (W*U: no expert), token_WU source token of each padded row (X
+  for padding), expert_W expert of each block)."""
   X, K = experts_XK.shape
   E, A = num_experts, X * K
   U = block or auto_block_size(A, E)
-  W = num_blocks(A, E, U)
-  experts_A = experts_XK.reshape(A)
-  order_A, count_E = _sort_by_expert(experts_A, E)
-  blocks_E = (count_E + U - 1) // U
-  start_E = jnp.cumsum(count_E) - count_E                 # first sorted row of each expert
-  pad_start_E = (jnp.cumsum(blocks_E) - blocks_E) * U      # first padded row of each expert
-  sorted_e_A = experts_A[order_A]
-  dest_sorted_A = pad_start_E[sorted_e_A] + jnp.arange(A, dtype=jnp.int32) - start_E[sorted_e_A]
-  dest_A = jnp.zeros((A,), jnp.int32).at[order_A].set(dest_sorted_A, unique_indices=True)
-  token_A = jnp.arange(A, dtype=jnp.int32) // K
-  token_WU = jnp.full((W * U,), X, jnp.int32).at[dest_A].set(
-      token_A, unique_indices=True).reshape(W, U)
-  # Unused trailing blocks map to expert E-1: their rows are zeros, so they add nothing to any
-  # output or gradient.
-  expert_W = jnp.minimum(
-      jnp.searchsorted(jnp.cumsum(blocks_E), jnp.arange(W), side="right"), E - 1)
-  return U, W, dest_A, token_WU, expert_W.astype(jnp.int32)
+  order_A, count_E = _sort_by_expert(experts_XK.reshape(A), E)
+  layout = gmm_lib.block_layout(count_E, A, U)
+  dest_A = jnp.zeros((A,), jnp.int32).at[order_A].set(layout.dest_A, unique_indices=True)
+  token_WU = jnp.where(layout.row_WU < A, order_A[jnp.minimum(layout.row_WU, A - 1)] // K, X)
+  return U, layout.row_WU.shape[0], dest_A, token_WU, layout.group_W
 
 
 def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, block):
@@ -148,7 +115,8 @@ def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, bl
     y_WUD = block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics)
   else:
     y_WUD = _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dots)
-  return y_WUD.reshape(W * U, D)[dest_A].reshape(X, K, D)
+  y_AD = jnp.take(y_WUD.reshape(W * U, D), dest_A, axis=0, mode="fill", fill_value=0)
+  return y_AD.reshape(X, K, D)
 
 
 def _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dots):
@@ -306,24 +274,55 @@ def _dropless_ragged(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD):
   return y_sorted_AD[inverse_A].reshape(X, K, D)
 
 
+def _dropless_gmm(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, platform, fuse, block):
+  """Returns y_XKD via `gmm.gmm` on the sorted, unpadded assignments (no-expert slots sort last
+  and belong to no group); gate and up are one [E, D, 2M] grouped matmul when `fuse`."""
+  X, D = x_XD.shape
+  K, (E, _, M) = experts_XK.shape[1], w_gate_EDM.shape
+  A = X * K
+  order_A, count_E = _sort_by_expert(experts_XK.reshape(A), E)
+  x_AD = x_XD[order_A // K]
+  grouped_mm = functools.partial(gmm_lib.gmm, group_sizes_E=count_E, platform=platform,
+                                 block=block)
+  if fuse:
+    gate_up_AM2 = grouped_mm(x_AD, jnp.concatenate([w_gate_EDM, w_up_EDM], axis=2))
+    gate_AM, up_AM = gate_up_AM2[:, :M], gate_up_AM2[:, M:]
+  else:
+    gate_AM, up_AM = grouped_mm(x_AD, w_gate_EDM), grouped_mm(x_AD, w_up_EDM)
+  y_sorted_AD = grouped_mm(jax.nn.silu(gate_AM) * up_AM, w_down_EMD)
+  inverse_A = jnp.zeros((A,), jnp.int32).at[order_A].set(
+      jnp.arange(A, dtype=jnp.int32), unique_indices=True)
+  return y_sorted_AD[inverse_A].reshape(X, K, D)
+
+
 def dropless_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
                  dots: ExpertDots | None = None, impl: str | None = None,
-                 block: int | None = None) -> jax.Array:
+                 block: int | None = None, platform: str = "auto",
+                 fuse_gate_up: bool = True) -> jax.Array:
   """Sorted grouped-matmul dispatch; exact (equal to `dense_ffn`) for any routing.
 
-  `impl`: "block" or "ragged" (None: `default_dropless_impl()`). "ragged" multiplies through
-  `jax.lax.ragged_dot` and so cannot honour custom `dots` (the FP8 seam); with custom dots it
-  falls back to "block". `block`: rows per block U (None: `auto_block_size`). Expert ids must lie
-  in [0, E); the expert-parallel caller remaps to local ids first.
+  `impl`: "gmm" (`gmm.gmm`: a grouped-matmul kernel chosen by `platform`, cost ~ tokens x K
+  forward and backward; `fuse_gate_up` runs gate and up as one), "block" (padded blocks, the
+  CPU path) or "ragged" (`jax.lax.ragged_dot`, which XLA:GPU rewrites into a dense masked GEMM
+  over all experts); None: `default_dropless_impl(platform)`. "gmm" and "ragged" cannot honour
+  custom `dots` (the FP8 seam): with them the FP8 recipe runs "block", whose own backward
+  (`block_swiglu`) already costs ~ tokens x K. `block`: rows per block U (None:
+  `auto_block_size`). Expert ids lie in [0, E], E for a slot with no expert; the expert-parallel
+  caller remaps to local ids first.
   """
   _check_shapes("dropless_ffn", x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD)
-  impl = impl or default_dropless_impl()
+  if platform not in PLATFORMS:
+    raise ValueError(f"dropless_ffn: platform={platform!r} must be one of {PLATFORMS}")
+  impl = impl or default_dropless_impl(platform)
   if impl not in DROPLESS_IMPLS:
     raise ValueError(f"dropless_ffn: impl={impl!r} must be one of {DROPLESS_IMPLS}")
   if block is not None and (not isinstance(block, int) or block <= 0):
     raise ValueError(f"dropless_ffn: block={block!r} must be a positive integer")
   experts_XK = experts_XK.astype(jnp.int32)
-  if impl == "ragged" and dots is None:
+  if impl == "gmm" and dots is None:
+    y_XKD = _dropless_gmm(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
+                          gmm_lib.resolve_platform(platform), fuse_gate_up, block)
+  elif impl == "ragged" and dots is None:
     y_XKD = _dropless_ragged(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD)
   else:
     y_XKD = _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
@@ -342,13 +341,16 @@ class LocalExperts:
   w_down_EMD, dots=None) -> (y_XD, None)` (no dispatch statistics; see
   `sharding.expert_parallel.ExpertParallel` for the runner that has them).
 
-  `kind` "dense" runs `dense_ffn`, "dropless" runs `dropless_ffn` with `impl` ("block",
-  "ragged"; None: by backend) and `block` rows per block (None: `auto_block_size`). Frozen and
-  hashable, so it can be a flax module attribute.
+  `kind` "dense" runs `dense_ffn`, "dropless" runs `dropless_ffn` with `impl` ("gmm", "block",
+  "ragged"; None: by platform), `block` rows per block (None: `auto_block_size`), `platform`
+  (the target: "cpu", "gpu", "tpu"; "auto": `jax.default_backend()` when called) and
+  `fuse_gate_up`. Frozen and hashable, so it can be a flax module attribute.
   """
   kind: str = "dropless"
   impl: str | None = None
   block: int | None = None
+  platform: str = "auto"
+  fuse_gate_up: bool = True
 
   def __post_init__(self):
     if self.kind not in DISPATCH_KINDS:
@@ -358,12 +360,18 @@ class LocalExperts:
     if self.block is not None and (not isinstance(self.block, int) or isinstance(self.block, bool)
                                    or self.block <= 0):
       raise ValueError(f"LocalExperts: block={self.block!r} must be a positive integer or None")
+    if self.platform not in PLATFORMS:
+      raise ValueError(f"LocalExperts: platform={self.platform!r} must be one of {PLATFORMS}")
+    if not isinstance(self.fuse_gate_up, bool):
+      raise ValueError(f"LocalExperts: fuse_gate_up={self.fuse_gate_up!r} must be a bool")
 
   @classmethod
   def from_config(cls, model_cfg) -> "LocalExperts":
-    """`model.moe_dispatch`, `model.dropless_impl` ("auto" -> None) and `model.dropless_block`."""
+    """`model.moe_dispatch`, `model.dropless_impl` ("auto" -> None), `model.dropless_block`,
+    `model.platform` and `model.fuse_gate_up`."""
     impl = None if model_cfg.dropless_impl == "auto" else model_cfg.dropless_impl
-    return cls(model_cfg.moe_dispatch, impl, model_cfg.dropless_block)
+    return cls(model_cfg.moe_dispatch, impl, model_cfg.dropless_block, model_cfg.platform,
+               model_cfg.fuse_gate_up)
 
   def __call__(self, x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
                dots: ExpertDots | None = None) -> tuple[jax.Array, None]:
@@ -371,4 +379,5 @@ class LocalExperts:
       return dense_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
                        dots=dots), None
     return dropless_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
-                        dots=dots, impl=self.impl, block=self.block), None
+                        dots=dots, impl=self.impl, block=self.block, platform=self.platform,
+                        fuse_gate_up=self.fuse_gate_up), None

@@ -312,7 +312,10 @@ def _local(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, *, ep
   # ---- pack: [P_dst * Y] rows ----
   x_pad = jnp.concatenate([x_XD, jnp.zeros((1, D), x_XD.dtype)])
   send_ZD = x_pad[plan.src_Z]
-  ids_ZI = jnp.zeros((Z, I), jnp.int32).at[plan.row_XK, plan.slot_XK].set(plan.local_XK,
+  # Ids travel as local id + 1, so that 0 (an empty slot, a padding row, or a row the ragged
+  # exchange did not fill) arrives as "no expert" (id E_loc): the experts then see the true rows
+  # per expert, and a grouped matmul computes nothing for padding.
+  ids_ZI = jnp.zeros((Z, I), jnp.int32).at[plan.row_XK, plan.slot_XK].set(plan.local_XK + 1,
                                                                           mode="drop")
   w_ZI = jnp.zeros((Z, I), weights_XK.dtype).at[plan.row_XK, plan.slot_XK].set(weights_XK,
                                                                                mode="drop")
@@ -324,9 +327,10 @@ def _local(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, *, ep
   home = _Route(ep, shards, ragged, opts.combine_dtype, opts.dispatch_dtype)
   recv_ZD = _exchange(send_ZD, send_P, recv_P, me, out)
   ids_ZI, w_ZI = (_move(a, send_P, recv_P, me, out, "model") for a in (ids_ZI, w_ZI))
+  ids_ZI = jnp.where(ids_ZI > 0, ids_ZI - 1, E_loc)
   if mlp:  # each M shard sees the same rows: typed as varying, so their gradient is psum'd
     recv_ZD, w_ZI = jax.lax.pcast((recv_ZD, w_ZI), mlp, to="varying")
-  # ---- local experts (padding rows and slots carry weight 0) ----
+  # ---- local experts (padding rows and slots: no expert, weight 0) ----
   y_ZD, _ = local(recv_ZD, w_ZI, ids_ZI, w_gate_EDM, w_up_EDM, w_down_EMD, dots=dots)
   # ---- AllToAll_expert back, then unpack: sum over destination shards ----
   y_ZD = _exchange(y_ZD, recv_P, send_P, me, home)
