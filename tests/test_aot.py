@@ -111,3 +111,22 @@ def test_tiny_train_step_for_v5p(tmp_path):
   (train,) = json.loads(out.read_text())
   assert train["fits"]
   assert 0.9 <= train["compiled_flops"] / train["model_flops"] <= 1.3
+
+
+def test_kernel_flops_from_operand_shapes():
+  """Kernels XLA cannot see into are counted from their shapes: a grouped matmul (forward, and
+  the weight gradient with x transposed) and cuDNN's causal fused attention."""
+  comp = hlo.Computation("c", {"x": "bf16[4096,256]", "w": "bf16[16,256,128]",
+                               "xt": "bf16[256,4096]", "dy": "bf16[4096,128]", "g": "s32[16]"}, [])
+  fwd = hlo.Instr("k", "bf16[4096,128]{1,0}", "custom-call", ["g", "x", "w"], "")
+  assert hlo.kernel_flops(comp, fwd, "mosaic_gpu_v2") == 2 * 4096 * 256 * 128
+  wgrad = hlo.Instr("k", "bf16[16,256,128]{2,1,0}", "custom-call", ["g", "xt", "dy"], "")
+  assert hlo.kernel_flops(comp, wgrad, "mosaic_gpu_v2") == 2 * 4096 * 256 * 128
+  attrs = (', operand_layout_constraints={bf16[2,64,4,48]{3,2,1,0}, bf16[2,64,4,48]{3,2,1,0}, '
+           'bf16[2,64,4,32]{3,2,1,0}}, backend_config={"intermediate_tensor_shape": '
+           '{"element_type": "BF16", "dimensions": ["2", "4", "64", "64"]}, "mask_type": "CAUSAL"}')
+  att = hlo.Instr("a", "(bf16[2,4,64,32])", "custom-call", [], attrs)
+  useful = 2 * 2 * 4 * 64 * 64 * (48 + 32) / 2
+  assert hlo.kernel_flops(comp, att, "__cudnn$fmhaSoftmax") == useful
+  assert hlo.kernel_flops(comp, att, "__cudnn$fmhaSoftmaxBackward") == 2.5 * useful
+  assert hlo.kernel_flops(comp, att, "some_other_kernel") is None

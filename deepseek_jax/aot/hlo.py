@@ -171,10 +171,49 @@ def _conv_flops(comp: Computation, ins: Instr) -> float:
   return 2.0 * out * math.prod(d for k, d in enumerate(rhs) if k != o)
 
 
+def kernel_flops(comp: Computation, ins: Instr, target: str) -> float | None:
+  """FLOPs of a kernel XLA cannot see into, from its operand shapes; None when unrecognised.
+
+  cuDNN fused attention: 2 B N T S (K + J) for the two products, halved under a causal mask
+  (the kernel skips masked tiles), x2.5 for the backward (five products instead of two). A
+  grouped matmul (Pallas Mosaic-GPU/Triton/Mosaic-TPU): out [A, N] from [A, K] x [G, K, N], or
+  the weight gradient [G, K, N] from [A, K] and [A, N]: 2 A K N either way (padding rows count).
+  """
+  if target.startswith("__cudnn$fmha"):
+    bnts = re.search(r'"intermediate_tensor_shape":\s*\{[^}]*?"dimensions":\s*\[([^\]]*)\]',
+                     ins.attrs)
+    arrays = _ARRAY.findall(ins.attrs.split("operand_layout_constraints={", 1)[-1])
+    if not bnts or len(arrays) < 3:
+      return None
+    b, n, t, k_s = (int(v.strip().strip('"')) for v in bnts.group(1).split(","))
+    k = int(arrays[0][1].split(",")[-1])
+    j = int(arrays[2][1].split(",")[-1])
+    f = 2.0 * b * n * t * k_s * (k + j)
+    f *= 0.5 if '"mask_type": "CAUSAL"' in ins.attrs or '"mask_type":"CAUSAL"' in ins.attrs else 1
+    return f * (2.5 if "Backward" in target else 1.0)
+  out = _dims(ins.shape)
+  ops = [_dims(comp.shape_of(o)) for o in ins.operands]
+  if len(out) == 2:
+    a, n = out
+    for w in (o for o in ops if len(o) == 3 and o[2] == n):
+      if any(len(x) == 2 and x == [a, w[1]] for x in ops):
+        return 2.0 * a * w[1] * n
+  if len(out) == 3:   # the weight gradient; the kernel may take x transposed ([K, A])
+    _, k, n = out
+    mats = [o for o in ops if len(o) == 2]
+    for i, x in enumerate(mats):
+      for a, kk in ((x[0], x[1]), (x[1], x[0])):
+        if kk == k and any(sorted(y) == sorted([a, n]) for j, y in enumerate(mats) if j != i):
+          return 2.0 * a * k * n
+  return None
+
+
 @dataclasses.dataclass
 class Summary:
   """What the walk found; every count is per device and per call of the entry computation."""
   dot_flops: float = 0.0
+  kernel_flops: float = 0.0        # custom calls counted from their shapes (`kernel_flops`)
+  opaque_kernels: int = 0          # custom calls with no FLOP count (not in either figure)
   kernel_bytes: float = 0.0
   custom_calls: dict = dataclasses.field(default_factory=lambda: defaultdict(int))
   collectives: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0, 0.0]))
@@ -266,7 +305,13 @@ def summarize(text: str) -> Summary:
                                    comp.shape_of(ins.operands[0]) if ins.operands else ins.shape)
       if op == "custom-call":
         m = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
-        s.custom_calls[m.group(1) if m else "?"] += mult
+        target = m.group(1) if m else "?"
+        s.custom_calls[target] += mult
+        f = kernel_flops(comp, ins, target)
+        if f is not None:
+          s.kernel_flops += mult * f
+        elif not target[:1].isupper():   # XLA:TPU's own bookkeeping calls are capitalised
+          s.opaque_kernels += 1
       if op == "while":
         body = (_called(ins.attrs, "body") or [""])[0]
         n = trip_count(ins.attrs, comps)

@@ -58,7 +58,9 @@ class Report:
   host_temp_bytes: int
   hbm_bytes: int
   usable_bytes: int
-  compiled_flops: float          # matmul FLOPs XLA compiled (loops counted), per device
+  compiled_flops: float          # matmul FLOPs compiled (loops counted; kernels by shape), per device
+  xla_flops: float               # of which XLA's own dots
+  opaque_kernels: int            # kernels with no FLOP count (in neither figure)
   model_flops: float | None      # the model's own count for this step, per device
   kernel_bytes: float
   custom_calls: dict             # target -> calls per step
@@ -104,9 +106,11 @@ class Report:
     if self.model_flops:
       flops += (f", model {_flop(self.model_flops)}: "
                 f"{self.compiled_flops / self.model_flops:.2f}x")
-    if any(kernel_family(t) in ("cudnn", "pallas/mosaic-gpu", "pallas/triton", "pallas/mosaic-tpu")
-           for t in self.custom_calls):
-      flops += " (kernels' own FLOPs not included: XLA cannot see into them)"
+    if self.compiled_flops > self.xla_flops:
+      flops += (f" ({_flop(self.compiled_flops - self.xla_flops)} in kernels, counted from their "
+                "operand shapes)")
+    if self.opaque_kernels:
+      flops += f"; {self.opaque_kernels} kernel call site(s) not counted"
     if self.unknown_trip_loops:
       flops += f"; {self.unknown_trip_loops} loop(s) without a known trip count counted once"
     out.append(flops)
@@ -137,7 +141,8 @@ def analyze(compiled, target: Target, what: str, model_flops: float | None = Non
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
       host_temp_bytes=int(getattr(mem, "host_temp_size_in_bytes", 0) or 0),
       hbm_bytes=target.chip.hbm_bytes, usable_bytes=target.usable_bytes,
-      compiled_flops=s.dot_flops, model_flops=model_flops, kernel_bytes=s.kernel_bytes,
+      compiled_flops=s.dot_flops + s.kernel_flops, xla_flops=s.dot_flops,
+      opaque_kernels=s.opaque_kernels, model_flops=model_flops, kernel_bytes=s.kernel_bytes,
       custom_calls={k: v for k, v in s.custom_calls.items() if k not in INTERNAL},
       collectives={k: (v[0], v[1]) for k, v in s.collectives.items()},
       unknown_trip_loops=s.unknown_trip_loops, top_bytes=s.top_bytes(5), peak_flops=target.chip.peak_bf16,
