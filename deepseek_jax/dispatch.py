@@ -285,7 +285,7 @@ def _dropless_gmm(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, platform, 
   grouped_mm = functools.partial(gmm_lib.gmm, group_sizes_E=count_E, platform=platform,
                                  block=block)
   if fuse:
-    gate_up_AM2 = grouped_mm(x_AD, jnp.concatenate([w_gate_EDM, w_up_EDM], axis=2))
+    gate_up_AM2 = grouped_mm(x_AD, (w_gate_EDM, w_up_EDM))
     gate_AM, up_AM = gate_up_AM2[:, :M], gate_up_AM2[:, M:]
   else:
     gate_AM, up_AM = grouped_mm(x_AD, w_gate_EDM), grouped_mm(x_AD, w_up_EDM)

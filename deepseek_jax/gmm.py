@@ -5,16 +5,17 @@ never E x rows. Rows past sum(group_sizes) belong to no group: zero output, zero
 Kernels by platform: GPU tokamax's Mosaic-GPU sm90 kernel (bf16/f16, D and M multiples of 128)
 or its Triton kernel; TPU jax's megablox gmm/tgmm; CPU, or no kernel: XLA over the padded block
 layout (each group padded to U rows, one [U, D] x [D, M] matmul per block). Letters beyond the
-key: U rows per block, W blocks, M2 the fused gate+up width 2M.
+key: U rows per block, W blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -187,8 +188,8 @@ def _interpreted(spec: _Spec):
     yield
     return
   if spec.kernel == "mosaic_gpu":
-    from jax._src.pallas.mosaic_gpu.interpret.params import force_gpu_interpret_mode  # noqa: PLC0415
-    with force_gpu_interpret_mode():
+    from jax._src.pallas.mosaic_gpu.interpret import params  # noqa: PLC0415
+    with params.force_gpu_interpret_mode():
       yield
     return
   from jax._src import config as jax_config  # noqa: PLC0415
@@ -200,13 +201,20 @@ def _interpreted(spec: _Spec):
     state.set_local(previous)
 
 
-def _kernel_gmm(spec: _Spec, x_A_, w_EDM, group_sizes_E, transpose: bool):
-  """x @ w[group] ([A, D] -> [A, M]) or, with `transpose`, x @ w[group].T ([A, M] -> [A, D]).
-  Rows in no group hold anything (kernels leave them unwritten)."""
+def _cat(ws, axis):
+  return ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=axis)
+
+
+def _kernel_gmm(spec: _Spec, x_A_, ws, group_sizes_E, transpose: bool):
+  """x @ w[group] ([A, D] -> [A, M], w = the `ws` [E, D, Mi] side by side) or, with `transpose`,
+  x @ w[group].T ([A, M] -> [A, D]). Rows in no group hold anything (kernels leave them
+  unwritten). The concatenation happens here, in both passes, so that it is a short-lived
+  temporary and never a residual kept from the forward pass to the backward one."""
   if spec.kernel == "xla":
-    return _xla_gmm(x_A_, w_EDM, group_sizes_E, spec.block, transpose)
+    return _xla_gmm(x_A_, _cat(ws, 2), group_sizes_E, spec.block, transpose)
   dtype = x_A_.dtype
   A = x_A_.shape[0]
+  w_EDM = _cat(ws, 2) if spec.kernel == "megablox" or not transpose else None
   if spec.kernel == "megablox":
     gmm_fn, _ = _megablox()
     tm, tk, tn = _megablox_tiles(w_EDM, transpose)
@@ -214,7 +222,8 @@ def _kernel_gmm(spec: _Spec, x_A_, w_EDM, group_sizes_E, transpose: bool):
       return gmm_fn(_pad_to(x_A_, tm), w_EDM, group_sizes_E, dtype, (tm, tk, tn),
                     transpose_rhs=transpose, interpret=spec.interpret)[:A]
   base, mgpu, sm90, triton = _tokamax()
-  w_E__ = jnp.swapaxes(w_EDM, 1, 2) if transpose else w_EDM   # tokamax transposes the same way
+  # tokamax's kernels take [E, K, N] only: the input gradient multiplies by a transposed copy.
+  w_E__ = _cat([jnp.swapaxes(w, 1, 2) for w in ws], 1) if transpose else w_EDM
   with _interpreted(spec):
     if spec.kernel == "mosaic_gpu":
       return sm90.ragged_dot_kernel(_pad_to(x_A_, _MGPU_ROWS), w_E__, group_sizes_E,
@@ -305,52 +314,58 @@ def _in_groups(y_A_, group_sizes_E):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm(x_AD, w_EDM, group_sizes_E, spec: _Spec):
-  return _in_groups(_kernel_gmm(spec, x_AD, w_EDM, group_sizes_E, False), group_sizes_E)
+def _gmm(x_AD, ws, group_sizes_E, spec: _Spec):
+  return _in_groups(_kernel_gmm(spec, x_AD, ws, group_sizes_E, False), group_sizes_E)
 
 
-def _gmm_fwd(x_AD, w_EDM, group_sizes_E, spec):
-  return _gmm(x_AD, w_EDM, group_sizes_E, spec), (x_AD, w_EDM, group_sizes_E)
+def _gmm_fwd(x_AD, ws, group_sizes_E, spec):
+  return _gmm(x_AD, ws, group_sizes_E, spec), (x_AD, ws, group_sizes_E)
 
 
 def _gmm_bwd(spec, res, dy_AM):
-  x_AD, w_EDM, group_sizes_E = res
+  x_AD, ws, group_sizes_E = res
   dy_AM = dy_AM.astype(x_AD.dtype)
-  dx_AD = _in_groups(_kernel_gmm(spec, dy_AM, w_EDM, group_sizes_E, True), group_sizes_E)
+  dx_AD = _in_groups(_kernel_gmm(spec, dy_AM, ws, group_sizes_E, True), group_sizes_E)
   dw_EDM = _kernel_tgmm(spec, x_AD, dy_AM, group_sizes_E)
-  return (vma.cotangent_like(dx_AD, x_AD), vma.cotangent_like(dw_EDM.astype(w_EDM.dtype), w_EDM),
-          None)
+  cuts = list(itertools.accumulate(w.shape[2] for w in ws))[:-1]
+  dws = tuple(vma.cotangent_like(d.astype(w.dtype), w)
+              for d, w in zip(jnp.split(dw_EDM, cuts, axis=2), ws))
+  return vma.cotangent_like(dx_AD, x_AD), dws, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs_AD: jax.Array, rhs_EDM: jax.Array, group_sizes_E: jax.Array, *, platform: str,
-        kernel: str | None = None, block: int | None = None,
+def gmm(lhs_AD: jax.Array, rhs_EDM: jax.Array | Sequence[jax.Array], group_sizes_E: jax.Array,
+        *, platform: str, kernel: str | None = None, block: int | None = None,
         interpret: bool = False) -> jax.Array:
   """out[a] = lhs[a] @ rhs[e] for the rows a of group e ([A, M], lhs's dtype, f32 accumulation);
   rows sorted by group, group e holding `group_sizes_E[e]` rows, rows past their sum in none.
 
+  `rhs_EDM` may be several [E, D, Mi] side by side (gate and up: one kernel, [A, sum Mi] out).
   `platform` ("cpu", "gpu", "tpu": the target, not the host) picks the kernel (`select_kernel`;
   a GPU/TPU without one warns once and runs the XLA block layout); `kernel` forces one of KERNELS.
   `block`: rows per block U of the XLA kernel (None: `auto_block_size`). `interpret`: run the
   Pallas kernels in interpret mode (CPU tests; tokamax's Mosaic-GPU tgmm cannot be interpreted).
   """
-  if lhs_AD.ndim != 2 or rhs_EDM.ndim != 3 or lhs_AD.shape[1] != rhs_EDM.shape[1]:
-    raise ValueError(f"gmm: lhs {lhs_AD.shape} and rhs {rhs_EDM.shape} must be [A, D] and "
-                     "[E, D, M]")
-  if group_sizes_E.shape != rhs_EDM.shape[:1] or not jnp.issubdtype(group_sizes_E.dtype,
-                                                                      jnp.integer):
+  ws = tuple(rhs_EDM) if isinstance(rhs_EDM, (tuple, list)) else (rhs_EDM,)
+  shapes = [w.shape for w in ws]
+  if (lhs_AD.ndim != 2 or not ws or any(len(sh) != 3 or sh[:2] != (shapes[0][0], lhs_AD.shape[1])
+                                        for sh in shapes)):
+    raise ValueError(f"gmm: lhs {lhs_AD.shape} and rhs {shapes} must be [A, D] and [E, D, M] "
+                     "(several rhs: [E, D, Mi] each)")
+  if group_sizes_E.shape != shapes[0][:1] or not jnp.issubdtype(group_sizes_E.dtype, jnp.integer):
     raise ValueError(f"gmm: group_sizes {group_sizes_E.shape} {group_sizes_E.dtype} must be "
-                     f"integers of shape [E] = ({rhs_EDM.shape[0]},)")
-  if lhs_AD.dtype != rhs_EDM.dtype:
-    raise ValueError(f"gmm: lhs dtype {lhs_AD.dtype} != rhs dtype {rhs_EDM.dtype}; cast first")
+                     f"integers of shape [E] = ({shapes[0][0]},)")
+  if any(w.dtype != lhs_AD.dtype for w in ws):
+    raise ValueError(f"gmm: lhs dtype {lhs_AD.dtype} != rhs dtype "
+                     f"{[str(w.dtype) for w in ws]}; cast first")
   if platform not in PLATFORMS:
     raise ValueError(f"gmm: platform={platform!r} must be one of {PLATFORMS} (resolve 'auto' "
                      "with resolve_platform)")
-  (A, D), (E, _, M) = lhs_AD.shape, rhs_EDM.shape
-  if kernel is None:
-    kernel, why = select_kernel(platform, lhs_AD.dtype, D, M)
+  (A, D), E = lhs_AD.shape, shapes[0][0]
+  if kernel is None:   # every width must suit the kernel: their gcd does
+    kernel, why = select_kernel(platform, lhs_AD.dtype, D, math.gcd(*(sh[2] for sh in shapes)))
     if why:
       _note(platform, why)
   elif kernel not in KERNELS:
@@ -363,7 +378,7 @@ def gmm(lhs_AD: jax.Array, rhs_EDM: jax.Array, group_sizes_E: jax.Array, *, plat
   if block is not None and (not isinstance(block, int) or block <= 0):
     raise ValueError(f"gmm: block={block!r} must be a positive integer or None")
   spec = _Spec(kernel, block or auto_block_size(A, E), bool(interpret))
-  return _gmm(lhs_AD, rhs_EDM, group_sizes_E.astype(jnp.int32), spec)
+  return _gmm(lhs_AD, ws, group_sizes_E.astype(jnp.int32), spec)
 
 
 def resolve_platform(platform: str) -> str:
