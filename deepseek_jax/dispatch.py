@@ -378,6 +378,11 @@ class LocalExperts:
     if self.kind == "dense":
       return dense_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
                        dots=dots), None
-    return dropless_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
-                        dots=dots, impl=self.impl, block=self.block, platform=self.platform,
-                        fuse_gate_up=self.fuse_gate_up), None
+    run = functools.partial(dropless_ffn, dots=dots, impl=self.impl, block=self.block,
+                            platform=self.platform, fuse_gate_up=self.fuse_gate_up)
+    impl = self.impl or default_dropless_impl(self.platform)
+    if impl == "gmm" and dots is None and gmm_lib.resolve_platform(self.platform) != "cpu":
+      return gmm_lib.on_token_shards(run, x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM,
+                                     w_down_EMD), None
+    return run(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD), None
+

@@ -17,6 +17,7 @@ import math
 import warnings
 from typing import NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -30,14 +31,10 @@ _HALF = (jnp.bfloat16, jnp.float16)
 # ---- the block layout (the XLA kernel; dispatch's "block" path shares it) ----
 
 def auto_block_size(num_assignments: int, num_experts: int) -> int:
-  """Rows per block U for the block layout (a power of two).
-
-  The static layout pays up to E (U - 1) padding rows plus a fixed cost per block (one small
-  matmul per projection), so the best U grows like sqrt(A / E); measured on CPU
-  (bench/bench_moe.py --sweep-blocks) U = 32 is best or within noise of it for A = 8192 and
-  E = 8..64, so U = nearest power of two to sqrt(A / E), clipped to [32, 128]. Small inputs
-  (decode: A of a few tokens) use U no larger than the mean rows per nonempty expert.
-  """
+  """Rows per block U (a power of two): padding costs up to E (U - 1) rows and each block a small
+  matmul, so the best U grows like sqrt(A / E); on CPU (bench/bench_moe.py --sweep-blocks) U = 32
+  is best or within noise for A = 8192, E = 8..64: nearest power of two to sqrt(A / E) in
+  [32, 128], no larger than the mean rows per nonempty expert (decode: a few tokens)."""
   A, E = max(num_assignments, 1), num_experts
   target = 2 ** math.floor(math.log2(math.sqrt(A / E)) + 0.5) if A >= E else 1
   mean_rows = -(-A // min(E, A))
@@ -387,3 +384,17 @@ def resolve_platform(platform: str) -> str:
     return platform
   backend = jax.default_backend()
   return backend if backend in PLATFORMS else ("gpu" if backend in ("cuda", "rocm") else "cpu")
+
+
+def on_token_shards(fn, x_XD, weights_XK, experts_XK, *weights):
+  """`fn` on each device's own tokens ("act_tokens") with the expert weights gathered whole: XLA
+  cannot partition a Pallas kernel, so on a multi-device context mesh it runs per shard (inside
+  a `shard_map` already, as under expert parallelism, nothing changes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if (mesh.empty or mesh.size == 1
+      or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)):
+    return fn(x_XD, weights_XK, experts_XK, *weights)
+  rows = nn.logical_to_mesh_axes(("act_tokens", None))
+  whole = jax.sharding.PartitionSpec()
+  return jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, rows) + (whole,) * len(weights),
+                       out_specs=rows, check_vma=False)(x_XD, weights_XK, experts_XK, *weights)
