@@ -174,11 +174,25 @@ def _conv_flops(comp: Computation, ins: Instr) -> float:
 def kernel_flops(comp: Computation, ins: Instr, target: str) -> float | None:
   """FLOPs of a kernel XLA cannot see into, from its operand shapes; None when unrecognised.
 
-  cuDNN fused attention: 2 B N T S (K + J) for the two products, halved under a causal mask
-  (the kernel skips masked tiles), x2.5 for the backward (five products instead of two). A
+  A declared Pallas cost estimate first. cuDNN fused attention: 2 B N T S (K + J) for the two
+  products, halved under a causal mask (the kernel skips masked tiles), x2.5 for the backward
+  (five products instead of two); splash attention by its kernels' products likewise. A
   grouped matmul (Pallas Mosaic-GPU/Triton/Mosaic-TPU): out [A, N] from [A, K] x [G, K, N], or
   the weight gradient [G, K, N] from [A, K] and [A, N]: 2 A K N either way (padding rows count).
   """
+  est = re.search(r'"cost_estimate":\{"flops":"(\d+)"', ins.attrs)
+  if est:   # Pallas TPU kernels declare their cost (megablox gmm/tgmm do)
+    return float(est.group(1))
+  if ins.name.startswith("splash_mha"):   # splash attention: q [B,N,T,K], k, v [B,N,S,J]; causal
+    ops = [_dims(comp.shape_of(o)) for o in ins.operands]
+    qkv = [o for o in ops if len(o) == 4][:3]
+    if len(qkv) < 3:
+      return None
+    (b, n, t, k), s_, j = qkv[0], qkv[1][2], qkv[2][3]
+    per_product = b * n * t * s_ / 2        # MACs per head-dim unit under the causal mask
+    terms = {"fwd": k + j, "dkv": 2 * k + 2 * j, "dq": 2 * k + j}
+    kind = next((v for key, v in terms.items() if key in ins.name), None)
+    return None if kind is None else 2.0 * per_product * kind
   if target.startswith("__cudnn$fmha"):
     bnts = re.search(r'"intermediate_tensor_shape":\s*\{[^}]*?"dimensions":\s*\[([^\]]*)\]',
                      ins.attrs)
