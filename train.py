@@ -116,6 +116,9 @@ def prepare(cfg: Config, workdir: pathlib.Path, resume: bool):
 
 
 def run(cfg: Config, workdir: pathlib.Path, resume: bool = False) -> int:
+  # Every "auto" choice (compute dtype, kernels) made once, for this backend: the saved run
+  # config, the step and the report all see the concrete values.
+  cfg = build_lib.resolve(cfg, jax.devices())
   t = cfg.train
   ckpt, data, b, state = prepare(cfg, workdir, resume)
   start_step = int(state.step)

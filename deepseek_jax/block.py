@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax import naming
 from deepseek_jax.config import ModelConfig
@@ -32,6 +33,7 @@ class Block(nn.Module):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed")
+    h_BTD = checkpoint_name(h_BTD, "decoder_layer_input")
     attn_BTD, cache = MLA(cfg, self.fp8_policy, self.absorb, name=naming.ATTN)(
         RMSNorm(name=naming.ATTN_NORM, **norm_kw)(h_BTD), positions_BT, cache, layer)
     h_BTD = h_BTD + attn_BTD
@@ -40,7 +42,7 @@ class Block(nn.Module):
       y_BTD, aux = MoE(cfg, self.fp8_policy, self.experts, name=naming.MLP)(x_BTD)
     else:
       y_BTD = MLP(cfg.d_model, cfg.ffn_dim, dtype=dt, param_dtype=pdt, init_std=cfg.init_std,
-                  fp8_policy=self.fp8_policy, name=naming.MLP)(x_BTD)
+                  fp8_policy=self.fp8_policy, fuse_gate_up=cfg.fuse_gate_up, name=naming.MLP)(x_BTD)
       aux = {}
     h_BTD = nn.with_logical_constraint(h_BTD + y_BTD, ACT_BTD)
     return h_BTD, (cache, aux)
@@ -58,9 +60,19 @@ class StackBlock(Block):
     return (h_BTD, stack), aux
 
 
+# What each layer policy keeps for the backward pass (the rest is recomputed from the block input,
+# which remat always keeps): the `checkpoint_name` tags are MaxText's, set in mla.py ("mla_q",
+# "mla_kv", "attention_out"), layers.MLP ("mlp_wi", "mlp_wo"; also the shared experts) and
+# Block ("decoder_layer_input").
+PROJECTIONS = ("mla_q", "mla_kv", "attention_out", "mlp_wi", "mlp_wo")
 _REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": None,                                     # nothing
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,   # every weight matmul
+    "projections": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+    # The same, with the block input in pinned host memory (XLA:CPU lowers it too: same RAM).
+    "projections_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=PROJECTIONS, names_which_can_be_offloaded=("decoder_layer_input",),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 DotGeneral = Callable[..., jax.Array]
@@ -79,22 +80,33 @@ class Dense(nn.Module):
     if getattr(dot, "init_fp8_state", None) is not None:
       self.variable("fp8_state", "amax_history", dot.init_fp8_state)
 
+  def dot(self) -> DotGeneral:
+    """The dot_general this layer multiplies through: the FP8 policy's for its path (with its
+    delayed-scaling state bound), else `jax.lax.dot_general`."""
+    dot = None if self.fp8_policy is None else self.fp8_policy.dot_general_for(module_path(self))
+    if dot is None:
+      return jax.lax.dot_general
+    if getattr(dot, "init_fp8_state", None) is not None:  # FP8 hook: pass the amax history
+      dot = dot.bind(self.get_variable("fp8_state", "amax_history"))
+    return dot
+
   def __call__(self, x: jax.Array) -> jax.Array:
     ins = tuple(self.in_features)
     if x.shape[x.ndim - len(ins):] != ins:
       raise ValueError(f"{module_path(self)}: input trailing shape {x.shape[x.ndim - len(ins):]} "
                        f"!= in_features {ins}")
-    dot = jax.lax.dot_general
-    if self.fp8_policy is not None:
-      dot = self.fp8_policy.dot_general_for(module_path(self)) or dot
-      if getattr(dot, "init_fp8_state", None) is not None:  # FP8 hook: pass the amax history
-        dot = dot.bind(self.get_variable("fp8_state", "amax_history"))
     contract = (tuple(range(x.ndim - len(ins), x.ndim)), tuple(range(len(ins))))
-    return dot(x.astype(self.dtype), self.kernel.astype(self.dtype), (contract, ((), ())))
+    return self.dot()(x.astype(self.dtype), self.kernel.astype(self.dtype), (contract, ((), ())))
 
 
 class MLP(nn.Module):
-  """SwiGLU: w2(silu(w1 x) * w3 x) (HF gate_proj = w1, up_proj = w3, down_proj = w2); no biases."""
+  """SwiGLU: w2(silu(w1 x) * w3 x) (HF gate_proj = w1, up_proj = w3, down_proj = w2); no biases.
+
+  With `fuse_gate_up` gate and up are one matmul against the two kernels stacked at call time
+  (parameters and checkpoints unchanged), unless the FP8 policy quantises either: scales are
+  per tensor, tile or block, so a joint operand would not quantise as the two apart. Outputs
+  are tagged for remat policies: "mlp_wi" (gate and up), "mlp_wo" (down).
+  """
   d_model: int
   hidden: int
   hidden_axis: str = "mlp"
@@ -102,13 +114,25 @@ class MLP(nn.Module):
   param_dtype: Dtype = jnp.float32
   init_std: float = 0.02
   fp8_policy: Any = None
+  fuse_gate_up: bool = True
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std,
               fp8_policy=self.fp8_policy)
     D, F = self.d_model, self.hidden
-    gate_BTF = Dense((D,), (F,), ("embed", self.hidden_axis), name="gate_proj", **kw)(x_BTD)
-    up_BTF = Dense((D,), (F,), ("embed", self.hidden_axis), name="up_proj", **kw)(x_BTD)
-    return Dense((F,), (D,), (self.hidden_axis, "embed"), name="down_proj", **kw)(
+    gate = Dense((D,), (F,), ("embed", self.hidden_axis), name="gate_proj", **kw)
+    up = Dense((D,), (F,), ("embed", self.hidden_axis), name="up_proj", **kw)
+    plain = gate.dot() is jax.lax.dot_general and up.dot() is jax.lax.dot_general
+    if self.fuse_gate_up and plain:
+      # Stacked on a new axis, not concatenated along F: F keeps its sharding.
+      w_D2F = jnp.stack([gate.kernel, up.kernel], axis=1).astype(self.dtype)
+      gu_BT2F = checkpoint_name(jax.lax.dot_general(
+          x_BTD.astype(self.dtype), w_D2F, (((x_BTD.ndim - 1,), (0,)), ((), ()))), "mlp_wi")
+      gate_BTF, up_BTF = gu_BT2F[..., 0, :], gu_BT2F[..., 1, :]
+    else:
+      gate_BTF = checkpoint_name(gate(x_BTD), "mlp_wi")
+      up_BTF = checkpoint_name(up(x_BTD), "mlp_wi")
+    y_BTD = Dense((F,), (D,), (self.hidden_axis, "embed"), name="down_proj", **kw)(
         nn.silu(gate_BTF) * up_BTF)
+    return checkpoint_name(y_BTD, "mlp_wo")

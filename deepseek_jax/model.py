@@ -25,11 +25,38 @@ from deepseek_jax.mla import init_cache
 from deepseek_jax.mtp import MTP
 
 class ModelOutput(NamedTuple):
-  logits_BTV: jax.Array
+  logits_BTV: jax.Array | None        # f32; None when called with logits=False
   mtp_logits: tuple[jax.Array, ...]   # one [B, T, V] per depth k; position i predicts t_{i+k+1}
   aux: dict                           # load [L_moe, E], balance_loss scalar (sum over MoE layers)
   cache: dict | None                  # {'dense': LatentCache, 'moe': LatentCache} when decoding
   hidden_BTD: jax.Array               # final hidden state after the final norm (MTP input)
+  # logits=False: what each MTP depth feeds the head (after its shared_head.norm), in place of
+  # mtp_logits; `OutputHead` turns these and hidden_BTD into logits.
+  mtp_hidden: tuple[jax.Array, ...] = ()
+
+
+def _lm_head(cfg: ModelConfig, fp8_policy) -> Dense:
+  return Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=dtype_of(cfg.dtype),
+               param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.init_std,
+               fp8_policy=fp8_policy, name=naming.HEAD)
+
+
+class OutputHead(nn.Module):
+  """The Transformer's output head alone, under the same variable names: applied to a
+  Transformer's variables (or `head_variables` of them) it computes the logits (compute dtype)
+  through the same `Dense`, FP8 path and state. The chunked training loss calls it per chunk."""
+  cfg: ModelConfig
+  fp8_policy: Any = None
+
+  @nn.compact
+  def __call__(self, hidden_BTD: jax.Array) -> jax.Array:
+    return _lm_head(self.cfg, self.fp8_policy)(hidden_BTD)
+
+
+def head_variables(variables: dict) -> dict:
+  """The output head's sub-tree of a Transformer's variables (what `OutputHead` reads)."""
+  return {col: {naming.HEAD: tree[naming.HEAD]} for col, tree in variables.items()
+          if naming.HEAD in tree}
 
 
 def init_model_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
@@ -41,13 +68,16 @@ def init_model_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> 
 
 
 class Transformer(nn.Module):
-  """DeepSeek-V3. `__call__(tokens_BT, positions_BT=None, cache=None, next_tokens_BT=None)`.
+  """DeepSeek-V3. `__call__(tokens_BT, positions_BT=None, cache=None, next_tokens_BT=None,
+  with_mtp=True, logits=True)`.
 
   With `cache=None` this is the training/prefill path (expanded MLA, causal over `tokens_BT`, MTP
   logits when configured). With a cache (from `init_model_cache`) the new tokens are written at
   `positions_BT` and attend to every cached slot at or before their position (absorbed MLA unless
   `absorb=False`). `next_tokens_BT` (the training targets) feeds MTP depth k with t_{i+k}; without
-  it the inputs are shifted in from `tokens_BT`.
+  it the inputs are shifted in from `tokens_BT`. `logits=False` stops before the output head
+  (`hidden_BTD`, `mtp_hidden`): training computes its loss chunk by chunk (`loss.py`), never
+  holding [B, T, V] logits.
 
   `experts` runs the routed experts of every MoE block (None: `dispatch.LocalExperts.from_config`;
   for expert parallelism `sharding.expert_parallel.runner(...)`), as `fp8_policy` sets the
@@ -60,7 +90,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, cache=None, next_tokens_BT=None,
-               with_mtp: bool = True) -> ModelOutput:
+               with_mtp: bool = True, logits: bool = True) -> ModelOutput:
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     B, T = tokens_BT.shape
@@ -83,20 +113,19 @@ class Transformer(nn.Module):
       if moe:
         aux = {"load": stack_aux["load"], "balance_loss": jnp.sum(stack_aux["balance_loss"])}
     norm = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed", name=naming.FINAL_NORM)
-    lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=dt,
-                    param_dtype=pdt, init_std=cfg.init_std, fp8_policy=self.fp8_policy,
-                    name=naming.HEAD)
+    lm_head = _lm_head(cfg, self.fp8_policy)
     hidden_BTD = norm(h_BTD)
-    logits_BTV = lm_head(hidden_BTD).astype(jnp.float32)
-    mtp_logits = ()
+    logits_BTV = lm_head(hidden_BTD).astype(jnp.float32) if logits else None
+    mtp_out = ()
     if cfg.num_mtp_layers and cache is None and with_mtp:
       if next_tokens_BT is None:
         next_tokens_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, -1:]], axis=1)
-      mtp_logits, mtp_aux = MTP(cfg, self.fp8_policy, self.experts, name=naming.MTP)(
-          hidden_BTD, next_tokens_BT, positions_BT, embed, lm_head)
+      mtp_out, mtp_aux = MTP(cfg, self.fp8_policy, self.experts, name=naming.MTP)(
+          hidden_BTD, next_tokens_BT, positions_BT, embed, lm_head if logits else None)
       aux = dict(aux, **mtp_aux)
-    return ModelOutput(logits_BTV, mtp_logits, aux, None if cache is None else new_cache,
-                       hidden_BTD)
+    return ModelOutput(logits_BTV, mtp_out if logits else (), aux,
+                       None if cache is None else new_cache, hidden_BTD,
+                       () if logits else mtp_out)
 
 
 def abstract_variables(cfg: ModelConfig) -> dict:

@@ -107,7 +107,8 @@ class MoE(nn.Module):
     if cfg.n_shared_experts > 0:
       shared = MLP(d_model=D, hidden=cfg.n_shared_experts * cfg.moe_ffn_dim, hidden_axis="moe_mlp",
                    dtype=dtype, param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.init_std,
-                   fp8_policy=self.fp8_policy, name=naming.SHARED_EXPERTS)
+                   fp8_policy=self.fp8_policy, fuse_gate_up=cfg.fuse_gate_up,
+                   name=naming.SHARED_EXPERTS)
       y_BTD = y_BTD + shared(x_BTD).astype(dtype)
     aux = {
         "load": router.expert_load(routing.experts_XK, E),

@@ -36,7 +36,8 @@ class MTPLayer(nn.Module):
 
   @nn.compact
   def __call__(self, h_BTD, emb_BTD, positions_BT, lm_head, cache=None):
-    """-> (h, logits, aux, cache); with a `LatentCache` the block decodes through it (drafting)."""
+    """-> (h, logits, aux, cache); with a `LatentCache` the block decodes through it (drafting).
+    With `lm_head=None` the logits slot holds the head's input (after shared_head.norm)."""
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed")
@@ -48,12 +49,15 @@ class MTPLayer(nn.Module):
                   init_std=cfg.init_std, fp8_policy=self.fp8_policy, name=naming.MTP_PROJ)(x_BTD2)
     h_BTD, (cache, aux) = Block(cfg, self.fp8_policy, moe=True, experts=self.experts,
                                 name=naming.MTP_BLOCK)(x_BTD, positions_BT, cache)
-    logits_BTV = lm_head(RMSNorm(name=naming.MTP_HEAD_NORM, **norm_kw)(h_BTD)).astype(jnp.float32)
-    return h_BTD, logits_BTV, aux, cache
+    head_in_BTD = RMSNorm(name=naming.MTP_HEAD_NORM, **norm_kw)(h_BTD)
+    if lm_head is None:
+      return h_BTD, head_in_BTD, aux, cache
+    return h_BTD, lm_head(head_in_BTD).astype(jnp.float32), aux, cache
 
 
 class MTP(nn.Module):
-  """D sequential MTP depths sharing the main embedding and output head."""
+  """D sequential MTP depths sharing the main embedding and output head; -> (per-depth logits,
+  aux), or the per-depth head inputs with `lm_head=None` (the chunked training loss)."""
   cfg: ModelConfig
   fp8_policy: Any = None
   experts: Any = None
@@ -90,12 +94,16 @@ def mtp_loss(mtp_logits, next_tokens_BT: jax.Array, weight_BT: jax.Array | None 
   """
   if not mtp_logits:
     return jnp.zeros((), jnp.float32), []
-  B, T = next_tokens_BT.shape
   if weight_BT is None:
-    weight_BT = jnp.ones((B, T), jnp.float32)
-  per_depth = []
-  for k, logits_BTV in enumerate(mtp_logits, start=1):
-    valid_BT = (jnp.arange(T)[None, :] + k < T).astype(jnp.float32)
-    targets_BT = shift_left(next_tokens_BT, k)
-    per_depth.append(cross_entropy(logits_BTV, targets_BT, valid_BT * shift_left(weight_BT, k)))
+    weight_BT = jnp.ones(next_tokens_BT.shape, jnp.float32)
+  per_depth = [cross_entropy(logits_BTV, *depth_targets(next_tokens_BT, weight_BT, k))
+               for k, logits_BTV in enumerate(mtp_logits, start=1)]
   return lam / len(per_depth) * sum(per_depth), per_depth
+
+
+def depth_targets(next_tokens_BT: jax.Array, weight_BT: jax.Array, k: int):
+  """(targets, weights) of MTP depth k: next_tokens[i+k] (= t_{i+k+1}) at position i, weight 0
+  where i + k >= T (no target in the window) or the target's own weight is 0."""
+  T = next_tokens_BT.shape[1]
+  valid_BT = (jnp.arange(T)[None, :] + k < T).astype(jnp.float32)
+  return shift_left(next_tokens_BT, k), valid_BT * shift_left(weight_BT.astype(jnp.float32), k)

@@ -1,16 +1,21 @@
-"""RMSNorm and RoPE/YaRN against NumPy float64 references; RoPE relative-position property."""
+"""RMSNorm and RoPE/YaRN against NumPy float64 references; RoPE relative-position property; the
+fused gate/up SwiGLU equals two matmuls."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, strategies as st
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.ad_checkpoint import print_saved_residuals
 
 from deepseek_jax import rope
 from deepseek_jax.config import ModelConfig, YarnConfig
-from deepseek_jax.layers import RMSNorm
+from deepseek_jax.fp8.policy import make_policy
+from deepseek_jax.layers import MLP, RMSNorm
 from tests.helpers import small_config
+from tests.training.conftest import compile_fast
 
 arrays = st.integers(0, 2**31 - 1)
 
@@ -88,3 +93,62 @@ def test_yarn_v3_dimensions():
 def test_no_yarn_scale_is_plain():
   cfg = small_config()
   assert rope.softmax_scale(cfg) == cfg.qk_head_dim ** -0.5
+
+
+def _mlp_value_and_grads(mlp, params, x):
+  f = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(mlp.apply({"params": p}, x))),
+                                 argnums=(0, 1)))
+  return compile_fast(f, params, x)(params, x)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=arrays, d=st.integers(1, 24), f=st.integers(1, 40),
+       lead=st.sampled_from([(5,), (2, 3), (1, 2, 2)]))
+def test_fused_gate_up_equals_two_matmuls(seed, d, f, lead):
+  """One dot against [D, 2, F] gives gate and up (values and gradients) as two dots do, from the
+  same `gate_proj`/`up_proj` parameters."""
+  x = jax.random.normal(jax.random.PRNGKey(seed), lead + (d,))
+  fused, apart = MLP(d, f, fuse_gate_up=True), MLP(d, f, fuse_gate_up=False)
+  params = jax.jit(fused.init)(jax.random.PRNGKey(seed + 1), x)["params"]
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      lambda s: s.shape, jax.eval_shape(apart.init, jax.random.PRNGKey(0), x)["params"])
+  (l0, g0), (l1, g1) = _mlp_value_and_grads(apart, params, x), _mlp_value_and_grads(fused, params, x)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def _dots(mlp, params, x) -> int:
+  jaxpr = jax.make_jaxpr(lambda p: mlp.apply({"params": p}, x))(params)
+  return sum(str(e.primitive) == "dot_general" for e in jaxpr.jaxpr.eqns)
+
+
+def test_fp8_gate_and_up_are_not_fused():
+  """Fusion is one matmul fewer; with an FP8 recipe on gate/up (scales per tile or block, not
+  across the pair) the layer keeps two and computes exactly what the unfused layer does."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 128))
+  params = jax.jit(MLP(128, 128).init)(jax.random.PRNGKey(1), x)["params"]
+  assert _dots(MLP(128, 128, fuse_gate_up=True), params, x) == 2
+  assert _dots(MLP(128, 128, fuse_gate_up=False), params, x) == 3
+  policy = make_policy("deepseek_v3")
+  fused = MLP(128, 128, fp8_policy=policy, fuse_gate_up=True)
+  apart = MLP(128, 128, fp8_policy=policy, fuse_gate_up=False)
+  (l0, g0), (l1, g1) = _mlp_value_and_grads(apart, params, x), _mlp_value_and_grads(fused, params, x)
+  assert float(l0) == float(l1)
+  jax.tree.map(np.testing.assert_array_equal, g0, g1)
+  plain = _mlp_value_and_grads(MLP(128, 128), params, x)[0]
+  assert float(plain) != float(l1)    # the policy did quantise
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_mlp_tags_its_projections_for_remat(fuse, capsys):
+  """"mlp_wi" (gate and up) is what the "projections" policy saves of a SwiGLU layer."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
+  mlp = MLP(8, 16, fuse_gate_up=fuse)
+  params = mlp.init(jax.random.PRNGKey(1), x)["params"]
+  f = jax.checkpoint(lambda p, x: jnp.sum(mlp.apply({"params": p}, x) ** 2),
+                     policy=jax.checkpoint_policies.save_only_these_names("mlp_wi", "mlp_wo"))
+  print_saved_residuals(f, params, x)
+  saved = capsys.readouterr().out
+  assert saved.count("named 'mlp_wi'") == (1 if fuse else 2)
+  assert "named 'mlp_wo'" in saved   # the loss squares it, so the backward needs it

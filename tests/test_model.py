@@ -1,13 +1,19 @@
-"""Transformer properties: causality by gradients, scan == unrolled, remat == no remat, jit == eager."""
+"""Transformer properties: causality by gradients, scan == unrolled, remat == no remat (every
+policy), the policies keep what they name, jit == eager."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from hypothesis import given, settings, strategies as st
+from jax.ad_checkpoint import print_saved_residuals
 
+from deepseek_jax.block import _REMAT_POLICIES, PROJECTIONS, Block
 from deepseek_jax.model import Transformer
 from tests.helpers import init_model, mla_configs, random_tokens, replace, small_config
+from tests.training.conftest import compile_fast
 
 
 @settings(max_examples=4)
@@ -84,3 +90,48 @@ def test_jit_equals_eager_and_shapes():
   assert eager.logits_BTV.dtype == jnp.float32
   assert eager.hidden_BTD.shape == (3, 5, cfg.d_model)
   np.testing.assert_allclose(np.asarray(eager.logits_BTV), np.asarray(jitted.logits_BTV), atol=1e-5)
+
+
+def test_projection_remat_equals_no_remat():
+  """The tag-based policies (offload included, which XLA:CPU lowers too) change what the
+  backward pass keeps, never the loss or the gradients."""
+  cfg = small_config(num_layers=1)
+  tokens = random_tokens(cfg, 2, 6)
+  base = Transformer(cfg)
+  variables = init_model(base, tokens)
+  p = variables["params"]
+
+  def value_and_grad(model):
+    f = jax.value_and_grad(
+        lambda p: jnp.mean(model.apply(dict(variables, params=p), tokens).logits_BTV ** 2))
+    return compile_fast(jax.jit(f), p)(p)
+
+  l0, g0 = value_and_grad(base)
+  for policy in ("projections", "projections_offload"):
+    l1, g1 = value_and_grad(Transformer(replace(cfg, remat=policy)))
+    np.testing.assert_allclose(float(l0), float(l1), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_remat_policies_save_what_they_name(capsys):
+  """Under "projections" a block keeps the tagged projections and nothing else it computed;
+  "projections_offload" keeps the same plus its input, moved to host memory."""
+  cfg = small_config(first_k_dense_replace=1)
+  h_BTD = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.d_model))
+  pos_BT = jnp.broadcast_to(jnp.arange(5)[None], (2, 5))
+  block = Block(cfg)
+  variables = jax.jit(block.init)(jax.random.PRNGKey(1), h_BTD, pos_BT, None)
+  saved = {}
+  for name in ("projections", "projections_offload"):
+    f = jax.checkpoint(lambda v, h: jnp.sum(block.apply(v, h, pos_BT, None)[0] ** 2),
+                       policy=_REMAT_POLICIES[name])
+    print_saved_residuals(f, variables, h_BTD)
+    saved[name] = capsys.readouterr().out.splitlines()
+  computed = [line for line in saved["projections"] if "from the argument" not in line
+              and "from a constant" not in line]
+  assert computed and all(re.search(r"named '(\w+)'", l)[1] in PROJECTIONS for l in computed)
+  tags = {re.search(r"named '(\w+)'", l)[1] for l in computed}
+  assert "mlp_wi" in tags
+  moved = [line for line in saved["projections_offload"] if "device_put" in line]
+  assert len(moved) == 1 and f"[{2},{5},{cfg.d_model}]" in moved[0].replace(" ", "")

@@ -25,8 +25,16 @@ from deepseek_jax.model import abstract_variables
 from deepseek_jax.training import checkpoint
 
 
+# The kernels `ModelConfig.resolved` picks for a platform: train.py saves them resolved for the
+# machine it trained on; inference runs here, so they go back to "auto" (this backend's choice).
+# The compute dtype is the caller's `dtype`, else the run's.
+HOST_FIELDS = ("platform", "attention_impl", "dropless_impl")
+
+
 def load_trained(path, dtype: str | None = None) -> tuple[ModelConfig, dict, int]:
-  """(ModelConfig, {'params', 'router_state'}, step) from a train.py checkpoint."""
+  """(ModelConfig, {'params', 'router_state'}, step) from a train.py checkpoint; the config's
+  kernel choices (HOST_FIELDS) are "auto" again, for this host; `dtype` sets the compute and
+  parameter dtype (None: the run's)."""
   path = pathlib.Path(path)
   step_dir = checkpoint.step_dir(path)
   if step_dir is None:
@@ -37,8 +45,11 @@ def load_trained(path, dtype: str | None = None) -> tuple[ModelConfig, dict, int
     variables = checkpoint.restore_weights(step_dir)
   except ConfigError as e:
     raise CheckpointError(str(e)) from None
+  cfg = dataclasses.replace(cfg, **{f: "auto" for f in HOST_FIELDS})
+  if dtype is not None:
+    cfg = dataclasses.replace(cfg, dtype=dtype)
   if dtype is not None and dtype != cfg.param_dtype:
-    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    cfg = dataclasses.replace(cfg, param_dtype=dtype)
     target = flax.core.meta.unbox(abstract_variables(cfg))
     variables = jax.tree.map(lambda a, t: a.astype(t.dtype), variables,
                              {k: target[k] for k in variables})

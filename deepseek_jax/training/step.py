@@ -19,7 +19,9 @@ import optax
 from deepseek_jax import naming, router
 from deepseek_jax.config import Config, ModelConfig
 from deepseek_jax.fp8 import delayed
-from deepseek_jax.mtp import cross_entropy, mtp_loss
+from deepseek_jax.loss import chunk_positions, chunked_cross_entropy, chunked_mtp_loss
+from deepseek_jax.model import OutputHead, head_variables
+from deepseek_jax.mtp import cross_entropy
 from deepseek_jax.training.optimizer import lr_schedule
 from deepseek_jax.training.state import TrainState, model_variables
 
@@ -29,11 +31,17 @@ Batch = dict[str, jax.Array]   # {'tokens': [B, T] int32, 'targets': [B, T] int3
 def loss_fn(params, fp8_state, router_state, batch: Batch, *, model, cfg: Config):
   """Returns (loss, aux) for one (micro)batch; aux holds the loss parts and the expert loads."""
   tokens_BT, targets_BT = batch["tokens"], batch["targets"]
-  out = model.apply(model_variables(params, router_state, fp8_state), tokens_BT,
-                    next_tokens_BT=targets_BT)
+  variables = model_variables(params, router_state, fp8_state)
+  # The model stops before the head; the loss applies it chunk by chunk (no [B, T, V] logits).
+  out = model.apply(variables, tokens_BT, next_tokens_BT=targets_BT, logits=False)
   weight_BT = jnp.ones(targets_BT.shape, jnp.float32)
-  ce = cross_entropy(out.logits_BTV, targets_BT, weight_BT)
-  mtp, per_depth = mtp_loss(out.mtp_logits, targets_BT, weight_BT, cfg.train.mtp_loss_weight)
+  head, head_vars = OutputHead(model.cfg, model.fp8_policy).apply, head_variables(variables)
+  B, T = targets_BT.shape
+  platform = model.cfg.platform if model.cfg.platform != "auto" else jax.default_backend()
+  chunk = chunk_positions(cfg.train.loss_chunk, B, T, model.cfg.vocab_size, platform)
+  ce = chunked_cross_entropy(head, head_vars, out.hidden_BTD, targets_BT, weight_BT, chunk)
+  mtp, per_depth = chunked_mtp_loss(head, head_vars, out.mtp_hidden, targets_BT, weight_BT,
+                                    cfg.train.mtp_loss_weight, chunk)
   zero = jnp.zeros((), jnp.float32)
   balance = out.aux.get("balance_loss", zero) + out.aux.get("mtp_balance_loss", zero)
   aux = {"ce": ce, "mtp": mtp, "balance": balance,
