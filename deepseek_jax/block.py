@@ -28,14 +28,14 @@ class Block(nn.Module):
   experts: Any = None   # the MoE's routed-expert runner (`moe.RoutedExperts`)
 
   @nn.compact
-  def __call__(self, h_BTD, positions_BT, cache, layer=None):
-    """-> (h, (cache, aux)); `cache`/`layer` as in `MLA.__call__`."""
+  def __call__(self, h_BTD, positions_BT, cache, layer=None, segments_BT=None):
+    """-> (h, (cache, aux)); `cache`/`layer`/`segments_BT` as in `MLA.__call__`."""
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     norm_kw = dict(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed")
     h_BTD = checkpoint_name(h_BTD, "decoder_layer_input")
     attn_BTD, cache = MLA(cfg, self.fp8_policy, self.absorb, name=naming.ATTN)(
-        RMSNorm(name=naming.ATTN_NORM, **norm_kw)(h_BTD), positions_BT, cache, layer)
+        RMSNorm(name=naming.ATTN_NORM, **norm_kw)(h_BTD), positions_BT, cache, layer, segments_BT)
     h_BTD = h_BTD + attn_BTD
     x_BTD = RMSNorm(name=naming.FFN_NORM, **norm_kw)(h_BTD)
     if self.moe:
@@ -86,7 +86,7 @@ class BlockStack(nn.Module):
   experts: Any = None
 
   @nn.compact
-  def __call__(self, h_BTD, positions_BT, cache):
+  def __call__(self, h_BTD, positions_BT, cache, segments_BT=None):
     cfg = self.cfg
     block_cls = Block if cache is None else StackBlock
     if cfg.remat != "none":
@@ -97,10 +97,12 @@ class BlockStack(nn.Module):
     if cfg.scan_layers:
       axes = {"params": 0, "router_state": 0, "fp8_state": 0, "intermediates": 0}
       scanned = nn.scan(block_cls, variable_axes=axes, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, 0), length=self.n,
+                        in_axes=(nn.broadcast, 0) if cache is not None else (nn.broadcast,) * 4,
+                        length=self.n,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       if cache is None:
-        h_BTD, (_, aux) = scanned(name=naming.SCANNED_LAYERS, **kw)(h_BTD, positions_BT, None)
+        h_BTD, (_, aux) = scanned(name=naming.SCANNED_LAYERS, **kw)(
+            h_BTD, positions_BT, None, None, segments_BT)
       else:
         (h_BTD, cache), aux = scanned(name=naming.SCANNED_LAYERS, **kw)(
             (h_BTD, cache), positions_BT, jnp.arange(self.n, dtype=jnp.int32))
@@ -109,7 +111,7 @@ class BlockStack(nn.Module):
     for i in range(self.n):
       block = block_cls(name=naming.unrolled_layer(i), **kw)
       if cache is None:
-        h_BTD, (_, a) = block(h_BTD, positions_BT, None)
+        h_BTD, (_, a) = block(h_BTD, positions_BT, None, None, segments_BT)
       else:
         (h_BTD, cache), a = block((h_BTD, cache), positions_BT, i)
       auxes.append(a)

@@ -2,7 +2,8 @@
 
 The cache holds one latent c_KV [C] and one rope key k_R [R] shared by all heads, per token per
 layer. Two paths compute the same function: expanded (training, prefill: K and V per head) and
-absorbed (decode: W_UK folded into the query, W_UV into the output, attention on the latent).
+absorbed (decode: W_UK folded into the query, W_UV into the output, attention on the latent). Both
+attend through `attention.attention` (blockwise or fused kernels: no [B, N, T, S] at long context).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from deepseek_jax.attention import attention
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Dense, RMSNorm, dtype_of
 from deepseek_jax.rope import apply_rope, softmax_scale
@@ -62,11 +65,6 @@ def _write(cache: jax.Array, new: jax.Array, start_B: jax.Array, layer=None) -> 
   return jax.lax.fori_loop(0, B, row, cache)
 
 
-def _softmax(scores_BNTS: jax.Array, mask_BTS: jax.Array, dtype) -> jax.Array:
-  scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, -jnp.inf)
-  return jax.nn.softmax(scores_BNTS.astype(jnp.float32), axis=-1).astype(dtype)
-
-
 class MLA(nn.Module):
   """MLA attention. Call with `cache=None` for the expanded causal path, else a `LatentCache`."""
   cfg: ModelConfig
@@ -99,53 +97,57 @@ class MLA(nn.Module):
     else:
       q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
     H = cfg.qk_nope_head_dim
-    return q[..., :H], apply_rope(q[..., H:], positions_BT, cfg)
+    return (checkpoint_name(q[..., :H], "mla_q"),
+            checkpoint_name(apply_rope(q[..., H:], positions_BT, cfg), "mla_q"))
 
   def _latent(self, x_BTD, positions_BT):
     C = self.cfg.kv_lora_rank
     kv = self.kv_a_proj_with_mqa(x_BTD)   # [B, T, C + R]
     latent_BTC = self.kv_a_layernorm(kv[..., :C])
     rope_BTR = apply_rope(kv[..., C:], positions_BT, self.cfg)
-    return latent_BTC, rope_BTR
+    return checkpoint_name(latent_BTC, "mla_kv"), checkpoint_name(rope_BTR, "mla_kv")
 
-  def _expanded(self, q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, mask_BTS):
+  def _attend(self, q_terms, k_terms, v, **mask):
+    cfg = self.cfg
+    return attention(q_terms, k_terms, v, scale=softmax_scale(cfg), impl=cfg.attention_impl,
+                     block=cfg.attention_block, platform=cfg.platform, **mask)
+
+  def _expanded(self, q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, **mask):
     """Per-head K/V expansion from the latent (training, prefill, and the decode baseline)."""
     H = self.cfg.qk_nope_head_dim
     kv = self.kv_b_proj(latent_BSC)   # [B, S, N, H + J]
     k_nope_BSNH, v_BSNJ = kv[..., :H], kv[..., H:]
-    f32 = jnp.float32
-    scores_BNTS = (jnp.einsum("BTNH,BSNH->BNTS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=f32)
-                   + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, rope_BSR, preferred_element_type=f32))
-    probs_BNTS = _softmax(scores_BNTS * softmax_scale(self.cfg), mask_BTS, v_BSNJ.dtype)
-    return jnp.einsum("BNTS,BSNJ->BTNJ", probs_BNTS, v_BSNJ)
+    return self._attend((q_nope_BTNH, q_rope_BTNR), (k_nope_BSNH, rope_BSR), v_BSNJ, **mask)
 
-  def _absorbed(self, q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, mask_BTS):
-    """W_UK folded into the query and W_UV into the output: attention reads the latent directly."""
+  def _absorbed(self, q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, **mask):
+    """W_UK folded into the query and W_UV into the output: attention reads the latent directly
+    (one key and value shared by all heads, read in blocks of `attention_block` at long context)."""
     H = self.cfg.qk_nope_head_dim
     w = self.kv_b_proj.kernel.astype(latent_BSC.dtype)   # [C, N, H + J]
     w_uk_CNH, w_uv_CNJ = w[..., :H], w[..., H:]
     q_lat_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w_uk_CNH)
-    f32 = jnp.float32
-    scores_BNTS = (jnp.einsum("BTNC,BSC->BNTS", q_lat_BTNC, latent_BSC, preferred_element_type=f32)
-                   + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, rope_BSR, preferred_element_type=f32))
-    probs_BNTS = _softmax(scores_BNTS * softmax_scale(self.cfg), mask_BTS, latent_BSC.dtype)
-    out_lat_BTNC = jnp.einsum("BNTS,BSC->BTNC", probs_BNTS, latent_BSC)
+    out_lat_BTNC = self._attend((q_lat_BTNC, q_rope_BTNR), (latent_BSC, rope_BSR), latent_BSC,
+                                **mask)
     return jnp.einsum("BTNC,CNJ->BTNJ", out_lat_BTNC, w_uv_CNJ)
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-               cache: LatentCache | None = None, layer=None
+               cache: LatentCache | None = None, layer=None, segments_BT: jax.Array | None = None
                ) -> tuple[jax.Array, LatentCache | None]:
     """Returns (output [B, T, D], updated cache or None).
 
     `cache` is this layer's `[B, S, .]` cache, or with `layer` (an index, traced or static) the
     whole `[L, B, S, .]` stack, updated in place at that layer (the decode path of the model's
-    layer scan, which carries the stack)."""
+    layer scan, which carries the stack). `segments_BT` (int, cache=None only): packed documents;
+    a token attends only within its own segment."""
     q_nope_BTNH, q_rope_BTNR = self._query(x_BTD, positions_BT)
     latent_BTC, rope_BTR = self._latent(x_BTD, positions_BT)
     if cache is None:
-      mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
-      out_BTNJ = self._expanded(q_nope_BTNH, q_rope_BTNR, latent_BTC, rope_BTR, mask_BTS)
-      return self.o_proj(out_BTNJ), None
+      out_BTNJ = self._expanded(q_nope_BTNH, q_rope_BTNR, latent_BTC, rope_BTR,
+                                q_positions_BT=positions_BT, segments_BT=segments_BT)
+      return self.o_proj(checkpoint_name(out_BTNJ, "attention_out")), None
+    if segments_BT is not None:
+      raise ValueError("segments_BT: document segments apply to the training/prefill path "
+                       "(cache=None) only; decode with one document per row")
     start_B = positions_BT[:, 0].astype(jnp.int32)
     cache = LatentCache(_write(cache.latent_BSC, latent_BTC, start_B, layer),
                         _write(cache.rope_BSR, rope_BTR, start_B, layer))
@@ -153,8 +155,9 @@ class MLA(nn.Module):
     if layer is not None:
       latent_BSC, rope_BSR = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
                               for a in cache)
-    S = latent_BSC.shape[1]
-    mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+    B, S = latent_BSC.shape[:2]
+    slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype)[None], (B, S))
     attend = self._absorbed if self.absorb else self._expanded
-    out_BTNJ = attend(q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, mask_BTS)
-    return self.o_proj(out_BTNJ), cache
+    out_BTNJ = attend(q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR,
+                      q_positions_BT=positions_BT, kv_positions_BS=slots_BS)
+    return self.o_proj(checkpoint_name(out_BTNJ, "attention_out")), cache

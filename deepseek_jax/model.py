@@ -69,7 +69,7 @@ def init_model_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> 
 
 class Transformer(nn.Module):
   """DeepSeek-V3. `__call__(tokens_BT, positions_BT=None, cache=None, next_tokens_BT=None,
-  with_mtp=True, logits=True)`.
+  with_mtp=True, logits=True, segments_BT=None)`.
 
   With `cache=None` this is the training/prefill path (expanded MLA, causal over `tokens_BT`, MTP
   logits when configured). With a cache (from `init_model_cache`) the new tokens are written at
@@ -77,7 +77,8 @@ class Transformer(nn.Module):
   `absorb=False`). `next_tokens_BT` (the training targets) feeds MTP depth k with t_{i+k}; without
   it the inputs are shifted in from `tokens_BT`. `logits=False` stops before the output head
   (`hidden_BTD`, `mtp_hidden`): training computes its loss chunk by chunk (`loss.py`), never
-  holding [B, T, V] logits.
+  holding [B, T, V] logits. `segments_BT` (training/prefill only): packed documents, each token
+  attending within its own segment.
 
   `experts` runs the routed experts of every MoE block (None: `dispatch.LocalExperts.from_config`;
   for expert parallelism `sharding.expert_parallel.runner(...)`), as `fp8_policy` sets the
@@ -90,7 +91,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, cache=None, next_tokens_BT=None,
-               with_mtp: bool = True, logits: bool = True) -> ModelOutput:
+               with_mtp: bool = True, logits: bool = True, segments_BT=None) -> ModelOutput:
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     B, T = tokens_BT.shape
@@ -109,7 +110,7 @@ class Transformer(nn.Module):
       stack_cache = None if cache is None else cache[name]
       h_BTD, new_cache[name], stack_aux = BlockStack(
           cfg, n, moe, self.fp8_policy, self.absorb, self.experts, name=stack)(
-              h_BTD, positions_BT, stack_cache)
+              h_BTD, positions_BT, stack_cache, segments_BT)
       if moe:
         aux = {"load": stack_aux["load"], "balance_loss": jnp.sum(stack_aux["balance_loss"])}
     norm = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=pdt, axis_name="embed", name=naming.FINAL_NORM)
@@ -121,7 +122,8 @@ class Transformer(nn.Module):
       if next_tokens_BT is None:
         next_tokens_BT = jnp.concatenate([tokens_BT[:, 1:], tokens_BT[:, -1:]], axis=1)
       mtp_out, mtp_aux = MTP(cfg, self.fp8_policy, self.experts, name=naming.MTP)(
-          hidden_BTD, next_tokens_BT, positions_BT, embed, lm_head if logits else None)
+          hidden_BTD, next_tokens_BT, positions_BT, embed, lm_head if logits else None,
+          segments_BT)
       aux = dict(aux, **mtp_aux)
     return ModelOutput(logits_BTV, mtp_out if logits else (), aux,
                        None if cache is None else new_cache, hidden_BTD,

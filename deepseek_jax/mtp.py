@@ -35,7 +35,7 @@ class MTPLayer(nn.Module):
   experts: Any = None   # the block's routed-expert runner (`moe.RoutedExperts`)
 
   @nn.compact
-  def __call__(self, h_BTD, emb_BTD, positions_BT, lm_head, cache=None):
+  def __call__(self, h_BTD, emb_BTD, positions_BT, lm_head, cache=None, segments_BT=None):
     """-> (h, logits, aux, cache); with a `LatentCache` the block decodes through it (drafting).
     With `lm_head=None` the logits slot holds the head's input (after shared_head.norm)."""
     cfg = self.cfg
@@ -48,7 +48,8 @@ class MTPLayer(nn.Module):
     x_BTD = Dense((2 * D,), (D,), ("mtp_in", "embed"), dtype=dt, param_dtype=pdt,
                   init_std=cfg.init_std, fp8_policy=self.fp8_policy, name=naming.MTP_PROJ)(x_BTD2)
     h_BTD, (cache, aux) = Block(cfg, self.fp8_policy, moe=True, experts=self.experts,
-                                name=naming.MTP_BLOCK)(x_BTD, positions_BT, cache)
+                                name=naming.MTP_BLOCK)(x_BTD, positions_BT, cache,
+                                                       segments_BT=segments_BT)
     head_in_BTD = RMSNorm(name=naming.MTP_HEAD_NORM, **norm_kw)(h_BTD)
     if lm_head is None:
       return h_BTD, head_in_BTD, aux, cache
@@ -63,14 +64,15 @@ class MTP(nn.Module):
   experts: Any = None
 
   @nn.compact
-  def __call__(self, hidden_BTD, next_tokens_BT, positions_BT, embed, lm_head):
+  def __call__(self, hidden_BTD, next_tokens_BT, positions_BT, embed, lm_head, segments_BT=None):
     h_BTD, logits, loads, balance = hidden_BTD, [], [], []
     for k in range(1, self.cfg.num_mtp_layers + 1):
       # Depth k embeds t_{i+k} = next_tokens[i+k-1]; positions past the end hold a filler token
       # whose outputs only reach positions without a target (causal attention).
       emb_BTD = embed(shift_left(next_tokens_BT, k - 1)).astype(h_BTD.dtype)
       layer = MTPLayer(self.cfg, self.fp8_policy, self.experts, name=naming.unrolled_layer(k - 1))
-      h_BTD, logits_BTV, aux, _ = layer(h_BTD, emb_BTD, positions_BT, lm_head)
+      h_BTD, logits_BTV, aux, _ = layer(h_BTD, emb_BTD, positions_BT, lm_head,
+                                        segments_BT=segments_BT)
       logits.append(logits_BTV)
       loads.append(aux["load"])
       balance.append(aux["balance_loss"])

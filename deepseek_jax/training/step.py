@@ -33,7 +33,9 @@ def loss_fn(params, fp8_state, router_state, batch: Batch, *, model, cfg: Config
   tokens_BT, targets_BT = batch["tokens"], batch["targets"]
   variables = model_variables(params, router_state, fp8_state)
   # The model stops before the head; the loss applies it chunk by chunk (no [B, T, V] logits).
-  out = model.apply(variables, tokens_BT, next_tokens_BT=targets_BT, logits=False)
+  # 'segments' (optional, [B, T] int): packed documents; attention stays within each one.
+  out = model.apply(variables, tokens_BT, next_tokens_BT=targets_BT, logits=False,
+                    segments_BT=batch.get("segments"))
   weight_BT = jnp.ones(targets_BT.shape, jnp.float32)
   head, head_vars = OutputHead(model.cfg, model.fp8_policy).apply, head_variables(variables)
   B, T = targets_BT.shape
