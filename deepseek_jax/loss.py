@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from deepseek_jax.fp8 import delayed
 from deepseek_jax.mtp import depth_targets
 
-Head = Callable[[dict, jax.Array], jax.Array]   # (head variables, hidden [B, T, D]) -> [B, T, V]
+Head = Callable[[dict, jax.Array], jax.Array]   # (head variables, hidden [X, D]) -> [X, V]
 # Auto chunks keep one chunk's f32 logits near this size. CPU: measured fastest (the chunk's
 # logits and exponentials stay in cache; 1.7x faster than one [B, T, V] pass at V=4096, and 4 MiB
 # beat 2 and 16 MiB); GPU/TPU: bounds the transient memory while the head matmul of a chunk stays
@@ -46,29 +46,36 @@ def _unsplit(x):
   return jnp.moveaxis(x, 0, 1).reshape((B, n * c) + x.shape[3:])
 
 
-# The chunk functions below see one chunk: their T is the chunk's positions.
-def _nll_parts(logits_BTV, targets_BT, weight_BT):
+# One chunk's tokens flattened, [X, D] -> [X, V] (a 2-d head matmul: XLA:CPU then runs its weight
+# gradient without transposing the [X, V] cotangent first, measured 1.2x faster).
+def _nll_parts(logits_XV, targets_X, weight_X):
   """(sum of weight * nll, exp(z - max), sum of it, one-hot) in f32."""
-  z_BTV = logits_BTV.astype(jnp.float32)
-  m_BT1 = jnp.max(z_BTV, axis=-1, keepdims=True)
-  e_BTV = jnp.exp(z_BTV - m_BT1)
-  s_BT1 = jnp.sum(e_BTV, axis=-1, keepdims=True)
-  # A comparison with iota, not a gather: its transpose would be a scatter into [B, c, V].
-  onehot_BTV = jnp.arange(z_BTV.shape[-1])[None, None, :] == targets_BT[..., None]
-  nll_BT = (m_BT1 + jnp.log(s_BT1))[..., 0] - jnp.sum(jnp.where(onehot_BTV, z_BTV, 0.0), axis=-1)
-  return jnp.sum(nll_BT * weight_BT), e_BTV, s_BT1, onehot_BTV
+  z_XV = logits_XV.astype(jnp.float32)
+  m_X1 = jnp.max(z_XV, axis=-1, keepdims=True)
+  e_XV = jnp.exp(z_XV - m_X1)
+  s_X1 = jnp.sum(e_XV, axis=-1, keepdims=True)
+  # A comparison with iota, not a gather: its transpose would be a scatter into [X, V].
+  onehot_XV = jax.lax.broadcasted_iota(targets_X.dtype, z_XV.shape, 1) == targets_X[:, None]
+  nll_X = (m_X1 + jnp.log(s_X1))[:, 0] - jnp.sum(jnp.where(onehot_XV, z_XV, 0.0), axis=-1)
+  return jnp.sum(nll_X * weight_X), e_XV, s_X1, onehot_XV
+
+
+def _flat(h_BTD, targets_BT, weight_BT):
+  return h_BTD.reshape(-1, h_BTD.shape[-1]), targets_BT.reshape(-1), weight_BT.reshape(-1)
 
 
 def _chunk_value(head: Head, variables, h_BTD, targets_BT, weight_BT):
-  return _nll_parts(head(variables, h_BTD), targets_BT, weight_BT)[0]
+  h_XD, targets_X, weight_X = _flat(h_BTD, targets_BT, weight_BT)
+  return _nll_parts(head(variables, h_XD), targets_X, weight_X)[0]
 
 
 def _chunk_value_and_grads(head: Head, variables, h_BTD, targets_BT, weight_BT):
-  logits_BTV, pullback = jax.vjp(head, variables, h_BTD)
-  total, e_BTV, s_BT1, onehot_BTV = _nll_parts(logits_BTV, targets_BT, weight_BT)
-  dz_BTV = (e_BTV / s_BT1 - onehot_BTV) * weight_BT[..., None]
-  d_vars, dh_BTD = pullback(dz_BTV.astype(logits_BTV.dtype))
-  return total, d_vars, dh_BTD
+  h_XD, targets_X, weight_X = _flat(h_BTD, targets_BT, weight_BT)
+  logits_XV, pullback = jax.vjp(head, variables, h_XD)
+  total, e_XV, s_X1, onehot_XV = _nll_parts(logits_XV, targets_X, weight_X)
+  dz_XV = (e_XV / s_X1 - onehot_XV) * weight_X[:, None]
+  d_vars, dh_XD = pullback(dz_XV.astype(logits_XV.dtype))
+  return total, d_vars, dh_XD.reshape(h_BTD.shape)
 
 
 def _merge(acc, d_vars):
@@ -81,7 +88,8 @@ def _merge(acc, d_vars):
 
 
 def _over_chunks(fn, carry, h_BTD, targets_BT, weight_BT, chunk: int):
-  """Runs fn(carry, h, targets, weight) -> (carry, y) over full chunks (a scan) and the tail."""
+  """Runs fn(carry, h, targets, weight) -> (carry, y) over full chunks (a scan) and the tail;
+  fn sees [B, chunk, ...] (its T is the chunk's positions)."""
   B, T, _ = h_BTD.shape
   ys = []
   if T // chunk:
