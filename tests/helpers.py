@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 from hypothesis import strategies as st
 
 from deepseek_jax.config import ModelConfig, YarnConfig
+
+
+def has_module(name: str) -> bool:
+  """Whether `name` is importable; False (not an error) when a parent package is missing too."""
+  try:
+    return importlib.util.find_spec(name) is not None
+  except ModuleNotFoundError:
+    return False
+
+
+HAS_TOKAMAX = has_module("tokamax")
+HAS_GPU_COMPILER = has_module("jax_plugins.xla_cuda12")
+HAS_TPU_COMPILER = has_module("libtpu")
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -2,7 +2,6 @@
 errors, and (marked `aot`, needing the [gpu]/[tpu] extras) real compiles for an H200 and a v5p."""
 
 import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,9 +14,8 @@ from hypothesis import strategies as st
 
 from deepseek_jax.aot import hlo, targets
 from deepseek_jax.config import load_config
+from tests.helpers import HAS_GPU_COMPILER, HAS_TPU_COMPILER
 
-HAS_GPU_COMPILER = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-HAS_TPU_COMPILER = importlib.util.find_spec("libtpu") is not None
 
 
 @pytest.mark.parametrize("text, platform, n", [("h200:1", "gpu", 1), ("h100:8", "gpu", 8),

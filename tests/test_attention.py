@@ -5,7 +5,6 @@ compile for an H200 (cuDNN) and a TPU v5p (splash)."""
 
 import dataclasses
 import functools
-import importlib.util
 import os
 import re
 
@@ -20,7 +19,7 @@ from deepseek_jax.aot import targets
 from deepseek_jax.attention import attention
 from deepseek_jax.mla import MLA
 from deepseek_jax.model import Transformer, init_model_cache
-from tests.helpers import init_model, random_tokens, small_config
+from tests.helpers import HAS_GPU_COMPILER, HAS_TPU_COMPILER, init_model, random_tokens, small_config
 
 
 def _inputs(seed, B, T, S, N, H, R, J, shared_v=False):
@@ -215,8 +214,6 @@ def test_bad_arguments_say_what_is_wrong():
 
 # ---- the fused kernels, compiled ahead of time for accelerators that are not here ----
 
-HAS_GPU_COMPILER = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-HAS_TPU_COMPILER = importlib.util.find_spec("libtpu") is not None
 
 
 def _fused_hlo(devices, platform, T=256, N=2):

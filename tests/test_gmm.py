@@ -4,7 +4,6 @@ the expert-parallel shards pass true group sizes, and (marked `aot`) the MoE com
 and a v5p runs the kernel with no [E, A, ...] intermediate."""
 
 import functools
-import importlib.util
 import re
 
 import jax
@@ -19,10 +18,8 @@ from deepseek_jax.aot import targets
 from sharding import expert_parallel as ep
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
+from tests.helpers import HAS_TOKAMAX, HAS_GPU_COMPILER, HAS_TPU_COMPILER
 
-HAS_TOKAMAX = importlib.util.find_spec("tokamax") is not None
-HAS_GPU_COMPILER = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-HAS_TPU_COMPILER = importlib.util.find_spec("libtpu") is not None
 fast_jit = functools.partial(jax.jit, compiler_options={
     "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
 
