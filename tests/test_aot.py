@@ -73,6 +73,24 @@ def _run(*args, timeout=600):
                         text=True, timeout=timeout)
 
 
+@settings(max_examples=60, deadline=None)
+@given(base=st.floats(0, 50), per=st.floats(0.1, 20), curve=st.floats(0, 0.05),
+       limit=st.floats(1, 200), step=st.sampled_from([1, 2, 4, 8]), start=st.integers(1, 100))
+def test_batch_search_finds_the_largest_fitting_multiple(base, per, curve, limit, step, start):
+  """The secant search over compiled totals agrees with walking every multiple of the step, and never
+  compiles a batch twice."""
+  from deepseek_jax.aot.__main__ import search_batch
+  total = lambda b: base + per * b + curve * b * b
+  calls = []
+  got = search_batch(lambda b: calls.append(b) or total(b), limit, step, start)
+  want = 0
+  while total(want + step) <= limit:
+    want += step
+  assert got == want, (got, want, calls)
+  assert len(calls) == len(set(calls)), calls
+  assert got == 0 or total(got) <= limit < total(got + step)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--target", "b9000:1"], "unknown accelerator"),
     (["--target", "h200:1", "--decode", "4"], "--decode='4'"),

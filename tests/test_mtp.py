@@ -36,8 +36,8 @@ def test_mtp_matches_hand_written_formula(depth, seed):
     x = jnp.concatenate([_rms(emb, lp["enorm"]["weight"]),   # embedding first,
                          _rms(h, lp["hnorm"]["weight"])], -1)  # then the hidden state
     x = x @ lp["eh_proj"]["kernel"]
-    h, _ = Block(cfg, moe=True).apply({"params": lp["block"], "router_state": lr["block"]},
-                                      x, pos, None)
+    h, _ = jax.jit(Block(cfg, moe=True).apply)({"params": lp["block"],
+                                                "router_state": lr["block"]}, x, pos, None)
     logits = _rms(h, lp["shared_head_norm"]["weight"]) @ head
     np.testing.assert_allclose(np.asarray(out.mtp_logits[k - 1]), np.asarray(logits),
                                atol=1e-5 * max(1.0, float(jnp.abs(logits).max())))

@@ -86,30 +86,73 @@ def compile_report(program: programs.Program, target, dump: str | None = None) -
   return r
 
 
+def search_batch(total, limit: int, step: int, start: int, max_batch: int = 1 << 16) -> int:
+  """The largest multiple of `step` whose `total(batch)` (bytes, or None where the batch cannot be
+  built) is <= `limit`; 0 if not even `step` fits. Memory is near-affine in the batch, so each guess
+  extrapolates the line through the nearest measured points below and above the limit (a secant):
+  three or four compiles instead of a doubling-and-bisection's eight or nine."""
+  seen: dict[int, int | None] = {}
+
+  def measure(b: int):
+    if b not in seen:
+      seen[b] = total(b)
+    return seen[b]
+
+  def ok(b):
+    t = measure(b)
+    return t is not None and t <= limit
+
+  lo, hi = 0, None                      # lo fits (0 trivially); hi does not
+  b = max(step, start // step * step)
+  while hi is None or hi - lo > step:
+    (lo, hi) = (b, hi) if ok(b) else (lo, b)
+    if hi is not None and hi - lo <= step:
+      break
+    fitting = sorted(x for x in seen if seen[x] is not None)
+    below = [x for x in fitting if seen[x] <= limit]
+    above = [x for x in fitting if seen[x] > limit]
+    guess = None
+    if len(fitting) >= 2:               # the line through the two points nearest the limit
+      x0, x1 = (below[-1:] + above[:1]) if below and above else fitting[-2:] if below else fitting[:2]
+      slope = (seen[x1] - seen[x0]) / (x1 - x0)
+      if slope > 0:
+        guess = x0 + (limit - seen[x0]) / slope
+    elif len(fitting) == 1 and seen[fitting[0]] > 0:   # one point: assume memory proportional
+      guess = fitting[0] * limit / seen[fitting[0]]
+    if guess is None:
+      guess = lo * 2 if hi is None else (lo + hi) / 2
+    nxt = int(guess) // step * step
+    if hi is None:
+      nxt = min(max(nxt, lo + step), max_batch)
+      if nxt <= lo:                     # reached max_batch
+        return lo
+    else:
+      nxt = min(max(nxt, lo + step), hi - step)
+      if nxt in seen:                   # the line's guess is measured: bisect instead
+        nxt = max(lo + step, (lo + hi) // 2 // step * step)
+        if nxt in seen:
+          nxt = lo + step
+    b = nxt
+  return lo
+
+
 def largest_batch(cfg, devices, target) -> int:
-  """Doubles then bisects train.batch_size over multiples of the batch-splitting degree."""
-  def fits(batch: int):
+  """The largest train.batch_size (a multiple of the batch-splitting degree and the microbatches)
+  whose step fits the memory JAX uses by default, found by compiling (`search_batch`)."""
+  def total(batch: int):
     c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
     try:
       r = report.analyze(programs.train_program(c, devices).lowered.compile(), target, "")
     except ConfigError:   # e.g. a batch the mesh cannot split
-      return False
+      return None
     print(f"  batch {batch}: {r.total_bytes / targets.GiB:.1f} GiB "
           f"({'fits' if r.fits else 'too big'})", flush=True)
-    return r.fits
+    return r.total_bytes
   sizes = mesh_lib.mesh_shape(cfg.mesh, len(devices))
   split = math.prod(sizes[a] for a in rules_lib.mesh_axes_of(
       "act_batch", rules_lib.rules_from_config(cfg.mesh)))
   step = cfg.train.grad_accum * split      # batches the mesh and the microbatches divide
-  lo, hi = 0, step
-  while fits(hi):
-    lo, hi = hi, hi * 2
-  while hi - lo > step:
-    mid = (lo + hi) // 2 // step * step
-    if mid in (lo, hi):
-      break
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-  return lo
+  return search_batch(total, target.usable_bytes, step, cfg.train.batch_size)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,9 @@ def _assert_grads_close(grads, grads_ref):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 4, 1), (2, 1, 2, 2)])
+# (2, 2, 2, 1) and (2, 1, 2, 2) between them shard every axis; the other two run with -m slow.
+@pytest.mark.parametrize("shape", [pytest.param((8, 1, 1, 1), marks=pytest.mark.slow), (2, 2, 2, 1),
+                                   pytest.param((1, 2, 4, 1), marks=pytest.mark.slow), (2, 1, 2, 2)])
 def test_loss_and_grads_match_single_device(shape):
   _, _, loss_ref, grads_ref = common.reference(CFG)
   loss, grads, text, placed = common.sharded_loss_and_grads(CFG, shape)
