@@ -81,8 +81,12 @@ def test_cache_holds_exactly_c_plus_r_per_layer(cfg):
   assert values == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_layers == cfg.cache_values_per_token
 
 
-@pytest.mark.parametrize("rows", [3, mla.UNROLL_ROWS + 1])     # unrolled writes, then the loop
-@pytest.mark.parametrize("scan", [True, False])
+# Unrolled writes (3 rows) and the loop (UNROLL_ROWS + 1), each under one layer layout; the two
+# other combinations run with -m slow.
+@pytest.mark.parametrize("rows, scan", [
+    (3, True), (mla.UNROLL_ROWS + 1, False),
+    pytest.param(3, False, marks=pytest.mark.slow),
+    pytest.param(mla.UNROLL_ROWS + 1, True, marks=pytest.mark.slow)])
 def test_stack_writes_touch_only_the_new_slots(rows, scan):
   """The decode path writes each row's new latents into the `[L, B, S, .]` stack in place: every
   other slot keeps its bits, and the step's logits match the full forward at ragged positions."""

@@ -192,7 +192,8 @@ def test_fp8_dispatch_wire_carries_fp8_bytes_both_ways():
     assert 0 < rel < 0.1, rel
 
 
-@pytest.mark.parametrize("wire, worst", [("logfmt8", 0.05), ("logfmt10", 0.015)])
+@pytest.mark.parametrize("wire, worst", [pytest.param("logfmt8", 0.05, marks=pytest.mark.slow),
+                                         ("logfmt10", 0.015)])
 def test_logfmt_combine_wire(wire, worst):
   """LogFMT-n on the combine: n-bit codes (10-bit ones bit-packed: D=16 codes in 20 bytes) plus
   the tile min/max on the wire; the error falls with n (the paper: LogFMT-10 close to BF16)."""

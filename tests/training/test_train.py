@@ -6,6 +6,7 @@ import math
 import statistics
 
 import numpy as np
+import pytest
 
 from tests.training.conftest import (RUN, STEPS, metric_rows, restore_state, run_train)
 
@@ -45,6 +46,7 @@ def test_nothing_compiles_inside_the_loop(run_a):
   assert [l for l in after.splitlines() if "Compiling " in l] == []
 
 
+@pytest.mark.slow   # implied by the resume tests, which compare bitwise with an uninterrupted run
 def test_two_runs_with_one_seed_are_identical(run_a, xla_cache, tmp_path):
   workdir_a, _ = run_a
   run_train(xla_cache, tmp_path, "--steps", str(STEPS), *RUN)
