@@ -86,12 +86,14 @@ def compile_report(program: programs.Program, target, dump: str | None = None) -
   return r
 
 
-def search_batch(total, limit: int, step: int, start: int, max_batch: int = 1 << 16) -> int:
+def search_batch(total, limit: int, step: int, start: int, max_batch: int = 1 << 16,
+                 known: dict[int, int] | None = None) -> int:
   """The largest multiple of `step` whose `total(batch)` (bytes, or None where the batch cannot be
   built) is <= `limit`; 0 if not even `step` fits. Memory is near-affine in the batch, so each guess
   extrapolates the line through the nearest measured points below and above the limit (a secant):
-  three or four compiles instead of a doubling-and-bisection's eight or nine."""
-  seen: dict[int, int | None] = {}
+  three or four compiles instead of a doubling-and-bisection's eight or nine. `known`: totals
+  already compiled."""
+  seen: dict[int, int | None] = dict(known or {})
 
   def measure(b: int):
     if b not in seen:
@@ -112,13 +114,17 @@ def search_batch(total, limit: int, step: int, start: int, max_batch: int = 1 <<
     below = [x for x in fitting if seen[x] <= limit]
     above = [x for x in fitting if seen[x] > limit]
     guess = None
-    if len(fitting) >= 2:               # the line through the two points nearest the limit
-      x0, x1 = (below[-1:] + above[:1]) if below and above else fitting[-2:] if below else fitting[:2]
+    if below and (above or len(below) >= 2):   # the line through the two points nearest the limit
+      x0, x1 = (below[-1], above[0]) if above else (below[-2], below[-1])
       slope = (seen[x1] - seen[x0]) / (x1 - x0)
       if slope > 0:
         guess = x0 + (limit - seen[x0]) / slope
-    elif len(fitting) == 1 and seen[fitting[0]] > 0:   # one point: assume memory proportional
-      guess = fitting[0] * limit / seen[fitting[0]]
+    if guess is None and fitting and seen[fitting[0]] > 0:
+      # Memory proportional to the batch through the smallest point: from above the limit this
+      # undershoots (the arguments do not shrink), so the next guess fits; near the limit XLA's own
+      # rematerialisation flattens the curve, which a secant across the limit would overshoot.
+      x0 = below[-1] if below else fitting[0]
+      guess = x0 * limit / seen[x0] if below else min(x0 * limit / seen[x0], 0.75 * x0)
     if guess is None:
       guess = lo * 2 if hi is None else (lo + hi) / 2
     nxt = int(guess) // step * step
@@ -136,7 +142,7 @@ def search_batch(total, limit: int, step: int, start: int, max_batch: int = 1 <<
   return lo
 
 
-def largest_batch(cfg, devices, target) -> int:
+def largest_batch(cfg, devices, target, known: dict[int, int] | None = None) -> int:
   """The largest train.batch_size (a multiple of the batch-splitting degree and the microbatches)
   whose step fits the memory JAX uses by default, found by compiling (`search_batch`)."""
   def total(batch: int):
@@ -152,7 +158,7 @@ def largest_batch(cfg, devices, target) -> int:
   split = math.prod(sizes[a] for a in rules_lib.mesh_axes_of(
       "act_batch", rules_lib.rules_from_config(cfg.mesh)))
   step = cfg.train.grad_accum * split      # batches the mesh and the microbatches divide
-  return search_batch(total, target.usable_bytes, step, cfg.train.batch_size)
+  return search_batch(total, target.usable_bytes, step, cfg.train.batch_size, known=known)
 
 
 def main(argv=None) -> int:
@@ -176,7 +182,8 @@ def main(argv=None) -> int:
     if decode:
       reports.append(compile_report(programs.decode_program(cfg, devices, *decode), target, args.dump))
     if args.max_batch:
-      best = largest_batch(cfg, devices, target)
+      known = {cfg.train.batch_size: reports[0].total_bytes} if not args.no_train else None
+      best = largest_batch(cfg, devices, target, known)
       print(f"largest train.batch_size that fits {target}: {best} (x {cfg.train.seq_len} tokens)")
     if args.json:
       pathlib.Path(args.json).write_text(json.dumps([r.to_dict() for r in reports], indent=1))

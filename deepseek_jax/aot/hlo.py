@@ -260,16 +260,28 @@ def _fusion_bytes(comps, ins: Instr, comp: Computation) -> float:
       in_place.add(r.operands[0])
       out += shape_bytes(called.shape_of(r.operands[1])) - shape_bytes(r.shape)
   total = max(out, 0.0)
+
+  def sliced(name: str, depth: int = 0) -> float | None:
+    """Bytes read from `name` when only slices of it are read (through bitcasts), else None."""
+    us = users.get(name, [])
+    if not us or depth > 4:
+      return None
+    read = 0.0
+    for u in us:
+      if u.opcode in ("dynamic-slice", "gather", "slice") and u.operands[0] == name:
+        read += shape_bytes(u.shape)
+      elif u.opcode == "bitcast" and (r := sliced(u.name, depth + 1)) is not None:
+        read += r
+      else:
+        return None
+    return read
+
   for k, o in enumerate(ins.operands):
     p = pnames[k] if k < len(pnames) else None
     if p in in_place:
       continue
-    us = users.get(p, [])
-    if us and all(u.opcode in ("dynamic-slice", "gather", "slice") and u.operands[0] == p
-                  for u in us):
-      total += sum(shape_bytes(u.shape) for u in us)
-    else:
-      total += shape_bytes(comp.shape_of(o))
+    r = sliced(p) if p is not None else None
+    total += shape_bytes(comp.shape_of(o)) if r is None else r
   return total
 
 
