@@ -129,6 +129,8 @@ def test_batch_search_finds_the_largest_fitting_multiple(base, per, curve, limit
     (["--target", "h200:1", "--decode", "4"], "--decode='4'"),
     (["--target", "h200:1", "--config", "configs/tiny.yaml", "model.num_heads=0"],
      "model.num_heads=0"),
+    (["--target", "h200:1", "--batch", "0"], "train.batch_size=0"),
+    (["--target", "h200:1"], "nothing left to compile"),
 ])
 def test_command_bad_input_exits_2_with_one_line(args, needle):
   r = _run(*args, "--no-train")

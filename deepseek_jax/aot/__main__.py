@@ -166,12 +166,23 @@ def main(argv=None) -> int:
   try:
     target = targets.parse_target(args.target)
     overrides = list(args.overrides)
-    if args.batch:
+    if args.batch is not None:
       overrides.append(f"train.batch_size={args.batch}")
-    if args.seq:
+    if args.seq is not None:
       overrides.append(f"train.seq_len={args.seq}")
     cfg = load_config(args.config, overrides)
     decode = _decode_arg(args.decode) if args.decode else None
+    if args.no_train and not decode and not args.max_batch:
+      raise ConfigError("--no-train: nothing left to compile (add --decode BATCH,CONTEXT)")
+    if args.dump:
+      try:
+        pathlib.Path(args.dump).mkdir(parents=True, exist_ok=True)
+      except OSError as e:
+        raise ConfigError(f"--dump={args.dump!r}: cannot create the directory "
+                          f"({e.strerror or e})") from None
+    if args.json and not pathlib.Path(args.json).resolve().parent.is_dir():
+      raise ConfigError(f"--json={args.json!r}: the directory {str(pathlib.Path(args.json).parent)!r} "
+                        "does not exist")
     devices = targets.devices(target)
     print(f"aot: {args.config} for {target} ({target.num_devices} x {target.chip.name}, "
           f"{target.chip.hbm_bytes / targets.GiB:.0f} GiB each); compiling on this host, "

@@ -143,9 +143,12 @@ def devices(target: Target) -> list:
           platform="tpu")
   except Exception as e:  # the plugin's errors are long and say little to a user
     extra = "gpu" if target.chip.platform == "gpu" else "tpu"
+    why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    hint = ("" if "INVALID_ARGUMENT" in why else
+            f"; install the compiler with pip install 'deepseek-jax[{extra}]' and run with "
+            "JAX_PLATFORMS=cpu")
     raise TargetError(f"--target={target}: cannot build the {target.chip.platform.upper()} "
-                      f"topology ({str(e).splitlines()[0][:160]}); install the compiler with "
-                      f"pip install 'deepseek-jax[{extra}]' and run with JAX_PLATFORMS=cpu") from None
+                      f"topology ({why}){hint}") from None
   devs = list(topo.devices)
   if len(devs) != target.num_devices:
     raise TargetError(f"--target={target}: the topology has {len(devs)} devices, expected "
