@@ -59,6 +59,23 @@ def test_dot_flops_count_every_loop_iteration(layers, rows, width, grad):
   assert hlo.summarize(text).dot_flops == expected
 
 
+@settings(max_examples=12, deadline=None)
+@given(length=st.integers(3, 12), window=st.integers(2, 6), lo=st.integers(0, 6),
+       hi=st.integers(0, 6), stride=st.integers(1, 3), cin=st.integers(2, 4), cout=st.integers(2, 4))
+def test_convolution_flops_count_only_taps_on_real_input(length, window, lo, hi, stride, cin, cout):
+  """A padded 1-D convolution compiled here: the FLOPs are the multiply-adds whose input is not
+  padding (brute force), as XLA:TPU's dots written as padded convolutions need."""
+  from hypothesis import assume
+  n_out = (length + lo + hi - window) // stride + 1
+  assume(n_out >= 1)
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride,), [(lo, hi)])  # noqa: E731
+  text = jax.jit(conv).lower(jnp.ones((2, cin, length)), jnp.ones((cout, cin, window))
+                             ).compile().as_text()
+  taps = sum(1 for o in range(n_out) for w in range(window) if 0 <= o * stride + w - lo < length)
+  assert "convolution(" in text
+  assert hlo.summarize(text).dot_flops == 2 * 2 * cout * cin * taps
+
+
 def test_bytes_and_custom_calls_are_read():
   text = jax.jit(lambda a, b: (a @ b).sum()).lower(jnp.ones((64, 32)), jnp.ones((32, 16))
                                                    ).compile().as_text()

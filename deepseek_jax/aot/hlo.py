@@ -161,14 +161,47 @@ def _dot_flops(comp: Computation, ins: Instr) -> float:
   return 2.0 * out * math.prod(lhs[d] for d in contract if d < len(lhs))
 
 
+def _window_taps(s_in: int, s_out: int, size: int, lo: int, stride: int) -> int:
+  """Window taps that land on real input (not padding), summed over the output positions."""
+  taps = 0
+  for o in range(s_out):
+    first = lo - o * stride                       # the tap that reads input position 0
+    taps += max(0, min(size - 1, first + s_in - 1) - max(0, first) + 1)
+  return taps
+
+
 def _conv_flops(comp: Computation, ins: Instr) -> float:
-  out = math.prod(_dims(ins.shape) or [1])
+  """FLOPs of a convolution, counting only taps on real input. XLA:TPU writes some dots as a
+  convolution whose window slides over zero padding (e.g. a [T, D] x [D, N, H] projection as a
+  window of N over an input padded by N - 1): counting every tap would overstate it N-fold."""
+  out_dims = _dims(ins.shape) or [1]
   rhs = _dims(comp.shape_of(ins.operands[1])) if len(ins.operands) > 1 else []
-  m = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
+  m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
   if not rhs or not m:
     return 0.0
-  o = m.group(1).find("o")
-  return 2.0 * out * math.prod(d for k, d in enumerate(rhs) if k != o)
+  lhs_l, rhs_l, out_l = m.groups()
+  every_tap = 2.0 * math.prod(out_dims) * math.prod(
+      d for k, d in enumerate(rhs) if k != rhs_l.find("o"))
+  spatial = sorted(c for c in rhs_l if c.isdigit())
+  if not spatial:
+    return every_tap
+  w = re.search(r"window=\{([^}]*)\}", ins.attrs)
+  fields = dict(re.findall(r"(\w+)=(\S+)", w.group(1))) if w else {}
+  if "lhs_dilate" in fields or "rhs_dilate" in fields or len(out_dims) != len(out_l):
+    return every_tap                              # dilated: an upper bound is good enough
+  lhs = _dims(comp.shape_of(ins.operands[0]))
+  sizes = [int(x) for x in fields.get("size", "").split("x") if x] or [1] * len(spatial)
+  pads = [tuple(int(v) for v in p.split("_")) for p in fields.get("pad", "").split("x") if p]
+  strides = [int(x) for x in fields.get("stride", "").split("x") if x] or [1] * len(spatial)
+  pads = pads or [(0, 0)] * len(spatial)
+  try:
+    taps = math.prod(
+        _window_taps(lhs[lhs_l.index(c)], out_dims[out_l.index(c)], sizes[j], pads[j][0], strides[j])
+        for j, c in enumerate(spatial))
+    per_position = math.prod(d for k, d in enumerate(out_dims) if not out_l[k].isdigit())
+    return 2.0 * per_position * rhs[rhs_l.index("i")] * taps
+  except (ValueError, IndexError):
+    return every_tap
 
 
 def kernel_flops(comp: Computation, ins: Instr, target: str) -> float | None:
