@@ -13,7 +13,6 @@ read (dynamic-slice, gather) costs the slice and an in-place update costs the up
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections import defaultdict
@@ -163,11 +162,8 @@ def _dot_flops(comp: Computation, ins: Instr) -> float:
 
 def _window_taps(s_in: int, s_out: int, size: int, lo: int, stride: int) -> int:
   """Window taps that land on real input (not padding), summed over the output positions."""
-  taps = 0
-  for o in range(s_out):
-    first = lo - o * stride                       # the tap that reads input position 0
-    taps += max(0, min(size - 1, first + s_in - 1) - max(0, first) + 1)
-  return taps
+  return sum(max(0, min(size - 1, lo - o * stride + s_in - 1) - max(0, lo - o * stride) + 1)
+             for o in range(s_out))
 
 
 def _conv_flops(comp: Computation, ins: Instr) -> float:
@@ -191,12 +187,11 @@ def _conv_flops(comp: Computation, ins: Instr) -> float:
     return every_tap                              # dilated: an upper bound is good enough
   lhs = _dims(comp.shape_of(ins.operands[0]))
   sizes = [int(x) for x in fields.get("size", "").split("x") if x] or [1] * len(spatial)
-  pads = [tuple(int(v) for v in p.split("_")) for p in fields.get("pad", "").split("x") if p]
+  pads = [int(p.split("_")[0]) for p in fields.get("pad", "").split("x") if p] or [0] * len(spatial)
   strides = [int(x) for x in fields.get("stride", "").split("x") if x] or [1] * len(spatial)
-  pads = pads or [(0, 0)] * len(spatial)
   try:
     taps = math.prod(
-        _window_taps(lhs[lhs_l.index(c)], out_dims[out_l.index(c)], sizes[j], pads[j][0], strides[j])
+        _window_taps(lhs[lhs_l.index(c)], out_dims[out_l.index(c)], sizes[j], pads[j], strides[j])
         for j, c in enumerate(spatial))
     per_position = math.prod(d for k, d in enumerate(out_dims) if not out_l[k].isdigit())
     return 2.0 * per_position * rhs[rhs_l.index("i")] * taps
@@ -402,17 +397,3 @@ def summarize(text: str) -> Summary:
   s.dot_flops = flops(entry)
   walk(entry, 1.0, ())
   return s
-
-
-def custom_call_configs(text: str, target_substring: str) -> list[dict]:
-  """The backend configs (parsed JSON where possible) of custom calls whose target contains
-  `target_substring`: Pallas kernels carry their cost estimates there on some backends."""
-  out = []
-  for line in text.splitlines():
-    if "custom-call(" in line and target_substring in line:
-      m = re.search(r"backend_config=(\{.*\})", line)
-      try:
-        out.append(json.loads(m.group(1)) if m else {})
-      except ValueError:
-        out.append({"raw": m.group(1)[:200]})
-  return out
