@@ -110,20 +110,20 @@ def search_batch(total, limit: int, step: int, start: int, max_batch: int = 1 <<
     (lo, hi) = (b, hi) if ok(b) else (lo, b)
     if hi is not None and hi - lo <= step:
       break
-    fitting = sorted(x for x in seen if seen[x] is not None)
-    below = [x for x in fitting if seen[x] <= limit]
-    above = [x for x in fitting if seen[x] > limit]
+    measured = sorted(x for x in seen if seen[x] is not None)
+    below = [x for x in measured if seen[x] <= limit]
+    above = [x for x in measured if seen[x] > limit]
     guess = None
     if below and (above or len(below) >= 2):   # the line through the two points nearest the limit
       x0, x1 = (below[-1], above[0]) if above else (below[-2], below[-1])
       slope = (seen[x1] - seen[x0]) / (x1 - x0)
       if slope > 0:
         guess = x0 + (limit - seen[x0]) / slope
-    if guess is None and fitting and seen[fitting[0]] > 0:
+    if guess is None and measured and seen[measured[0]] > 0:
       # Memory proportional to the batch through the smallest point: from above the limit this
       # undershoots (the arguments do not shrink), so the next guess fits; near the limit XLA's own
       # rematerialisation flattens the curve, which a secant across the limit would overshoot.
-      x0 = below[-1] if below else fitting[0]
+      x0 = below[-1] if below else measured[0]
       guess = x0 * limit / seen[x0] if below else min(x0 * limit / seen[x0], 0.75 * x0)
     if guess is None:
       guess = lo * 2 if hi is None else (lo + hi) / 2
