@@ -49,13 +49,20 @@ def parse_args(argv):
   ap.add_argument("--coordinator_address", help="jax.distributed: host:port of process 0")
   ap.add_argument("--num_processes", type=int, help="jax.distributed: number of processes")
   ap.add_argument("--process_id", type=int, help="jax.distributed: this process's index")
+  ap.add_argument("--distributed", choices=distributed.MODES,
+                  help="auto: detect SLURM/TPU/Kubernetes/Open MPI; explicit: the three flags or "
+                       "JAX_* variables, required; off: one process (default: explicit if given)")
   ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=2")
   return ap.parse_intermixed_args(argv)
 
 
 def init_distributed(args) -> None:
-  """Multi-process start from the flags, else the JAX_* environment; a no-op for one process."""
-  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  """Multi-process start (flags, JAX_* variables or, with --distributed auto, the cluster)."""
+  launch = distributed.plan(args.distributed, args.coordinator_address, args.num_processes,
+                            args.process_id)
+  if distributed.start(launch):
+    print(f"distributed: process {jax.process_index()} of {jax.process_count()}, "
+          f"{launch.describe()}", flush=True)
 
 
 def enable_compilation_cache() -> None:

@@ -10,6 +10,7 @@ consecutive non-finite steps (the step itself skipped their updates).
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -18,8 +19,9 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from deepseek_jax.config import Config
+from deepseek_jax.config import Config, ConfigError
 from deepseek_jax.training.checkpoint import Checkpointer
 from deepseek_jax.training.data import Data
 from deepseek_jax.training.metrics import MetricsWriter, ProgressBar
@@ -32,26 +34,65 @@ class NonFiniteStop(RuntimeError):
 
 
 class StopSignal:
-  """Records SIGINT/SIGTERM instead of dying, so the loop can checkpoint and exit."""
+  """Records SIGINT/SIGTERM instead of dying, so the loop can checkpoint and exit.
 
-  def __init__(self):
+  With several processes every step is a collective, so all must stop at the same step although
+  a signal reaches one of them (or each at a different step). SIGTERM then belongs to JAX's
+  preemption notifier (`jax.distributed.initialize` installs it); `should_stop` asks JAX's
+  preemption sync point each step (a lock and a compare; the agreement itself runs once, in the
+  background, over the coordination service). A SIGINT is forwarded to that notifier.
+  """
+
+  def __init__(self, multiprocess: bool | None = None):
     self.signum: int | None = None
+    self.multiprocess = jax.process_count() > 1 if multiprocess is None else multiprocess
+    self.synced = False          # multi-process: JAX's sync point was reached
     self._previous: dict[int, Any] = {}
 
   def _handle(self, signum, _frame):
     self.signum = signum
-    print(f"\ntrain: got {signal.Signals(signum).name}; saving a checkpoint and stopping",
-          file=sys.stderr, flush=True)
+    name = signal.Signals(signum).name
+    if self.multiprocess:
+      print(f"\ntrain: got {name}; agreeing on a step with the other processes, then saving a "
+            "checkpoint and stopping", file=sys.stderr, flush=True)
+      os.kill(os.getpid(), signal.SIGTERM)   # JAX's notifier owns SIGTERM
+    else:
+      print(f"\ntrain: got {name}; saving a checkpoint and stopping", file=sys.stderr, flush=True)
 
   def __enter__(self):
+    if self.multiprocess and not jax.config.jax_enable_preemption_service:
+      raise ConfigError("jax_enable_preemption_service=False: a run of several processes needs "
+                        "JAX's preemption service to agree on the step to stop at; enable it")
     if threading.current_thread() is threading.main_thread():
-      for s in (signal.SIGINT, signal.SIGTERM):
+      for s in (signal.SIGINT,) if self.multiprocess else (signal.SIGINT, signal.SIGTERM):
         self._previous[s] = signal.signal(s, self._handle)
     return self
 
   def __exit__(self, *exc):
     for s, h in self._previous.items():
       signal.signal(s, h)
+
+  def should_stop(self, count: int) -> bool:
+    """Whether to stop before the next step; `count` steps have run in this loop (0, 1, ...).
+
+    Multi-process: call it with every count (the same sequence on every process).
+    """
+    if not self.multiprocess:
+      return self.signum is not None
+    if not self.synced and multihost_utils.reached_preemption_sync_point(count):
+      self.synced = True
+      print(f"\ntrain: a process got a stop signal; all {jax.process_count()} processes stop "
+            f"after {count} steps of this run", file=sys.stderr, flush=True)
+    return self.synced
+
+  @property
+  def stopped_by(self) -> str | None:
+    """The signal that stopped the loop (multi-process: this one's, else the peer's SIGTERM)."""
+    if self.multiprocess and not self.synced:
+      return None
+    if self.signum is None:
+      return "SIGTERM" if self.multiprocess else None
+    return signal.Signals(self.signum).name
 
 
 @dataclasses.dataclass
@@ -157,7 +198,8 @@ def train_loop(run: Run, state, stop: StopSignal, bar: ProgressBar) -> LoopResul
                           "the data")
     return last
 
-  while step < t.steps and stop.signum is None:
+  start = step
+  while step < t.steps and not stop.should_stop(step - start):
     batch = run.to_device(run.data.train_batch(position))
     state, metrics = run.step_fn(state, batch)
     step, position = step + 1, position + 1
@@ -176,5 +218,4 @@ def train_loop(run: Run, state, stop: StopSignal, bar: ProgressBar) -> LoopResul
       clock["excluded"] += time.perf_counter() - t_side
   if pending is not None:
     last_train = consume(*pending)
-  stopped_by = None if stop.signum is None else signal.Signals(stop.signum).name
-  return LoopResult(state, stopped_by, clock["train_s"], clock["timed"], last_train, last_eval)
+  return LoopResult(state, stop.stopped_by, clock["train_s"], clock["timed"], last_train, last_eval)
