@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import dispatch, vma
 from deepseek_jax.config import MeshConfig
 from deepseek_jax.fp8 import comm
+from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
 
@@ -217,6 +218,8 @@ class ExpertParallel:
   topk_group: int = 1            # ... and how many one token may reach
   options: EPOptions = EPOptions()
   local: dispatch.LocalExperts = dispatch.LocalExperts()
+  node_P: tuple[int, ...] | None = None   # node of each shard (`mesh.expert_shard_nodes`);
+  #                                         None: min(n_group, P) runs of consecutive shards
 
   def __post_init__(self):
     object.__setattr__(self, "rules", rules_lib.check_rules(self.rules))
@@ -257,9 +260,11 @@ class ExpertParallel:
     x_local = (X + pad) // token_shards
     dests = max_destinations(K, shards, self.n_group, self.topk_group)
     cap = capacity(x_local, dests, shards, self.options.capacity_factor)
-    nodes = min(self.n_group, shards)
+    node_P = self.node_P or tuple(i * min(self.n_group, shards) // shards for i in range(shards))
+    if len(node_P) != shards:
+      raise ValueError(f"expert parallelism: node_P has {len(node_P)} entries for {shards} shards")
     body = functools.partial(
-        _local, ep=ep, tok=tok, mlp=mlp, shards=shards, cap=cap, nodes=nodes, dots=dots,
+        _local, ep=ep, tok=tok, mlp=mlp, shards=shards, cap=cap, node_P=node_P, dots=dots,
         local=self.local, alltoall=resolve_alltoall(self.options.alltoall), opts=self.options)
     tok_spec = P(tok if len(tok) > 1 else (tok[0] if tok else None), None)
     ep_entry = ep if len(ep) > 1 else ep[0]
@@ -288,11 +293,13 @@ def runner(model_cfg, mesh_cfg: MeshConfig | None, mesh,
   if local.kind == "dense" or not splits_experts(mesh, rules):
     return local
   options = EPOptions.from_config(mesh_cfg or MeshConfig())
-  return ExpertParallel(mesh, rules, model_cfg.n_group, model_cfg.topk_group, options, local)
+  node_P = mesh_lib.expert_shard_nodes(model_cfg, mesh, rules)
+  return ExpertParallel(mesh, rules, model_cfg.n_group, model_cfg.topk_group, options, local,
+                        node_P)
 
 
 def _local(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, *, ep, tok, mlp,
-           shards, cap, nodes, dots, local, alltoall, opts):
+           shards, cap, node_P, dots, local, alltoall, opts):
   """One device (scaling-book notation; E here is the local experts):
 
     plan (local):    token x needs shard p iff one of its K experts lives there; it takes row
@@ -337,16 +344,17 @@ def _local(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, *, ep
   out_XD = jnp.zeros((X + 1, D), jnp.float32).at[plan.src_Z].add(y_ZD.astype(jnp.float32))[:X]
   if mlp:
     out_XD = jax.lax.psum(out_XD, mlp)                     # {U_tensor}: partial sums over M
-  stats = _stats(plan, experts_XK, me, shards, cap, nodes, tok)
+  stats = _stats(plan, experts_XK, me, shards, cap, node_P, tok)
   return out_XD.astype(x_XD.dtype), stats
 
 
-def _stats(plan: Plan, experts_XK, me, shards, cap, nodes, tok) -> DispatchStats:
+def _stats(plan: Plan, experts_XK, me, shards, cap, node_P, tok) -> DispatchStats:
   i32 = jnp.int32
-  node_P = jnp.arange(shards) * nodes // shards
+  nodes = len(set(node_P))
+  node_P = jnp.asarray(node_P, jnp.int32)
   kept, present = plan.kept_XP, plan.present_XP
   remote_P = jnp.arange(shards) != me
-  cross_P = node_P != (me * nodes // shards)
+  cross_P = node_P != node_P[me]
   node_PO = node_P[:, None] == jnp.arange(nodes)[None, :]
   node_hit_XO = jnp.any(present[:, :, None] & node_PO[None], axis=1)
   valid_XK = experts_XK >= 0

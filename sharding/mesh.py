@@ -20,6 +20,8 @@ from typing import Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from deepseek_jax.config import ConfigError, MeshConfig
@@ -46,12 +48,57 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def dcn_shape(mesh_cfg: MeshConfig) -> dict[str, int]:
+  """Ways of each axis that cross nodes/slices (`mesh.dcn_*`), the outer factor of the axis."""
+  return {a: getattr(mesh_cfg, f"dcn_{a}", 1) for a in AXES}
+
+
+def node_ids(devices: Sequence) -> np.ndarray:
+  """The node of each device, read from the topology: its TPU slice (`slice_index`) when the
+  devices span several slices (multislice over DCN), else its host (`process_index`: a GPU node
+  on InfiniBand, a TPU host in one slice). One process sees one node."""
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  attr = "slice_index" if len(slices) > 1 else "process_index"
+  return np.array([getattr(d, attr, 0) for d in devices])
+
+
+def _hybrid_devices(sizes: dict[str, int], dcn: dict[str, int], devices: list) -> np.ndarray:
+  """Devices laid out so that each axis's outer `dcn` factor steps across nodes and its inner
+  factor stays inside one node (`mesh_utils.create_hybrid_device_mesh`)."""
+  nodes = node_ids(devices)
+  want = math.prod(dcn.values())
+  have = len(set(nodes.tolist()))
+  shown = "x".join(str(dcn[a]) for a in AXES)
+  if have != want:
+    raise ConfigError(f"mesh.dcn_* (data x fsdp x expert x tensor = {shown}): product {want} != "
+                      f"the {have} nodes (slices, or hosts) the {len(devices)} devices sit on; "
+                      "make the product match the node count")
+  ici = [sizes[a] // dcn[a] for a in AXES]
+  by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+  try:
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici, [dcn[a] for a in AXES], devices, process_is_granule=not by_slice,
+        allow_split_physical_axes=True)
+  except (ValueError, AssertionError, NotImplementedError) as e:
+    raise ConfigError(f"mesh.dcn_* = {shown}: cannot lay the devices out with "
+                      f"{'x'.join(map(str, ici))} inside each node ({str(e).splitlines()[0]})"
+                      ) from None
+  return grid
+
+
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A concrete mesh over `devices` (default: `jax.devices()`, every process's devices)."""
+  """A concrete mesh over `devices` (default: `jax.devices()`, every process's devices); with
+  `mesh.dcn_*` set, a hybrid layout whose inner factors stay inside a node."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
-                       axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  dcn = dcn_shape(mesh_cfg)
+  types = (AxisType.Auto,) * len(AXES)
+  if math.prod(dcn.values()) > 1:
+    for a in AXES:
+      if sizes[a] % dcn[a]:
+        raise ConfigError(f"mesh.dcn_{a}={dcn[a]}: must divide mesh.{a}={sizes[a]}")
+    return Mesh(_hybrid_devices(sizes, dcn, devices), AXES, axis_types=types)
+  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=types, devices=devices)
 
 
 def make_abstract_mesh(mesh_cfg: MeshConfig, num_devices: int) -> AbstractMesh:
@@ -74,15 +121,63 @@ def _axes_text(axes: tuple[str, ...]) -> str:
   return "x".join(f"mesh.{a}" for a in axes)
 
 
-def expert_nodes(model_cfg, mesh: AnyMesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> int:
-  """Expert-parallel "nodes": routing groups map onto consecutive runs of expert shards.
+def _first_seen(row) -> tuple[int, ...]:
+  """Labels 0, 1, ... in order of first appearance: [7, 7, 3, 3] -> (0, 0, 1, 1)."""
+  seen: dict = {}
+  return tuple(seen.setdefault(v, len(seen)) for v in row.tolist())
 
-  With P expert shards and G routing groups, min(G, P) nodes: G | P puts one group on P/G
-  devices (V3 training: 8 groups on 64 GPUs = 8 nodes of 8), P | G puts G/P groups on each
-  device (then a device is a node). Node-limited routing then bounds the nodes a token reaches.
+
+def grid_shard_nodes(grid: np.ndarray, names: Sequence[str], axes: Sequence[str]
+                     ) -> tuple[int, ...]:
+  """Node labels (first seen = 0) of the shards along `axes` of a device `grid` whose dimensions
+  are `names`; ConfigError unless every line along `axes` falls on nodes the same way."""
+  names = list(names)
+  order = [names.index(a) for a in names if a not in axes] + [names.index(a) for a in axes]
+  p = math.prod(grid.shape[names.index(a)] for a in axes)
+  ids = node_ids(list(grid.flat)).reshape(grid.shape).transpose(order)
+  rows = {_first_seen(r) for r in ids.reshape(-1, p)}
+  if len(rows) != 1:
+    raise ConfigError(f"mesh: the {p} shards of {_axes_text(tuple(axes))} fall on nodes "
+                      "differently along the other axes; lay the mesh out with mesh.dcn_* so "
+                      "every line of shards has the same node structure")
+  return rows.pop()
+
+
+def expert_shard_nodes(model_cfg, mesh: AnyMesh,
+                       rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> tuple[int, ...]:
+  """The node (0..O-1) of each of the P expert shards, the nodes node-limited routing bounds.
+
+  Read from the devices when the expert shards sit on several nodes (`node_ids`: GPU hosts,
+  TPU slices); the grouping must be the same along every other mesh axis. Otherwise (an abstract
+  mesh, or one host emulating a cluster) V3's convention: routing groups map onto consecutive
+  runs of shards and a run is a node, min(G, P) of them (G | P: one group on P/G shards; P | G:
+  G/P groups per shard). ConfigError when topology nodes and routing groups do not nest (every
+  group inside one node, or every node a union of whole groups).
   """
-  _, p = _split(mesh, "experts", rules)
-  return min(model_cfg.n_group, p)
+  axes, p = _split(mesh, "experts", rules)
+  G = max(1, model_cfg.n_group)
+  emulated = tuple(i * min(G, p) // p for i in range(p))
+  if isinstance(mesh, AbstractMesh) or p == 1:
+    return emulated
+  node_P = grid_shard_nodes(mesh.devices, mesh.axis_names, axes)
+  if len(set(node_P)) == 1:
+    return emulated
+  group_P = [i * G // p for i in range(p)] if G <= p else list(range(p))
+  by_group = {g: {n for q, n in zip(group_P, node_P) if q == g} for g in set(group_P)}
+  by_node = {n: {g for q, g in zip(node_P, group_P) if q == n} for n in set(node_P)}
+  nested = (all(len(v) == 1 for v in by_group.values())
+            or all(all(by_group[g] == {n} for g in gs) for n, gs in by_node.items()))
+  if not nested:
+    raise ConfigError(f"model.n_group={G}: the routing groups and the {len(by_node)} nodes that "
+                      f"the {p} expert shards ({_axes_text(axes)}) sit on do not nest, so "
+                      "node-limited routing (topk_group) would not bound the nodes a token "
+                      "reaches; make each group one node or each node whole groups (mesh.dcn_expert)")
+  return tuple(node_P)
+
+
+def expert_nodes(model_cfg, mesh: AnyMesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> int:
+  """How many nodes the expert shards span (`expert_shard_nodes`): node-limited routing's N."""
+  return len(set(expert_shard_nodes(model_cfg, mesh, rules)))
 
 
 def check_model(model_cfg, mesh: AnyMesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> None:
@@ -108,6 +203,8 @@ def check_model(model_cfg, mesh: AnyMesh, rules: rules_lib.Rules = rules_lib.DEF
     if value % n:
       raise ConfigError(f"{field}={value}: must divide over {_axes_text(axes)} (size {n}), the "
                         f"axes that split logical {name!r}; change the mesh or mesh.rules")
+  if p > 1:
+    expert_shard_nodes(model_cfg, mesh, rules)   # topology nodes and routing groups nest
 
 
 def batch_shards(mesh: AnyMesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> int:

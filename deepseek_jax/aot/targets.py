@@ -1,7 +1,8 @@
 """Accelerators that need not be present: their numbers and their devices for `jax.jit(...).lower`.
 
-A target is `NAME:SHAPE`: `h100:8` (8 GPUs on one host), `h200:2x8` (2 hosts of 8), `tpu-v5p:2x2x1`
-(a TPU slice by its torus shape; v5p-8 has 4 chips). GPU devices come from a device description
+A target is `NAME:SHAPE`: `h100:8` (8 GPUs on one host), `h800:256x8` (256 nodes of 8: the
+paper's cluster), `tpu-v5p:2x2x1` (a TPU slice by its torus shape; v5p-8 has 4 chips),
+`tpu-v5p:8x8x16/2` (two such slices joined by DCN: multislice). GPU devices come from a device description
 written here from the table (XLA's `GpuTargetConfigProto` text: the numbers XLA:GPU compiles by),
 TPU devices from libtpu's topology of that name. Peak FLOP/s and bandwidths are the vendors'
 dense bf16 and HBM figures; they feed the roofline estimate only.
@@ -30,6 +31,7 @@ class Chip:
   peak_bf16: float         # dense bf16 FLOP/s
   hbm_bw: float            # bytes/s
   link_bw: float           # bytes/s per chip for collectives (NVLink / ICI), one direction
+  dcn_bw: float            # bytes/s per chip across nodes (InfiniBand NIC / TPU DCN), one direction
   # GPU only: what XLA:GPU compiles by
   sm_count: int = 0
   compute_capability: tuple[int, int] = (0, 0)
@@ -39,16 +41,23 @@ class Chip:
 
 
 CHIPS = {
-    "h100": Chip("NVIDIA H100 80GB HBM3", "gpu", 84942979072, 989e12, 3.35e12, 450e9,
+    "h100": Chip("NVIDIA H100 80GB HBM3", "gpu", 84942979072, 989e12, 3.35e12, 450e9, 50e9,
                  132, (9, 0), 1.98, 50 * 2 ** 20),
-    "h200": Chip("NVIDIA H200 141GB HBM3e", "gpu", 151397597184, 989e12, 4.8e12, 450e9,
+    # The paper's GPU (Insights §2.2.2, §4.1): an H100 die with NVLink cut to 400 GB/s (the paper's
+    # figure; ~160 GB/s achievable) and one 400 Gb/s InfiniBand NIC per GPU (50 GB/s, ~40 achievable).
+    "h800": Chip("NVIDIA H800 80GB HBM3", "gpu", 84942979072, 989e12, 3.35e12, 400e9, 50e9,
                  132, (9, 0), 1.98, 50 * 2 ** 20),
-    "a100": Chip("NVIDIA A100-SXM4-80GB", "gpu", 85899345920, 312e12, 2.04e12, 300e9,
+    "h200": Chip("NVIDIA H200 141GB HBM3e", "gpu", 151397597184, 989e12, 4.8e12, 450e9, 50e9,
+                 132, (9, 0), 1.98, 50 * 2 ** 20),
+    "a100": Chip("NVIDIA A100-SXM4-80GB", "gpu", 85899345920, 312e12, 2.04e12, 300e9, 25e9,
                  108, (8, 0), 1.41, 40 * 2 ** 20),
-    "tpu-v5p": Chip("TPU v5p", "tpu", 95 * GiB, 459e12, 2.765e12, 600e9, tpu_kind="v5p"),
-    "tpu-v5e": Chip("TPU v5 lite", "tpu", 16 * GiB, 197e12, 0.819e12, 200e9, tpu_kind="v5e"),
-    "tpu-v4": Chip("TPU v4", "tpu", 32 * GiB, 275e12, 1.2e12, 300e9, tpu_kind="v4"),
-    "tpu-v6e": Chip("TPU v6 lite", "tpu", 32 * GiB, 918e12, 1.64e12, 400e9, tpu_kind="v6e"),
+    # TPU DCN per chip: the host's NICs shared by its chips (assumed: v5p 4 x 200 Gb/s per 4 chips).
+    "tpu-v5p": Chip("TPU v5p", "tpu", 95 * GiB, 459e12, 2.765e12, 600e9, 25e9, tpu_kind="v5p"),
+    "tpu-v5e": Chip("TPU v5 lite", "tpu", 16 * GiB, 197e12, 0.819e12, 200e9, 6.25e9,
+                    tpu_kind="v5e"),
+    "tpu-v4": Chip("TPU v4", "tpu", 32 * GiB, 275e12, 1.2e12, 300e9, 12.5e9, tpu_kind="v4"),
+    "tpu-v6e": Chip("TPU v6 lite", "tpu", 32 * GiB, 918e12, 1.64e12, 400e9, 12.5e9,
+                    tpu_kind="v6e"),
 }
 
 # JAX preallocates this share of GPU memory by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
@@ -59,11 +68,17 @@ GPU_PREALLOCATE = 0.75
 class Target:
   key: str                 # "h200"
   chip: Chip
-  shape: tuple[int, ...]   # GPUs: (hosts, per host); TPUs: the torus
+  shape: tuple[int, ...]   # GPUs: (hosts, per host); TPUs: the torus of one slice
+  slices: int = 1          # TPU multislice: slices joined by DCN
 
   @property
   def num_devices(self) -> int:
-    return math.prod(self.shape)
+    return math.prod(self.shape) * self.slices
+
+  @property
+  def nodes(self) -> int:
+    """Units joined by the slower network: GPU hosts, TPU slices."""
+    return self.shape[0] if self.chip.platform == "gpu" else self.slices
 
   @property
   def usable_bytes(self) -> int:
@@ -72,7 +87,8 @@ class Target:
     return int(self.chip.hbm_bytes * frac)
 
   def __str__(self) -> str:
-    return f"{self.key}:{'x'.join(map(str, self.shape))}"
+    return (f"{self.key}:{'x'.join(map(str, self.shape))}"
+            + (f"/{self.slices}" if self.slices > 1 else ""))
 
 
 def parse_target(text: str) -> Target:
@@ -82,10 +98,15 @@ def parse_target(text: str) -> Target:
     raise TargetError(f"--target={text!r}: unknown accelerator {key!r}; known: "
                       f"{', '.join(sorted(CHIPS))}")
   chip = CHIPS[key]
+  shape, _, slices_text = shape.partition("/")
   try:
     dims = tuple(int(d) for d in (shape or "1").split("x"))
+    slices = int(slices_text or "1")
   except ValueError:
-    dims = ()
+    dims, slices = (), 0
+  if slices < 1 or (slices > 1 and chip.platform != "tpu"):
+    raise TargetError(f"--target={text!r}: '/SLICES' must be a positive integer, and only TPUs "
+                      "have slices (GPU nodes: HOSTSxN)")
   if not dims or any(d <= 0 for d in dims):
     raise TargetError(f"--target={text!r}: shape {shape!r} must be positive integers joined by "
                       "'x' (GPUs: N or HOSTSxN; TPUs: the torus, e.g. 2x2x1)")
@@ -93,7 +114,7 @@ def parse_target(text: str) -> Target:
     raise TargetError(f"--target={text!r}: a GPU shape is N or HOSTSxN")
   if chip.platform == "gpu" and len(dims) == 1:
     dims = (1, dims[0])
-  return Target(key, chip, dims)
+  return Target(key, chip, dims, slices)
 
 
 def gpu_spec(chip: Chip) -> str:
@@ -140,7 +161,7 @@ def devices(target: Target) -> list:
       os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
       topo = topologies.get_topology_desc(
           topology_name=f"{target.chip.tpu_kind}:{'x'.join(map(str, target.shape))}",
-          platform="tpu")
+          platform="tpu", **({"num_slices": target.slices} if target.slices > 1 else {}))
   except Exception as e:  # the plugin's errors are long and say little to a user
     extra = "gpu" if target.chip.platform == "gpu" else "tpu"
     why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__

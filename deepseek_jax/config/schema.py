@@ -312,6 +312,13 @@ class MeshConfig:
   alltoall: Literal["auto", "dense", "ragged"] = "auto"
   dispatch_dtype: Literal["model", "bfloat16", "fp8", "logfmt8", "logfmt10"] = "model"
   combine_dtype: Literal["model", "bfloat16", "fp8", "logfmt8", "logfmt10"] = "model"
+  # How many ways of each axis cross nodes (GPU hosts on IB) or slices (TPU multislice, DCN): the
+  # outer factor of the axis; the rest stays on NVLink / ICI. All 1: one node's fabric, or let
+  # the device order decide (`sharding/mesh.py`).
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  dcn_expert: int = 1
+  dcn_tensor: int = 1
   WIRES = ("model", "bfloat16", "fp8", "logfmt8", "logfmt10")
 
   def __post_init__(self):
@@ -322,6 +329,11 @@ class MeshConfig:
     fills = [n for n, v in sizes.items() if v == -1]
     _check(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1,
            "at most one mesh axis may be -1")
+    for n, v in sizes.items():
+      d = getattr(self, f"dcn_{n}")
+      _check(isinstance(d, int) and not isinstance(d, bool) and d > 0, f"mesh.dcn_{n}", d,
+             "must be a positive integer (the ways of the axis that cross nodes)")
+      _check(v == -1 or v % d == 0, f"mesh.dcn_{n}", d, f"must divide mesh.{n}={v}")
     for r in self.rules:
       _check(isinstance(r, str) and r.count("=") == 1 and r.split("=")[0].strip() != "",
              "mesh.rules", r, "each entry must read 'logical_name=mesh_axis[,mesh_axis]' or "
