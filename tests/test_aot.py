@@ -20,7 +20,9 @@ from tests.helpers import HAS_GPU_COMPILER, HAS_TPU_COMPILER
 
 @pytest.mark.parametrize("text, platform, n", [("h200:1", "gpu", 1), ("h100:8", "gpu", 8),
                                                ("h100:2x8", "gpu", 16),
-                                               ("tpu-v5p:2x2x1", "tpu", 4)])
+                                               ("tpu-v5p:2x2x1", "tpu", 4),
+                                               ("h800:256x8", "gpu", 2048),
+                                               ("tpu-v5p:8x8x16/2", "tpu", 2048)])
 def test_parse_target(text, platform, n):
   t = targets.parse_target(text)
   assert t.chip.platform == platform and t.num_devices == n
@@ -29,7 +31,10 @@ def test_parse_target(text, platform, n):
 @pytest.mark.parametrize("text, rule", [("b9000:1", "unknown accelerator"),
                                         ("h200:0", "positive integers"),
                                         ("h200:2x", "positive integers"),
-                                        ("h100:1x2x8", "GPU shape")])
+                                        ("h100:1x2x8", "GPU shape"),
+                                        ("h100:2x8/2", "only TPUs have slices"),
+                                        ("tpu-v5p:2x2x1/0", "'/SLICES' must be a positive"),
+                                        ("tpu-v5p:2x2x1/x", "'/SLICES' must be a positive")])
 def test_bad_target_names_the_rule(text, rule):
   with pytest.raises(targets.TargetError, match=rule):
     targets.parse_target(text)

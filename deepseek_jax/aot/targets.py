@@ -101,15 +101,18 @@ def parse_target(text: str) -> Target:
   shape, _, slices_text = shape.partition("/")
   try:
     dims = tuple(int(d) for d in (shape or "1").split("x"))
+  except ValueError:
+    dims = ()
+  try:
     slices = int(slices_text or "1")
   except ValueError:
-    dims, slices = (), 0
-  if slices < 1 or (slices > 1 and chip.platform != "tpu"):
-    raise TargetError(f"--target={text!r}: '/SLICES' must be a positive integer, and only TPUs "
-                      "have slices (GPU nodes: HOSTSxN)")
+    slices = 0
   if not dims or any(d <= 0 for d in dims):
     raise TargetError(f"--target={text!r}: shape {shape!r} must be positive integers joined by "
                       "'x' (GPUs: N or HOSTSxN; TPUs: the torus, e.g. 2x2x1)")
+  if slices < 1 or (slices > 1 and chip.platform != "tpu"):
+    raise TargetError(f"--target={text!r}: '/SLICES' must be a positive integer, and only TPUs "
+                      "have slices (GPU nodes: HOSTSxN)")
   if chip.platform == "gpu" and len(dims) > 2:
     raise TargetError(f"--target={text!r}: a GPU shape is N or HOSTSxN")
   if chip.platform == "gpu" and len(dims) == 1:
