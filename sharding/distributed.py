@@ -111,8 +111,8 @@ def detect(env: Mapping[str, str] | None = None, on_tpu_vm: bool | None = None) 
   if "SLURM_JOB_ID" in env:
     return _slurm(env)
   if on_tpu_vm:
-    where = ("GKE: TPU_WORKER_HOSTNAMES" if {"TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"} & set(env)
-             else "GCE metadata server")
+    gke = {"TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"} & set(env)
+    where = "GKE: TPU_WORKER_HOSTNAMES" if gke else "GCE metadata server"
     return Launch("tpu", None, None, f"JAX's Cloud TPU detection, {where}")
   addr_or_n = env.get("JAX_COORDINATOR_ADDRESS") or env.get("JAX_NUM_PROCESSES")
   if "JOB_COMPLETION_INDEX" in env or ("KUBERNETES_SERVICE_HOST" in env and addr_or_n):
@@ -150,21 +150,21 @@ def _slurm(env: Mapping[str, str]) -> Launch | None:
     raise ConfigError(f"SLURM_STEP_NODELIST={nodes!r}: must start with a host name "
                       "(e.g. node[01-04],gpu7)")
   if env.get("JAX_COORDINATOR_PORT"):
-    _int("JAX_COORDINATOR_PORT", env["JAX_COORDINATOR_PORT"], 1, 65536)
-    port = "JAX_COORDINATOR_PORT"
+    port = _int("JAX_COORDINATOR_PORT", env["JAX_COORDINATOR_PORT"], 1, 65536)
+    port = f"port JAX_COORDINATOR_PORT={port}"
   else:
-    _int("SLURM_JOB_ID", env["SLURM_JOB_ID"], 0,
-         rule=" (JAX derives the coordinator port from it; or set JAX_COORDINATOR_PORT)")
-    port = "a port from SLURM_JOB_ID"
+    job = _int("SLURM_JOB_ID", env["SLURM_JOB_ID"], 0,
+               rule=" (JAX derives the coordinator port from it; or set JAX_COORDINATOR_PORT)")
+    port = f"port from SLURM_JOB_ID={job}"
   addr = env.get("JAX_COORDINATOR_ADDRESS") or None
   if addr:
     _address("JAX_COORDINATOR_ADDRESS", addr)
   if env.get("JAX_NUM_PROCESSES") and _int("JAX_NUM_PROCESSES", env["JAX_NUM_PROCESSES"]) != n:
     raise ConfigError(f"JAX_NUM_PROCESSES={env['JAX_NUM_PROCESSES']}: disagrees with "
                       f"SLURM_NTASKS={n}; unset JAX_NUM_PROCESSES")
-  where = addr or f"the first host of SLURM_STEP_NODELIST={nodes}, {port}"
+  where = addr or f"first host of SLURM_STEP_NODELIST={nodes}, {port}"
   return Launch("slurm", Settings(addr, n, pid), "slurm",
-                f"SLURM_PROCID={pid} of SLURM_NTASKS={n}; coordinator {where}")
+                f"SLURM_PROCID={pid} of SLURM_NTASKS={n}; coordinator: {where}")
 
 
 def _kubernetes(env: Mapping[str, str]) -> Launch:
@@ -194,7 +194,7 @@ def _kubernetes(env: Mapping[str, str]) -> Launch:
     raise ConfigError(f"{name}={pid}: must lie in [0, JAX_NUM_PROCESSES={n})")
   settings = resolve(_address("JAX_COORDINATOR_ADDRESS", addr), n, pid, env=env)
   return Launch("kubernetes", settings, "deactivate",
-                f"{name}={pid} of JAX_NUM_PROCESSES={n}; coordinator {addr}")
+                f"{name}={pid} of JAX_NUM_PROCESSES={n}; coordinator: {addr}")
 
 
 def _openmpi(env: Mapping[str, str]) -> Launch | None:
@@ -209,7 +209,7 @@ def _openmpi(env: Mapping[str, str]) -> Launch | None:
   if n == 1:
     return None
   return Launch("openmpi", Settings(None, n, pid), "ompi",
-                f"OMPI_COMM_WORLD_RANK={pid} of OMPI_COMM_WORLD_SIZE={n}; coordinator from "
+                f"OMPI_COMM_WORLD_RANK={pid} of OMPI_COMM_WORLD_SIZE={n}; coordinator: from "
                 "OMPI_MCA_orte_hnp_uri")
 
 
