@@ -18,6 +18,9 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import ACT_BTD, MLP, dtype_of, module_path
 
 
+ACT_XE = ("act_tokens", None)
+
+
 class Gate(nn.Module):
   """Router: f32 logits x W_g, then `router.route` with the selection bias from router_state."""
   cfg: ModelConfig
@@ -36,6 +39,9 @@ class Gate(nn.Module):
           nn.with_logical_partitioning(lambda: jnp.zeros((E,), jnp.float32), ("experts",))).value
     logits_XE = jnp.einsum("XD,DE->XE", x_XD.astype(jnp.float32), kernel_DE,
                            precision=jax.lax.Precision.HIGHEST)
+    # tokens split like the activations, experts whole: the top-k runs on each device's own
+    # tokens (left to itself the partitioner splits E like the kernel and replicates X)
+    logits_XE = nn.with_logical_constraint(logits_XE, ACT_XE)
     return router.route(logits_XE, bias_E, cfg)
 
 
@@ -99,7 +105,7 @@ class MoE(nn.Module):
       raise ValueError(f"{module_path(self)}: input width {D} != model.d_model={cfg.d_model}")
     dtype = dtype_of(cfg.dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
-    x_XD = x_BTD.reshape(B * T, D)
+    x_XD = nn.with_logical_constraint(x_BTD.reshape(B * T, D), ("act_tokens", "act_embed"))
     routing = Gate(cfg, name=naming.ROUTER)(x_XD)
     y_XD = RoutedExperts(cfg, self.fp8_policy, self.experts, name=naming.ROUTED_EXPERTS)(
         x_XD, routing.weights_XK, routing.experts_XK)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from deepseek_jax import naming
 from deepseek_jax.block import Block
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import Dense, RMSNorm, dtype_of
+from deepseek_jax.layers import ACT_BTD, Dense, RMSNorm, dtype_of
 
 
 def shift_left(x_BT: jax.Array, k: int, fill: int = 0) -> jax.Array:
@@ -69,7 +69,10 @@ class MTP(nn.Module):
     for k in range(1, self.cfg.num_mtp_layers + 1):
       # Depth k embeds t_{i+k} = next_tokens[i+k-1]; positions past the end hold a filler token
       # whose outputs only reach positions without a target (causal attention).
-      emb_BTD = embed(shift_left(next_tokens_BT, k - 1)).astype(h_BTD.dtype)
+      # constrained like the main embedding: the lookup otherwise inherits the table's split of D
+      # (fsdp), which the partitioner can only turn into a batch split through the full array
+      emb_BTD = nn.with_logical_constraint(
+          embed(shift_left(next_tokens_BT, k - 1)).astype(h_BTD.dtype), ACT_BTD)
       layer = MTPLayer(self.cfg, self.fp8_policy, self.experts, name=naming.unrolled_layer(k - 1))
       h_BTD, logits_BTV, aux, _ = layer(h_BTD, emb_BTD, positions_BT, lm_head,
                                         segments_BT=segments_BT)

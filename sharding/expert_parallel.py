@@ -27,16 +27,17 @@ from sharding import rules as rules_lib
 
 
 class EPOptions(NamedTuple):
-  """Dispatch settings (see `MeshConfig`): capacity, collective, wire dtypes."""
+  """Dispatch settings (see `MeshConfig`): capacities, collective, wire dtypes."""
   capacity_factor: float | None = None
   alltoall: str = "auto"             # "auto" | "dense" | "ragged"
   dispatch_dtype: str = "model"      # one of WIRES
   combine_dtype: str = "model"
+  compute_capacity_factor: float | None = None
 
   @classmethod
   def from_config(cls, mesh_cfg) -> "EPOptions":
     return cls(mesh_cfg.capacity_factor, mesh_cfg.alltoall, mesh_cfg.dispatch_dtype,
-               mesh_cfg.combine_dtype)
+               mesh_cfg.combine_dtype, getattr(mesh_cfg, "compute_capacity_factor", None))
 
 
 class DispatchStats(NamedTuple):
@@ -75,6 +76,30 @@ def capacity(tokens: int, destinations: int, shards: int, factor: float | None) 
   if factor is None:
     return tokens
   return int(min(tokens, max(1, math.ceil(factor * tokens * destinations / shards))))
+
+
+def compute_slots(tokens: int, k: int, rows: int, slots_per_row: int,
+                  factor: float | None) -> int | None:
+  """Expert rows computed per device: factor x the expected tokens x K, at most every slot;
+  None (factor None, or no saving): run every slot of the received rows."""
+  if factor is None:
+    return None
+  s = max(1, math.ceil(factor * tokens * k))
+  return s if s < rows * slots_per_row else None
+
+
+def pack_slots(ids_ZI, w_ZI, no_expert: int, slots: int):
+  """The first `slots` filled (row, slot) pairs in row order -> (row_S [S] (Z: empty), id_S,
+  w_S, dropped count). Filled slots beyond `slots` are dropped (counted)."""
+  Z, I = ids_ZI.shape  # noqa: E741
+  filled_A = (ids_ZI < no_expert).reshape(-1)
+  pos_A = jnp.cumsum(filled_A, dtype=jnp.int32) - 1
+  keep_A = filled_A & (pos_A < slots)
+  src_S = jnp.full((slots,), Z * I, jnp.int32).at[jnp.where(keep_A, pos_A, slots)].set(
+      jnp.arange(Z * I, dtype=jnp.int32), mode="drop")
+  id_S = jnp.concatenate([ids_ZI.reshape(-1), jnp.full((1,), no_expert, ids_ZI.dtype)])[src_S]
+  w_S = jnp.concatenate([w_ZI.reshape(-1), jnp.zeros((1,), w_ZI.dtype)])[src_S]
+  return src_S // I, id_S, w_S, jnp.sum(filled_A & ~keep_A, dtype=jnp.int32)
 
 
 class Plan(NamedTuple):
@@ -260,11 +285,14 @@ class ExpertParallel:
     x_local = (X + pad) // token_shards
     dests = max_destinations(K, shards, self.n_group, self.topk_group)
     cap = capacity(x_local, dests, shards, self.options.capacity_factor)
+    slots = compute_slots(x_local, K, shards * cap, min(K, E // shards),
+                          self.options.compute_capacity_factor)
     node_P = self.node_P or tuple(i * min(self.n_group, shards) // shards for i in range(shards))
     if len(node_P) != shards:
       raise ValueError(f"expert parallelism: node_P has {len(node_P)} entries for {shards} shards")
     body = functools.partial(
-        _local, ep=ep, tok=tok, mlp=mlp, shards=shards, cap=cap, node_P=node_P, dots=dots,
+        _local, ep=ep, tok=tok, mlp=mlp, shards=shards, cap=cap, node_P=node_P, slots=slots,
+        dots=dots,
         local=self.local, alltoall=resolve_alltoall(self.options.alltoall), opts=self.options)
     tok_spec = P(tok if len(tok) > 1 else (tok[0] if tok else None), None)
     ep_entry = ep if len(ep) > 1 else ep[0]
@@ -299,7 +327,7 @@ def runner(model_cfg, mesh_cfg: MeshConfig | None, mesh,
 
 
 def _local(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, *, ep, tok, mlp,
-           shards, cap, node_P, dots, local, alltoall, opts):
+           shards, cap, node_P, slots, dots, local, alltoall, opts):
   """One device (scaling-book notation; E here is the local experts):
 
     plan (local):    token x needs shard p iff one of its K experts lives there; it takes row
@@ -338,13 +366,24 @@ def _local(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, *, ep
   if mlp:  # each M shard sees the same rows: typed as varying, so their gradient is psum'd
     recv_ZD, w_ZI = jax.lax.pcast((recv_ZD, w_ZI), mlp, to="varying")
   # ---- local experts (padding rows and slots: no expert, weight 0) ----
-  y_ZD, _ = local(recv_ZD, w_ZI, ids_ZI, w_gate_EDM, w_up_EDM, w_down_EMD, dots=dots)
+  dropped_slots = jnp.zeros((), jnp.int32)
+  if slots is None:
+    y_ZD, _ = local(recv_ZD, w_ZI, ids_ZI, w_gate_EDM, w_up_EDM, w_down_EMD, dots=dots)
+  else:   # the filled slots only, one expert each, then summed back into their rows
+    row_S, id_S, w_S, dropped_slots = pack_slots(ids_ZI, w_ZI, E_loc, slots)
+    x_SD = jnp.concatenate([recv_ZD, jnp.zeros((1, D), recv_ZD.dtype)])[row_S]
+    y_SD, _ = local(x_SD, w_S[:, None], id_S[:, None], w_gate_EDM, w_up_EDM, w_down_EMD,
+                    dots=dots)
+    y_ZD = jnp.zeros((Z + 1, D), jnp.float32).at[row_S].add(
+        y_SD.astype(jnp.float32))[:Z].astype(recv_ZD.dtype)
   # ---- AllToAll_expert back, then unpack: sum over destination shards ----
   y_ZD = _exchange(y_ZD, recv_P, send_P, me, home)
   out_XD = jnp.zeros((X + 1, D), jnp.float32).at[plan.src_Z].add(y_ZD.astype(jnp.float32))[:X]
   if mlp:
     out_XD = jax.lax.psum(out_XD, mlp)                     # {U_tensor}: partial sums over M
   stats = _stats(plan, experts_XK, me, shards, cap, node_P, tok)
+  stats = stats._replace(dropped_assignments=stats.dropped_assignments
+                         + jax.lax.psum(dropped_slots, tok))
   return out_XD.astype(x_XD.dtype), stats
 
 

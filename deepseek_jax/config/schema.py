@@ -297,7 +297,10 @@ class MeshConfig:
   `rules` overrides single entries of `sharding.rules.DEFAULT_RULES`, each "logical=axis[,axis]"
   ("logical=" replicates). The expert-parallel MoE (used when the mesh splits the experts) sends
   each token once per destination shard into fixed buffers of `capacity_factor` x the expected
-  rows (null: room for every local token, exact and never dropping); `alltoall` picks the
+  rows (null: room for every local token, exact and never dropping). Each received row carries up
+  to min(K, local experts) expert slots, mostly empty; `compute_capacity_factor` packs the filled
+  slots into factor x the expected (local tokens x K) rows before the experts run, so expert
+  memory and padded-block FLOPs follow the real assignments (null: every slot). `alltoall` picks the
   collective ("auto": ragged where the backend has it, i.e. not XLA:CPU); `dispatch_dtype` and
   `combine_dtype` set the wire format of the two all-to-all directions, token-to-expert and
   back, in both passes: "model" (the compute dtype), "bfloat16", "fp8" (E4M3 with 1x128
@@ -309,6 +312,7 @@ class MeshConfig:
   tensor: int = 1
   rules: tuple[str, ...] = ()
   capacity_factor: float | None = None
+  compute_capacity_factor: float | None = None
   alltoall: Literal["auto", "dense", "ragged"] = "auto"
   dispatch_dtype: Literal["model", "bfloat16", "fp8", "logfmt8", "logfmt10"] = "model"
   combine_dtype: Literal["model", "bfloat16", "fp8", "logfmt8", "logfmt10"] = "model"
@@ -340,6 +344,9 @@ class MeshConfig:
              "'logical_name=' (replicated)")
     _check(self.capacity_factor is None or self.capacity_factor > 0, "mesh.capacity_factor",
            self.capacity_factor, "must be > 0, or null for exact (never-dropping) buffers")
+    _check(self.compute_capacity_factor is None or self.compute_capacity_factor > 0,
+           "mesh.compute_capacity_factor", self.compute_capacity_factor,
+           "must be > 0, or null for every buffer slot (exact)")
     _check(self.alltoall in ("auto", "dense", "ragged"), "mesh.alltoall", self.alltoall,
            "must be 'auto', 'dense' or 'ragged'")
     for n in ("dispatch_dtype", "combine_dtype"):

@@ -12,6 +12,7 @@ import functools
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,6 +29,18 @@ from deepseek_jax.training.state import TrainState, model_variables
 Batch = dict[str, jax.Array]   # {'tokens': [B, T] int32, 'targets': [B, T] int32}
 
 
+def _rows_per_device(batch: int) -> int:
+  """The rows of `batch` one device holds under the traced mesh and logical rules (the chunk
+  budget is per device: the global batch would shrink chunks to a position when it is large)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return batch
+  axes = nn.logical_to_mesh_axes(("act_batch",))[0]
+  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  return max(1, batch // math.prod(sizes.get(a, 1) for a in axes))
+
+
 def loss_fn(params, fp8_state, router_state, batch: Batch, *, model, cfg: Config):
   """Returns (loss, aux) for one (micro)batch; aux holds the loss parts and the expert loads."""
   tokens_BT, targets_BT = batch["tokens"], batch["targets"]
@@ -40,7 +53,8 @@ def loss_fn(params, fp8_state, router_state, batch: Batch, *, model, cfg: Config
   head, head_vars = OutputHead(model.cfg, model.fp8_policy).apply, head_variables(variables)
   B, T = targets_BT.shape
   platform = model.cfg.platform if model.cfg.platform != "auto" else jax.default_backend()
-  chunk = chunk_positions(cfg.train.loss_chunk, B, T, model.cfg.vocab_size, platform)
+  chunk = chunk_positions(cfg.train.loss_chunk, _rows_per_device(B), T, model.cfg.vocab_size,
+                          platform)
   ce = chunked_cross_entropy(head, head_vars, out.hidden_BTD, targets_BT, weight_BT, chunk)
   mtp, per_depth = chunked_mtp_loss(head, head_vars, out.mtp_hidden, targets_BT, weight_BT,
                                     cfg.train.mtp_loss_weight, chunk)

@@ -332,3 +332,46 @@ def test_fp8_expert_dots_under_expert_parallelism():
     a, b = np.asarray(a), np.asarray(b)
     rel = np.linalg.norm(a - b) / np.linalg.norm(b)
     assert rel <= 1e-2, rel   # measured <= 5e-7: here most blocks hold the same rows
+
+
+@pytest.mark.parametrize("shape, factor", [((2, 1, 4, 1), 2.0), ((1, 2, 2, 2), 1.5)])
+def test_packed_slots_equal_every_slot(shape, factor):
+  """compute_capacity_factor packs the filled expert slots (enough that none drop here):
+  the same outputs and gradients as running every slot of every received row."""
+  args = _inputs()
+  cfg = MeshConfig(*shape, compute_capacity_factor=factor)
+  runner = _runner(cfg)
+  token_shards, shards = shape[0] * shape[1] * shape[2], shape[2]
+  assert ep.compute_slots(X // token_shards, K, shards * (X // token_shards),
+                          min(K, E // shards), factor) is not None   # packing is active
+  y, stats, grads = _run(None, args, cfg)
+  assert stats["dropped_assignments"] == 0
+  y_ref, grads_ref = _reference(args)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+  assert stats["dropped_assignments"] == 0 and runner.options.compute_capacity_factor == factor
+
+
+def test_packed_slot_drops_are_counted_and_exact():
+  """Too little compute capacity: each device keeps its first S filled slots (source shard, then
+  token, then k order); the rest are counted as dropped and contribute nothing."""
+  args = _inputs(seed=3)
+  factor, data, shards = 0.5, 2, 4
+  y, stats, _ = _run(None, args, MeshConfig(data, 1, shards, 1, compute_capacity_factor=factor),
+                     grads=False)
+  per = X // (data * shards)                      # tokens per token shard
+  slots = int(np.ceil(factor * per * K))
+  e = np.asarray(args[2])
+  keep = np.zeros(e.shape, bool)
+  for i in range(data):
+    for p in range(shards):
+      seen = 0
+      for t in range(i * shards * per, (i + 1) * shards * per):
+        for k in range(K):
+          if e[t, k] // (E // shards) == p:
+            keep[t, k] = seen < slots
+            seen += 1
+  assert stats["dropped_assignments"] == int((~keep).sum()) > 0
+  y_ref, _ = _reference(args, jnp.asarray(keep, jnp.float32))
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
