@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from deepseek_jax.training import loop  # noqa: E402
 from sharding import distributed  # noqa: E402
 
-READY_AT = 5          # the step at which each process prints "ready" (the test then signals one)
+READY_AT = 5          # at this step each process says it is in the loop (the test then signals)
 
 
 class ToyState(NamedTuple):
@@ -46,7 +46,7 @@ def run_until_stopped(steps: int) -> dict:
 
   def train_batch(position):
     if position == READY_AT:
-      print("ready", flush=True)
+      print("stop_worker: in the loop", flush=True)
     time.sleep(0.005)           # a step of a few ms, as a small model's
     return {"x": np.ones(jax.device_count(), np.float32)}
 

@@ -22,6 +22,7 @@ from tests.training.conftest import SMALL      # the training tests' small model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 N = 4
+READY = "stop_worker: in the loop"      # what stop_worker prints once inside the loop
 # Launcher variables of the outer environment must not leak into the processes' own.
 LAUNCH_VARS = ("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                "JAX_LOCAL_DEVICE_IDS", "JOB_COMPLETION_INDEX", "KUBERNETES_", "OMPI_", "TPU_")
@@ -63,13 +64,19 @@ def spawn(style: str, worker: str, *args: str, n: int = N) -> list[subprocess.Po
                            stderr=subprocess.PIPE, text=True) for pid in range(n)]
 
 
+def result_line(out: str) -> dict:
+  # Gloo's C++ logging shares stdout and its lines arrive in pieces: find the worker's own line.
+  (line,) = [line for line in out.splitlines() if '{"pid"' in line]
+  return json.loads(line[line.index('{"pid"'):])
+
+
 def results(procs: list[subprocess.Popen], timeout: float = 120) -> list[dict]:
   outs = []
   try:
     for p in procs:
       out, err = p.communicate(timeout=timeout)
       assert p.returncode == 0, err[-3000:]
-      outs.append(json.loads(out.strip().splitlines()[-1]))
+      outs.append(result_line(out))
   finally:
     for p in procs:
       if p.poll() is None:
@@ -95,7 +102,7 @@ def test_one_signal_stops_every_process_at_the_same_step(sig, n):
   try:
     for p in procs:                             # wait until every process is inside the loop
       for line in p.stdout:
-        if line.strip() == "ready":
+        if READY in line:
           break
       else:
         raise AssertionError(f"a process ended before its loop: {p.stderr.read()[-3000:]}")
