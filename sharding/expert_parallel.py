@@ -23,6 +23,7 @@ from deepseek_jax import dispatch, vma
 from deepseek_jax.config import MeshConfig
 from deepseek_jax.fp8 import comm
 from sharding import mesh as mesh_lib
+from sharding.slots import compute_slots, pack_slots  # noqa: F401  (this module's API too)
 from sharding import rules as rules_lib
 
 
@@ -76,30 +77,6 @@ def capacity(tokens: int, destinations: int, shards: int, factor: float | None) 
   if factor is None:
     return tokens
   return int(min(tokens, max(1, math.ceil(factor * tokens * destinations / shards))))
-
-
-def compute_slots(tokens: int, k: int, rows: int, slots_per_row: int,
-                  factor: float | None) -> int | None:
-  """Expert rows computed per device: factor x the expected tokens x K, at most every slot;
-  None (factor None, or no saving): run every slot of the received rows."""
-  if factor is None:
-    return None
-  s = max(1, math.ceil(factor * tokens * k))
-  return s if s < rows * slots_per_row else None
-
-
-def pack_slots(ids_ZI, w_ZI, no_expert: int, slots: int):
-  """The first `slots` filled (row, slot) pairs in row order -> (row_S [S] (Z: empty), id_S,
-  w_S, dropped count). Filled slots beyond `slots` are dropped (counted)."""
-  Z, I = ids_ZI.shape  # noqa: E741
-  filled_A = (ids_ZI < no_expert).reshape(-1)
-  pos_A = jnp.cumsum(filled_A, dtype=jnp.int32) - 1
-  keep_A = filled_A & (pos_A < slots)
-  src_S = jnp.full((slots,), Z * I, jnp.int32).at[jnp.where(keep_A, pos_A, slots)].set(
-      jnp.arange(Z * I, dtype=jnp.int32), mode="drop")
-  id_S = jnp.concatenate([ids_ZI.reshape(-1), jnp.full((1,), no_expert, ids_ZI.dtype)])[src_S]
-  w_S = jnp.concatenate([w_ZI.reshape(-1), jnp.zeros((1,), w_ZI.dtype)])[src_S]
-  return src_S // I, id_S, w_S, jnp.sum(filled_A & ~keep_A, dtype=jnp.int32)
 
 
 class Plan(NamedTuple):

@@ -20,6 +20,7 @@ import optax
 from deepseek_jax import naming, router
 from deepseek_jax.config import Config, ModelConfig
 from deepseek_jax.fp8 import delayed
+from deepseek_jax.layers import dtype_of
 from deepseek_jax.loss import chunk_positions, chunked_cross_entropy, chunked_mtp_loss
 from deepseek_jax.model import OutputHead, head_variables
 from deepseek_jax.mtp import cross_entropy
@@ -41,10 +42,31 @@ def _rows_per_device(batch: int) -> int:
   return max(1, batch // math.prod(sizes.get(a, 1) for a in axes))
 
 
+def compute_weights(params, model_cfg: ModelConfig):
+  """The float32 weights the layers cast to a lower compute dtype anyway, cast once up front.
+
+  Same values (every layer casts its kernel before use), but the cast now happens on each
+  device's shard, so FSDP all-gathers move compute-dtype bytes (half of f32) and the weight
+  gradients are reduce-scattered in that dtype too. The router's f32 kernel (V3 keeps routing in
+  high precision) and 1-d weights (norms, biases) are left as they are.
+  """
+  dt = dtype_of(model_cfg.dtype)
+  if dt == jnp.float32:
+    return params
+
+  def cast(path, p):
+    keys = {getattr(k, "key", None) for k in path}
+    if naming.ROUTER in keys or p.ndim < 2 or p.dtype != jnp.float32:
+      return p
+    return p.astype(dt)
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def loss_fn(params, fp8_state, router_state, batch: Batch, *, model, cfg: Config):
   """Returns (loss, aux) for one (micro)batch; aux holds the loss parts and the expert loads."""
   tokens_BT, targets_BT = batch["tokens"], batch["targets"]
-  variables = model_variables(params, router_state, fp8_state)
+  variables = model_variables(compute_weights(params, model.cfg), router_state, fp8_state)
   # The model stops before the head; the loss applies it chunk by chunk (no [B, T, V] logits).
   # 'segments' (optional, [B, T] int): packed documents; attention stays within each one.
   out = model.apply(variables, tokens_BT, next_tokens_BT=targets_BT, logits=False,
