@@ -386,15 +386,15 @@ def resolve_platform(platform: str) -> str:
   return backend if backend in PLATFORMS else ("gpu" if backend in ("cuda", "rocm") else "cpu")
 
 
-def on_token_shards(fn, x_XD, weights_XK, experts_XK, *weights):
-  """`fn` on each device's own tokens ("act_tokens") with the expert weights gathered whole: XLA
-  cannot partition a Pallas kernel, so on a multi-device context mesh it runs per shard (inside
-  a `shard_map` already, as under expert parallelism, nothing changes)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if (mesh.empty or mesh.size == 1
+def on_token_shards(fn, *args, tokens: int = 3):
+  """`fn(*args)` per device on its own tokens ("act_tokens": the first `tokens` args and every
+  output split by rows, the rest whole): XLA cannot partition a Pallas kernel and XLA:GPU
+  replicates a top-k; inside a `shard_map` (expert parallelism) nothing changes."""
+  mesh, rows = jax.sharding.get_abstract_mesh(), nn.logical_to_mesh_axes(("act_tokens", None))
+  axes, sizes = rows[0] or (), dict(zip(mesh.axis_names, mesh.axis_sizes))
+  shards = math.prod(sizes.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
+  if (mesh.empty or mesh.size == 1 or args[0].shape[0] % shards   # e.g. init on one sequence
       or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)):
-    return fn(x_XD, weights_XK, experts_XK, *weights)
-  rows = nn.logical_to_mesh_axes(("act_tokens", None))
-  whole = jax.sharding.PartitionSpec()
-  return jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, rows) + (whole,) * len(weights),
-                       out_specs=rows, check_vma=False)(x_XD, weights_XK, experts_XK, *weights)
+    return fn(*args)
+  specs = (rows,) * tokens + (jax.sharding.PartitionSpec(),) * (len(args) - tokens)
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)(*args)

@@ -7,15 +7,14 @@ the expert-parallel one from `sharding/`); nothing ambient chooses the algorithm
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import dispatch, naming, router
+from deepseek_jax import gmm as gmm_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import ACT_BTD, MLP, dtype_of, module_path
 
@@ -43,28 +42,11 @@ class Gate(nn.Module):
                            precision=jax.lax.Precision.HIGHEST)
     # tokens split like the activations, experts whole
     logits_XE = nn.with_logical_constraint(logits_XE, ACT_XE)
+    # each device routes its own tokens (XLA:GPU otherwise replicates the top-k over all of them)
     if bias_E is None:
-      return on_local_tokens(lambda lg: router.route(lg, None, cfg), logits_XE)
-    return on_local_tokens(lambda lg, b: router.route(lg, b, cfg), logits_XE, bias_E)
-
-
-def on_local_tokens(fn, x_X, *replicated):
-  """fn(x_X, *replicated) with x's first axis (tokens) split over the `act_tokens` mesh axes, run
-  on each device's own tokens (a `shard_map`); fn must be per-token. Routing is: under plain
-  jit, XLA:GPU replicates its top-k over every token of the step (an all-gather per layer)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = () if mesh.empty else nn.logical_to_mesh_axes(("act_tokens",))[0] or ()
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
-  axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
-  shards = math.prod(sizes[a] for a in axes)
-  if not axes or x_X.shape[0] % shards:
-    return fn(x_X, *replicated)
-  tok = P(axes if len(axes) > 1 else axes[0])
-  out = jax.eval_shape(fn, x_X, *replicated)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(tok,) + (P(),) * len(replicated),
-                       out_specs=jax.tree.map(lambda _: tok, out), axis_names=set(axes),
-                       check_vma=False)(x_X, *replicated)
+      return gmm_lib.on_token_shards(lambda lg: router.route(lg, None, cfg), logits_XE, tokens=1)
+    return gmm_lib.on_token_shards(lambda lg, b: router.route(lg, b, cfg), logits_XE, bias_E,
+                                   tokens=1)
 
 
 class RoutedExperts(nn.Module):
