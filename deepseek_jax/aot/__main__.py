@@ -28,7 +28,7 @@ import pathlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from deepseek_jax.aot import programs, report, targets  # noqa: E402
+from deepseek_jax.aot import crosscheck, programs, report, targets  # noqa: E402
 from deepseek_jax.config import ConfigError, load_config  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
 from sharding import rules as rules_lib  # noqa: E402
@@ -57,6 +57,9 @@ def parse_args(argv):
   ap.add_argument("--max-batch", action="store_true",
                   help="search the largest train.batch_size (multiples of the data-parallel "
                   "degree) whose step fits the memory JAX uses by default")
+  ap.add_argument("--crosscheck", action="store_true",
+                  help="check the train step against the co-design calculator and the paper: "
+                  "memory term by term, FLOPs per token, collectives, a step-time estimate")
   ap.add_argument("--json", help="also write the reports to this file")
   ap.add_argument("--dump", help="also write each compiled module's optimized HLO text here (a "
                   "directory)")
@@ -74,15 +77,22 @@ def _decode_arg(text: str) -> tuple[int, int]:
   return batch, context
 
 
-def compile_report(program: programs.Program, target, dump: str | None = None) -> report.Report:
+def compile_report(program: programs.Program, target, dump: str | None = None,
+                   check: bool = False) -> report.Report:
+  """Compiles `program`, prints its report (and with `check` the cross-checks of a train step
+  against the calculator and the paper, `aot.crosscheck`) and returns the report."""
   t0 = time.perf_counter()
   compiled = program.lowered.compile()
+  text = compiled.as_text()
   if dump:
     path = pathlib.Path(dump)
     path.mkdir(parents=True, exist_ok=True)
-    (path / f"{program.what.split(',')[0].replace(' ', '_')}.hlo.txt").write_text(compiled.as_text())
+    (path / f"{program.what.split(',')[0].replace(' ', '_')}.hlo.txt").write_text(text)
   r = report.analyze(compiled, target, program.what, program.model_flops)
   print("\n".join(r.lines()) + f"\n  (compiled in {time.perf_counter() - t0:.0f} s)", flush=True)
+  if check and program.built is not None:
+    lines, r.crosscheck = crosscheck.crosscheck(program.built, target, r, text)
+    print("\n".join(lines), flush=True)
   return r
 
 
@@ -172,6 +182,8 @@ def main(argv=None) -> int:
       overrides.append(f"train.seq_len={args.seq}")
     cfg = load_config(args.config, overrides)
     decode = _decode_arg(args.decode) if args.decode else None
+    if args.crosscheck and args.no_train:
+      raise ConfigError("--crosscheck checks the training step: drop --no-train")
     if args.no_train and not decode and not args.max_batch:
       raise ConfigError("--no-train: nothing left to compile (add --decode BATCH,CONTEXT)")
     if args.dump:
@@ -189,7 +201,8 @@ def main(argv=None) -> int:
           "nothing runs", flush=True)
     reports = []
     if not args.no_train:
-      reports.append(compile_report(programs.train_program(cfg, devices), target, args.dump))
+      reports.append(compile_report(programs.train_program(cfg, devices), target, args.dump,
+                                    check=args.crosscheck))
     if decode:
       reports.append(compile_report(programs.decode_program(cfg, devices, *decode), target, args.dump))
     if args.max_batch:

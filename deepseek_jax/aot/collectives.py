@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from deepseek_jax.aot import hlo
+from deepseek_jax.aot import hlo, walk
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute",
          "ragged-all-to-all")
@@ -114,38 +114,25 @@ def analyze(text: str, mesh_shape: dict[str, int], node_of_partition: np.ndarray
       memo[key] = (len(g0), vary, cross)
     return memo[key]
 
-  def walk(name: str, mult: float, seen: tuple) -> None:
-    comp = comps.get(name)
-    if comp is None or name in seen:
-      return
-    for ins in comp.instrs:
-      op = ins.opcode
-      base = op.removesuffix("-start").removesuffix("-done")
-      if base in KINDS and not op.endswith("-done"):
-        size, vary, cross = describe(ins, comp)
-        operand = hlo.shape_bytes(comp.shape_of(ins.operands[0])) if ins.operands else 0.0
-        result = hlo.shape_bytes(ins.shape)
-        if op.endswith("-start") and ins.shape.startswith("("):
-          result = max(result - operand, operand)   # (operand, result) tuples
-        full = result if base == "all-gather" else operand
-        moved = _moved(base, full, size)
-        key = (base, vary)
-        if by_op:
-          m = re.search(r'op_name="([^"]+)"', ins.attrs)
-          key += (m.group(1) if m else "?",)
-        t = out[key]
-        t.count += mult
-        t.bytes += mult * full
-        t.cross_fraction = cross
-        t.cross_node_s += mult * moved * cross / cross_bw
-        t.in_node_s += mult * moved * (1 - cross) / link_bw
-      if op == "while":
-        body = (hlo._called(ins.attrs, "body") or [""])[0]
-        walk(body, mult * (hlo.trip_count(ins.attrs, comps) or 1), seen + (name,))
-      elif op in ("call", "conditional"):
-        for key in ("to_apply", "branch_computations", "true_computation", "false_computation"):
-          for c in hlo._called(ins.attrs, key):
-            walk(c, mult, seen + (name,))
-
-  walk(entry, 1.0, ())
+  for comp, ins, mult, where in walk.instructions(comps, entry):
+    op = ins.opcode
+    base = op.removesuffix("-start").removesuffix("-done")
+    if base not in KINDS or op.endswith("-done"):
+      continue
+    size, vary, cross = describe(ins, comp)
+    operand = hlo.shape_bytes(comp.shape_of(ins.operands[0])) if ins.operands else 0.0
+    result = hlo.shape_bytes(ins.shape)
+    if op.endswith("-start") and ins.shape.startswith("("):
+      result = max(result - operand, operand)   # (operand, result) tuples
+    full = result if base == "all-gather" else operand
+    moved = _moved(base, full, size)
+    key = (base, vary)
+    if by_op:
+      key += (where or "?",)
+    t = out[key]
+    t.count += mult
+    t.bytes += mult * full
+    t.cross_fraction = cross
+    t.cross_node_s += mult * moved * cross / cross_bw
+    t.in_node_s += mult * moved * (1 - cross) / link_bw
   return dict(out)

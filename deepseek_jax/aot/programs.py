@@ -22,6 +22,7 @@ class Program:
   what: str
   lowered: object          # jax.stages.Lowered
   model_flops: float       # per device per step
+  built: object = None     # training.build.Built of a train step (what --crosscheck reads)
 
 
 def train_program(cfg: Config, devices) -> Program:
@@ -34,7 +35,7 @@ def train_program(cfg: Config, devices) -> Program:
   flops = m.flops_per_token(t.seq_len, mtp=True) * tokens / len(devices)
   return Program(f"train step, batch {t.batch_size} x {t.seq_len} ({m.dtype} compute, "
                  f"remat {m.remat}, experts {m.dropless_impl}, attention {m.attention_impl})",
-                 lowered, flops)
+                 lowered, flops, b)
 
 
 def decode_program(cfg: Config, devices, batch: int, context: int) -> Program:

@@ -70,6 +70,7 @@ class Report:
   peak_flops: float
   hbm_bw: float
   link_bw: float
+  crosscheck: dict | None = None  # `aot.crosscheck` figures, when asked for
 
   @property
   def total_bytes(self) -> int:

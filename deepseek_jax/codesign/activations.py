@@ -28,15 +28,18 @@ from deepseek_jax.config import ConfigError, ModelConfig
 _BYTES = {"float32": 4, "bfloat16": 2, "auto": 2}   # plans are for accelerators: auto = bf16
 
 
-def _attention(m: ModelConfig, t: int, remat: str) -> tuple[float, float]:
-  """(elements in the activation dtype, elements in f32) per token for one attention half-block."""
+def _attention(m: ModelConfig, t: int, remat: str, fused: bool = False) -> tuple[float, float]:
+  """(elements in the activation dtype, elements in f32) per token for one attention half-block.
+  `fused`: a flash-style kernel keeps one f32 log-sum-exp per head instead of N x T probabilities."""
   D, N, H, R, J, C = (m.d_model, m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim,
                       m.v_head_dim, m.kv_lora_rank)
   Q = m.q_lora_rank or 0
   if remat == "dots":
     q_dots = (Q + N * (H + R)) if Q else N * (H + R)
     return D + q_dots + (C + R) + N * (H + J) + D, 0.0
-  return (2 * D + 2 * Q + (C + R) + C + 2 * N * (H + R) + N * J + N * t + N * J + 2 * D), 0.0
+  scores = (0, N) if fused else (N * t, 0)
+  return (2 * D + 2 * Q + (C + R) + C + 2 * N * (H + R) + N * J + scores[0] + N * J + 2 * D,
+          float(scores[1]))
 
 
 def _ffn(m: ModelConfig, moe: bool, remat: str) -> tuple[float, float]:
@@ -49,15 +52,19 @@ def _ffn(m: ModelConfig, moe: bool, remat: str) -> tuple[float, float]:
   return K * (D + 3 * M + D) + 3 * S * M, float(E)
 
 
-def activation_elements_per_token(m: ModelConfig, seq_len: int, remat: str | None = None) -> dict:
-  """Saved elements per token: {'act': n (model.dtype), 'f32': n} plus the per-part breakdown."""
+def activation_elements_per_token(m: ModelConfig, seq_len: int, remat: str | None = None, *,
+                                  fused_attention: bool = False, logits: bool = True) -> dict:
+  """Saved elements per token: {'act': n (model.dtype), 'f32': n} plus the per-part breakdown.
+
+  `fused_attention`: no [T, T] scores (flash-style kernels); `logits=False`: the loss is chunked
+  (no per-token logits kept; the chunk is a temporary of its own, see `codesign.step_memory`)."""
   remat = m.remat if remat is None else remat
   if remat not in ("none", "dots", "full"):
     raise ConfigError(f"remat={remat!r}: must be 'none', 'dots' or 'full'")
   if not isinstance(seq_len, int) or seq_len <= 0:
     raise ConfigError(f"seq_len={seq_len!r}: must be a positive integer")
   inner = "none" if remat == "full" else remat
-  a_attn, f_attn = _attention(m, seq_len, inner)
+  a_attn, f_attn = _attention(m, seq_len, inner, fused_attention)
   a_dense, f_dense = _ffn(m, False, inner)
   a_moe, f_moe = _ffn(m, True, inner)
   dense_layer = (a_attn + a_dense, f_attn + f_dense)
@@ -71,7 +78,7 @@ def activation_elements_per_token(m: ModelConfig, seq_len: int, remat: str | Non
     layers = (nd * dense_layer[0] + nm * moe_layer[0], nd * dense_layer[1] + nm * moe_layer[1])
   heads = 1 + m.num_mtp_layers
   mtp = (m.num_mtp_layers * (moe_layer[0] + 2 * m.d_model), m.num_mtp_layers * moe_layer[1])
-  logits_f32 = heads * 2 * m.vocab_size
+  logits_f32 = heads * 2 * m.vocab_size if logits else 0
   return {
       "act": layers[0] + mtp[0],
       "f32": layers[1] + mtp[1] + logits_f32,
@@ -82,7 +89,9 @@ def activation_elements_per_token(m: ModelConfig, seq_len: int, remat: str | Non
   }
 
 
-def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None = None) -> float:
-  """Bytes of saved activations per token (see the module docstring for the formula)."""
-  e = activation_elements_per_token(m, seq_len, remat)
+def activation_bytes_per_token(m: ModelConfig, seq_len: int, remat: str | None = None,
+                               **kw) -> float:
+  """Bytes of saved activations per token (see the module docstring for the formula); `kw`: as
+  `activation_elements_per_token`."""
+  e = activation_elements_per_token(m, seq_len, remat, **kw)
   return e["act"] * _BYTES[m.dtype] + e["f32"] * 4

@@ -119,10 +119,12 @@ class MemoryPlan:
 def memory_plan(model: ModelConfig, mesh, rules: Sequence[Rule] | None = None, *,
                 micro_batch: int, seq_len: int, grad_bytes: float | None = None,
                 moment_bytes: float = 4, opt_shard_axes: Sequence[str] = (),
-                remat: str | None = None, variables=None) -> MemoryPlan:
+                remat: str | None = None, variables=None, fused_attention: bool = False,
+                logits: bool = True) -> MemoryPlan:
   """Bytes per device for one training micro-step of `micro_batch` sequences of `seq_len`.
 
-  `rules` default: the repository's table (`project_rules()`).
+  `rules` default: the repository's table (`project_rules()`). `fused_attention`, `logits`: as
+  `activations.activation_elements_per_token` (the defaults are the unfused, unchunked program).
   """
   rules = project_rules() if rules is None else rules
   sizes = mesh_axis_sizes(mesh)
@@ -156,7 +158,8 @@ def memory_plan(model: ModelConfig, mesh, rules: Sequence[Rule] | None = None, *
     opt += 2 * moment_bytes * math.ceil(n / extra)
   tokens = (math.ceil(micro_batch / batch_shards(rules, sizes, "act_batch"))
             * math.ceil(seq_len / batch_shards(rules, sizes, "act_seq")))
-  acts = tokens * activation_bytes_per_token(model, seq_len, remat)
+  acts = tokens * activation_bytes_per_token(model, seq_len, remat,
+                                             fused_attention=fused_attention, logits=logits)
   return MemoryPlan(sizes, params, grads, opt, acts, tokens, elements, tuple(uneven))
 
 
