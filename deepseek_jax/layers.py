@@ -8,6 +8,7 @@ Parameters carry logical axis names only; `sharding/rules.py` maps them onto a m
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -28,6 +29,56 @@ def dtype_of(name: str) -> Dtype:
   if name == "auto":
     name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def gather_specs(axes: Sequence[str]):
+  """(whole, own): the PartitionSpecs of a kernel with logical axes `axes` without and with the
+  mesh axes that split the batch (what FSDP gathers), or None when none of them splits it, there
+  is no mesh, or inside `shard_map`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(t == jax.sharding.AxisType.Explicit or t == jax.sharding.AxisType.Manual
+                       for t in mesh.axis_types):
+    return None
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  batch = {a for a in _axes(nn.logical_to_mesh_axes(("act_batch",))[0]) if sizes.get(a, 1) > 1}
+  spec = nn.logical_to_mesh_axes(tuple(axes))
+  own = tuple(tuple(_axes(e)) or None for e in spec)
+  whole = tuple(tuple(a for a in _axes(e) if a not in batch) or None for e in spec)
+  if whole == own:
+    return None
+  return jax.sharding.PartitionSpec(*whole), jax.sharding.PartitionSpec(*own)
+
+
+def gathered(kernel: jax.Array, axes: Sequence[str]) -> jax.Array:
+  """`kernel` (logical axes `axes`) constrained whole along the mesh axes that split the batch:
+  FSDP gathers it here, in its dtype now (the compute dtype), and not where sharding propagation
+  would put the gather (after the FP8 path's f32 dequantisation: twice the bytes). Its gradient
+  goes back sharded as the kernel is. A no-op where `gather_specs` is None."""
+  specs = gather_specs(axes)
+  return kernel if specs is None else _gather(kernel, *specs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather(kernel, whole, own):
+  return jax.lax.with_sharding_constraint(kernel, whole)
+
+
+def _gather_fwd(kernel, whole, own):
+  return _gather(kernel, whole, own), None
+
+
+def _gather_bwd(whole, own, _, g):
+  # The weight gradient goes back sharded as the kernel is: a reduce-scatter of the partial sums
+  # (the transpose of the gather), not an all-reduce to every device. The sum runs in f32 and is
+  # rounded once, as the unsharded matmul's f32 accumulation is.
+  return (jax.lax.with_sharding_constraint(g.astype(jnp.float32), own).astype(g.dtype),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def module_path(module: nn.Module) -> str:
@@ -64,6 +115,7 @@ class Dense(nn.Module):
   param_dtype: Dtype = jnp.float32
   init_std: float = 0.02
   fp8_policy: Any = None
+  gather: bool = True      # False: the caller gathered the kernel already (`gathered`)
 
   def setup(self):
     ins, outs = tuple(self.in_features), tuple(self.out_features)
@@ -96,7 +148,9 @@ class Dense(nn.Module):
       raise ValueError(f"{module_path(self)}: input trailing shape {x.shape[x.ndim - len(ins):]} "
                        f"!= in_features {ins}")
     contract = (tuple(range(x.ndim - len(ins), x.ndim)), tuple(range(len(ins))))
-    return self.dot()(x.astype(self.dtype), self.kernel.astype(self.dtype), (contract, ((), ())))
+    kernel = self.kernel.astype(self.dtype)
+    kernel = gathered(kernel, self.axes) if self.gather else kernel
+    return self.dot()(x.astype(self.dtype), kernel, (contract, ((), ())))
 
 
 class MLP(nn.Module):

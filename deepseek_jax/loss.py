@@ -103,9 +103,13 @@ def _over_chunks(fn, carry, h_BTD, targets_BT, weight_BT, chunk: int):
   return carry, ys
 
 
-def nll_sum(head: Head, variables: dict, h_BTD, targets_BT, weight_BT, chunk: int) -> jax.Array:
+def nll_sum(head: Head, variables: dict, h_BTD, targets_BT, weight_BT, chunk: int,
+            constrain=None) -> jax.Array:
   """sum over positions of weight * (-log p(target)) with p = softmax(head(variables, h)), f32;
-  computed `chunk` positions at a time (see the module docstring for the gradient)."""
+  computed `chunk` positions at a time (see the module docstring for the gradient).
+  `constrain`: applied to the gradient sums carried across chunks (e.g. to keep an FSDP-gathered
+  head's partial sums unreduced until the end: one reduce-scatter, not one per chunk)."""
+  keep = constrain or (lambda tree: tree)
 
   def value(variables, h_BTD, targets_BT, weight_BT):
     def step(total, h, t, w):
@@ -116,8 +120,8 @@ def nll_sum(head: Head, variables: dict, h_BTD, targets_BT, weight_BT, chunk: in
     def step(carry, h, t, w):
       total, acc = carry
       part, d_vars, dh = _chunk_value_and_grads(head, variables, h, t, w)
-      return (total + part, _merge(acc, d_vars)), dh
-    zeros = jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), variables)
+      return (total + part, keep(_merge(acc, d_vars))), dh
+    zeros = keep(jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), variables))
     (total, acc), dhs = _over_chunks(step, (jnp.zeros((), jnp.float32), zeros), h_BTD,
                                      targets_BT, weight_BT, chunk)
     d_vars = jax.tree.map(lambda a, v: a.astype(v.dtype), acc, variables)
@@ -134,21 +138,23 @@ def nll_sum(head: Head, variables: dict, h_BTD, targets_BT, weight_BT, chunk: in
   return f(variables, h_BTD, targets_BT, weight_BT.astype(jnp.float32))
 
 
-def chunked_cross_entropy(head: Head, variables: dict, h_BTD, targets_BT, weight_BT, chunk: int):
+def chunked_cross_entropy(head: Head, variables: dict, h_BTD, targets_BT, weight_BT, chunk: int,
+                          constrain=None):
   """Mean token cross-entropy over positions with weight > 0 (0 when there are none): equals
   `mtp.cross_entropy(head(variables, h), targets, weight)` without its [B, T, V] logits."""
   w_BT = weight_BT.astype(jnp.float32)
-  return (nll_sum(head, variables, h_BTD, targets_BT, w_BT, chunk)
+  return (nll_sum(head, variables, h_BTD, targets_BT, w_BT, chunk, constrain)
           / jnp.maximum(jnp.sum(w_BT), 1.0))
 
 
 def chunked_mtp_loss(head: Head, variables: dict, mtp_hidden, next_tokens_BT, weight_BT, lam: float,
-             chunk: int):
+             chunk: int, constrain=None):
   """lambda / D * sum_k CE_k from each depth's head input (`ModelOutput.mtp_hidden`): equals
   `mtp.mtp_loss` on the logits. Returns (loss, per-depth CE list)."""
   if not mtp_hidden:
     return jnp.zeros((), jnp.float32), []
   per_depth = [chunked_cross_entropy(head, variables, h_BTD,
-                                     *depth_targets(next_tokens_BT, weight_BT, k), chunk)
+                                     *depth_targets(next_tokens_BT, weight_BT, k), chunk,
+                                     constrain)
                for k, h_BTD in enumerate(mtp_hidden, start=1)]
   return lam / len(per_depth) * sum(per_depth), per_depth

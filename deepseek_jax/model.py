@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from deepseek_jax import naming
 from deepseek_jax.block import BlockStack
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import ACT_BTD, Dense, RMSNorm, dtype_of
+from deepseek_jax.layers import ACT_BTD, Dense, RMSNorm, dtype_of, gathered
 from deepseek_jax.mla import init_cache
 from deepseek_jax.mtp import MTP
 
@@ -35,10 +35,13 @@ class ModelOutput(NamedTuple):
   mtp_hidden: tuple[jax.Array, ...] = ()
 
 
-def _lm_head(cfg: ModelConfig, fp8_policy) -> Dense:
-  return Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), dtype=dtype_of(cfg.dtype),
+HEAD_AXES = ("embed", "vocab")
+
+
+def _lm_head(cfg: ModelConfig, fp8_policy, gather: bool = True) -> Dense:
+  return Dense((cfg.d_model,), (cfg.vocab_size,), HEAD_AXES, dtype=dtype_of(cfg.dtype),
                param_dtype=dtype_of(cfg.param_dtype), init_std=cfg.init_std,
-               fp8_policy=fp8_policy, name=naming.HEAD)
+               fp8_policy=fp8_policy, gather=gather, name=naming.HEAD)
 
 
 class OutputHead(nn.Module):
@@ -47,16 +50,24 @@ class OutputHead(nn.Module):
   through the same `Dense`, FP8 path and state. The chunked training loss calls it per chunk."""
   cfg: ModelConfig
   fp8_policy: Any = None
+  gather: bool = True      # False: applied to `head_variables(..., gather=True)`
 
   @nn.compact
   def __call__(self, hidden_BTD: jax.Array) -> jax.Array:
-    return _lm_head(self.cfg, self.fp8_policy)(hidden_BTD)
+    return _lm_head(self.cfg, self.fp8_policy, self.gather)(hidden_BTD)
 
 
-def head_variables(variables: dict) -> dict:
-  """The output head's sub-tree of a Transformer's variables (what `OutputHead` reads)."""
-  return {col: {naming.HEAD: tree[naming.HEAD]} for col, tree in variables.items()
-          if naming.HEAD in tree}
+def head_variables(variables: dict, gather: bool = False) -> dict:
+  """The output head's sub-tree of a Transformer's variables (what `OutputHead` reads). With
+  `gather` its kernel is gathered over the batch axes here (`layers.gathered`): once, before a
+  chunked loss loops over it (with `OutputHead(gather=False)`), rather than in every chunk."""
+  out = {col: {naming.HEAD: tree[naming.HEAD]} for col, tree in variables.items()
+         if naming.HEAD in tree}
+  if gather and "params" in out:
+    head = dict(out["params"][naming.HEAD])
+    head["kernel"] = gathered(head["kernel"], HEAD_AXES)
+    out["params"] = {naming.HEAD: head}
+  return out
 
 
 def init_model_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:

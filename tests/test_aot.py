@@ -203,3 +203,28 @@ def test_kernel_flops_from_operand_shapes():
   assert hlo.kernel_flops(comp, att, "__cudnn$fmhaSoftmax") == useful
   assert hlo.kernel_flops(comp, att, "__cudnn$fmhaSoftmaxBackward") == 2.5 * useful
   assert hlo.kernel_flops(comp, att, "some_other_kernel") is None
+
+
+def test_collectives_by_mesh_axes_and_nodes():
+  """Each collective is keyed by the mesh axes its groups span; a combined collective (several
+  operands, as XLA's combiners make) counts every operand; traffic to peers on other nodes goes
+  at the cross-node bandwidth."""
+  from jax.sharding import Mesh, PartitionSpec as P  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from deepseek_jax.aot import collectives  # noqa: PLC0415
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+
+  def f(x, y):
+    a, b = jax.lax.psum((x, y), "fsdp")
+    return a, b, jax.lax.all_gather(x, "data", tiled=True)
+
+  fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("data", "fsdp"),) * 2,
+                             out_specs=(P("data"), P("data"), P(None, "fsdp")), check_vma=False))
+  text = fn.lower(jnp.zeros((16, 32)), jnp.zeros((16, 32))).compile().as_text()
+  nodes = np.arange(8) // 4                  # data crosses nodes, fsdp stays inside one
+  got = collectives.analyze(text, {"data": 2, "fsdp": 4}, nodes, link_bw=100.0, cross_bw=10.0)
+  ar, ag = got[("all-reduce", ("fsdp",))], got[("all-gather", ("data",))]
+  assert ar.bytes == 2 * 8 * 8 * 4 and ar.cross_fraction == 0 and ar.cross_node_s == 0
+  assert ar.in_node_s == pytest.approx(2 * 3 / 4 * ar.bytes / 100.0)
+  assert ag.bytes == 16 * 8 * 4 and ag.cross_fraction == 1.0
+  assert ag.cross_node_s == pytest.approx(ag.bytes / 2 / 10.0) and ag.in_node_s == 0

@@ -110,7 +110,7 @@ def analyze(text: str, mesh_shape: dict[str, int], node_of_partition: np.ndarray
       g0 = groups[0] % n
       vary = tuple(a for i, a in enumerate(names) if len(set(coords[g0, i])) > 1)
       nodes = node_of_partition[g0]
-      cross = float(np.mean(nodes != nodes[0])) if len(g0) > 1 else 0.0
+      cross = float(np.sum(nodes != nodes[0]) / (len(g0) - 1)) if len(g0) > 1 else 0.0
       memo[key] = (len(g0), vary, cross)
     return memo[key]
 
@@ -120,7 +120,8 @@ def analyze(text: str, mesh_shape: dict[str, int], node_of_partition: np.ndarray
     if base not in KINDS or op.endswith("-done"):
       continue
     size, vary, cross = describe(ins, comp)
-    operand = hlo.shape_bytes(comp.shape_of(ins.operands[0])) if ins.operands else 0.0
+    # XLA's combiners merge collectives into one with several operands: count them all
+    operand = sum(hlo.shape_bytes(comp.shape_of(o)) for o in ins.operands)
     result = hlo.shape_bytes(ins.shape)
     if op.endswith("-start") and ins.shape.startswith("("):
       result = max(result - operand, operand)   # (operand, result) tuples

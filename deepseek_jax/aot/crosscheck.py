@@ -88,6 +88,7 @@ def memory_lines(b, rep) -> tuple[list[str], dict]:
                       f"attention {m.attention_impl})"),
       "loss_chunk": "f32 logits, exp, cotangent of one chunk",
       "gathered_weights": "one layer gathered + its gradient, compute dtype",
+      "head_gradients": "gathered head gradient: f32 sum + one per loss in compute dtype",
       "ep_buffers": "one MoE layer's all-to-all buffers and expert rows, x2 for backward",
   }
   for name, value in plan.rows():
@@ -147,6 +148,15 @@ def flops_lines(b, rep, text: str, devices: int) -> tuple[list[str], dict]:
     parts = {p: per_token(v) for (ph, p), v in split.items() if ph == phase}
     lines.append(f"  {phase:9s} {sum(parts.values()) / 1e9:7.1f} G: " + ", ".join(
         f"{p} {v / 1e9:.1f}" for p, v in sorted(parts.items(), key=lambda kv: -kv[1])))
+  remat = sum(per_token(v) for (ph, _), v in split.items() if ph == "remat")
+  experts = sum(per_token(v) for (ph, p), v in split.items() if ph == "forward" and p == "experts")
+  routed = m.num_moe_layers * m.num_experts_per_tok * 6 * m.d_model \
+      * m.moe_ffn_dim
+  lines.append(f"  without the recomputation {(compiled - remat) / 1e9:.1f} G = "
+               f"{(compiled - remat) / model:.2f}x the model; routed experts forward "
+               f"{experts / 1e9:.1f} G vs {routed / 1e9:.1f} G routed "
+               f"({experts / routed if routed else 0:.2f}x: rows padded to "
+               f"mesh.compute_capacity_factor and whole blocks)")
   return lines, {"compiled_per_token": compiled, "model_per_token": model, "split": split}
 
 
@@ -178,6 +188,23 @@ def collective_prediction(b, sizes) -> dict[str, float]:
           "reduce-scatter": t.grad_accum * gathered, "rows_per_layer": rows, "tokens": tokens}
 
 
+def bytes_by_dtype(text: str) -> dict[str, dict[str, float]]:
+  """{kind: {element type: bytes per step}} of the collectives' operands (all-gathers: results)."""
+  comps, entry = hlo.parse(text)
+  out: dict = collections.defaultdict(collections.Counter)
+  for comp, ins, mult, _ in walk.instructions(comps, entry):
+    kind = ins.opcode.removesuffix("-start")
+    if kind not in collectives.KINDS or ins.opcode.endswith("-done"):
+      continue
+    shapes = [comp.shape_of(o) for o in ins.operands]
+    if kind == "all-gather":     # the gathered results: the tuple's second half when async
+      shapes = re.findall(r"\w+\[[\d,]*\]", ins.shape)[len(shapes) if "-start" in ins.opcode
+                                                       else 0:]
+    for sh in shapes:
+      out[kind][sh.split("[")[0]] += mult * hlo.shape_bytes(sh)
+  return {k: dict(v) for k, v in out.items()}
+
+
 def collective_lines(b, target, text: str) -> tuple[list[str], dict]:
   sizes = mesh_lib.axis_sizes(b.mesh)
   nodes = mesh_lib.node_ids(list(b.mesh.devices.flat))
@@ -204,12 +231,16 @@ def collective_lines(b, target, text: str) -> tuple[list[str], dict]:
     lines.append(f"  {kind:28s} over {','.join(axes) or '-':22s} x{tr.count:7.0f} {_gb(tr.bytes)}"
                  f"  {tr.cross_fraction:4.0%} of peers off-node  in-node {tr.in_node_s:6.2f} s, "
                  f"cross-node {tr.cross_node_s:6.2f} s")
+  dtypes = bytes_by_dtype(text)
   for kind, what in (("all-to-all", "dispatch + combine forward, dispatch recomputed, both back"),
                      ("all-gather", "every weight gathered in the compute dtype, fwd + bwd"),
-                     ("reduce-scatter", "every weight gradient, once per microbatch")):
+                     ("reduce-scatter", "every weight gradient in the compute dtype, once per "
+                      "microbatch")):
     ratio = measured[kind] / pred[kind] if pred[kind] else float("nan")
+    split = ", ".join(f"{d} {_gb(v).strip()}" for d, v in sorted(dtypes.get(kind, {}).items(),
+                                                               key=lambda kv: -kv[1]))
     lines.append(f"  calculator {kind:14s} {_gb(pred[kind])} vs compiled {_gb(measured[kind])}: "
-                 f"{ratio:.2f}x  ({what})")
+                 f"{ratio:.2f}x  ({what}; all {kind}s by dtype: {split})")
   m = b.cfg.model
   if m.n_routed_experts:
     ep_nodes = len(set(mesh_lib.expert_shard_nodes(m, b.mesh, memory.project_rules(b.cfg.mesh))))

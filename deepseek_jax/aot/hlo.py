@@ -355,8 +355,8 @@ def summarize(text: str) -> Summary:
       if base in COLLECTIVES:
         c = s.collectives[base]
         c[0] += mult
-        c[1] += mult * shape_bytes(ins.shape if not op.endswith("-start") else
-                                   comp.shape_of(ins.operands[0]) if ins.operands else ins.shape)
+        c[1] += mult * (shape_bytes(ins.shape) if not op.endswith("-start") else
+                        sum(shape_bytes(comp.shape_of(o)) for o in ins.operands))
       if op == "custom-call":
         m = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
         target = m.group(1) if m else "?"

@@ -16,6 +16,9 @@ own figures (`python -m deepseek_jax.aot --crosscheck`) can be checked against i
                as the rules split `vocab`
   gathered     one layer's weights gathered over the batch (FSDP) axes in the compute dtype, and
                that layer's weight gradient before its reduce-scatter
+  head grads   the output head's weight gradient, gathered over the batch axes like its kernel
+               (`layers.gathered`): an f32 sum across the loss chunks, and each loss's (main and
+               every MTP depth) result in the compute dtype, held from its forward to its backward
   EP buffers   one MoE layer's all-to-all buffers (dispatch in `mesh.dispatch_dtype`, combine in
                `mesh.combine_dtype`, `capacity_factor` x the expected rows, sent and received)
                and its expert compute rows (`compute_capacity_factor` x tokens x K: input,
@@ -36,6 +39,7 @@ from deepseek_jax.codesign import memory
 from deepseek_jax.config import Config
 from deepseek_jax.loss import chunk_positions
 from deepseek_jax.model import abstract_variables
+from sharding import rules as rules_lib
 from sharding import specs
 
 _WIRE = {"fp8": 1 + 4 / 128, "logfmt8": 1 + 4 / 128, "logfmt10": 1.25 + 4 / 128, "bfloat16": 2}
@@ -52,6 +56,7 @@ class StepPlan:
   activations: float
   loss_chunk: float
   gathered_weights: float
+  head_gradients: float
   ep_buffers: float
   tokens_per_device: float
 
@@ -62,7 +67,7 @@ class StepPlan:
   @property
   def temporaries(self) -> float:
     return (self.grad_accumulator + self.micro_gradients + self.activations + self.loss_chunk
-            + self.gathered_weights + self.ep_buffers)
+            + self.gathered_weights + self.head_gradients + self.ep_buffers)
 
   @property
   def total(self) -> float:
@@ -114,6 +119,11 @@ def step_plan(cfg: Config, sizes: Mapping[str, int], rules: Sequence | None = No
   vocab = math.ceil(m.vocab_size / memory.batch_shards(rules, sizes, "vocab"))
   chunk = 3 * rows * positions * vocab * 4
   gathered = 2 * gathered_layer_bytes(variables, rules, sizes, cb)
+  batch_axes = set(rules_lib.as_axes(specs.mesh_spec(("act_batch",), rules, sizes)[0]))
+  whole = {a: (1 if a in batch_axes else n) for a, n in sizes.items()}
+  head, _ = memory.shard_elements((m.d_model, m.vocab_size),
+                                  specs.mesh_spec(("embed", "vocab"), rules, sizes), whole)
+  head_grads = head * (4 + (1 + m.num_mtp_layers) * cb)
   ep = 0.0
   if m.num_moe_layers:
     tokens = micro * t.seq_len / max(1, memory.batch_shards(rules, sizes, "act_tokens"))
@@ -126,5 +136,6 @@ def step_plan(cfg: Config, sizes: Mapping[str, int], rules: Sequence | None = No
   return StepPlan(params=trainable, optimizer=base.optimizer, other_state=other,
                   grad_accumulator=base.gradients if t.grad_accum > 1 else 0.0,
                   micro_gradients=base.gradients, activations=base.activations,
-                  loss_chunk=float(chunk), gathered_weights=gathered, ep_buffers=ep,
+                  loss_chunk=float(chunk), gathered_weights=gathered,
+                  head_gradients=float(head_grads), ep_buffers=ep,
                   tokens_per_device=base.tokens_per_device)

@@ -20,9 +20,9 @@ import optax
 from deepseek_jax import naming, router
 from deepseek_jax.config import Config, ModelConfig
 from deepseek_jax.fp8 import delayed
-from deepseek_jax.layers import dtype_of
+from deepseek_jax.layers import dtype_of, gather_specs
 from deepseek_jax.loss import chunk_positions, chunked_cross_entropy, chunked_mtp_loss
-from deepseek_jax.model import OutputHead, head_variables
+from deepseek_jax.model import HEAD_AXES, OutputHead, head_variables
 from deepseek_jax.mtp import cross_entropy
 from deepseek_jax.training.optimizer import lr_schedule
 from deepseek_jax.training.state import TrainState, model_variables
@@ -63,6 +63,12 @@ def compute_weights(params, model_cfg: ModelConfig):
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def _keep_gathered(path, x):
+  """The head kernel's gradient sum, kept whole over the batch axes (`layers.gather_specs`)."""
+  specs = gather_specs(HEAD_AXES) if getattr(path[-1], "key", None) == "kernel" else None
+  return x if specs is None else jax.lax.with_sharding_constraint(x, specs[0])
+
+
 def loss_fn(params, fp8_state, router_state, batch: Batch, *, model, cfg: Config):
   """Returns (loss, aux) for one (micro)batch; aux holds the loss parts and the expert loads."""
   tokens_BT, targets_BT = batch["tokens"], batch["targets"]
@@ -72,14 +78,19 @@ def loss_fn(params, fp8_state, router_state, batch: Batch, *, model, cfg: Config
   out = model.apply(variables, tokens_BT, next_tokens_BT=targets_BT, logits=False,
                     segments_BT=batch.get("segments"))
   weight_BT = jnp.ones(targets_BT.shape, jnp.float32)
-  head, head_vars = OutputHead(model.cfg, model.fp8_policy).apply, head_variables(variables)
+  # The head's kernel is gathered once (not per chunk); its gradient sums stay gathered across
+  # the chunks and are reduce-scattered once.
+  head = OutputHead(model.cfg, model.fp8_policy, gather=False).apply
+  head_vars = head_variables(variables, gather=True)
+  constrain = functools.partial(jax.tree_util.tree_map_with_path, _keep_gathered)
   B, T = targets_BT.shape
   platform = model.cfg.platform if model.cfg.platform != "auto" else jax.default_backend()
   chunk = chunk_positions(cfg.train.loss_chunk, _rows_per_device(B), T, model.cfg.vocab_size,
                           platform)
-  ce = chunked_cross_entropy(head, head_vars, out.hidden_BTD, targets_BT, weight_BT, chunk)
+  ce = chunked_cross_entropy(head, head_vars, out.hidden_BTD, targets_BT, weight_BT, chunk,
+                             constrain)
   mtp, per_depth = chunked_mtp_loss(head, head_vars, out.mtp_hidden, targets_BT, weight_BT,
-                                    cfg.train.mtp_loss_weight, chunk)
+                                    cfg.train.mtp_loss_weight, chunk, constrain)
   zero = jnp.zeros((), jnp.float32)
   balance = out.aux.get("balance_loss", zero) + out.aux.get("mtp_balance_loss", zero)
   aux = {"ce": ce, "mtp": mtp, "balance": balance,
