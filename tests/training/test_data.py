@@ -10,6 +10,12 @@ from deepseek_jax.training import data as data_lib
 from tests.training.conftest import small_config
 
 
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+  """Local corpora are prepared into a cache: keep it out of ~/.cache."""
+  monkeypatch.setenv(data_lib.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
 @pytest.fixture(scope="module")
 def stdlib_data():
   return data_lib.make_data(small_config())
