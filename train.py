@@ -3,17 +3,22 @@
     python train.py                                   # configs/tiny.yaml, a few minutes on a CPU
     python train.py --config configs/tiny.yaml --steps 100 --workdir runs/a model.num_layers=2
     python train.py --workdir runs/a --resume         # continue a run exactly where it stopped
+    python train.py --workdir runs/a --resume --steps 200 train.eval_every=20   # and extend it
 
 Trains DeepSeek-V3 (MLA, DeepSeekMoE with aux-loss-free balancing, MTP; V3 report §2, §4) on the
-embedded corpus (this Python's standard library) by default. Writes `<workdir>/metrics.jsonl`,
-TensorBoard logs in `<workdir>/tb`, orbax checkpoints, `curves.png` and `summary.txt`. User errors
-exit with code 2 and one line; SIGINT/SIGTERM checkpoint and exit with 128 + the signal number;
-too many consecutive non-finite steps exit with code 1.
+embedded corpus (this Python's standard library) by default. The workdir holds `config.yaml` (the
+run's config; `--resume` reads it), `tokenizer.json` (a HF tokenizer's copy), `train.log` (what
+this command prints, appended across resumes), `metrics.jsonl`, TensorBoard logs in `tb`, orbax
+checkpoints, `curves.png` and `summary.txt` / `summary.json`. On resume only `RESUMABLE` fields
+(and the model's implementation choices) may be overridden. User errors exit with code 2 and one
+line; SIGINT/SIGTERM checkpoint and exit with 128 + the signal number; too many consecutive
+non-finite steps exit with code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import signal
@@ -25,13 +30,25 @@ T_START = time.perf_counter()
 import jax  # noqa: E402
 
 from deepseek_jax import training  # noqa: E402
-from deepseek_jax.config import Config, ConfigError, config_to_dict, load_config  # noqa: E402
+from deepseek_jax.config import (IMPLEMENTATION_FIELDS, Config, ConfigError,  # noqa: E402
+                                 config_from_dict, config_to_dict, load_config, parse_override)
+from deepseek_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from deepseek_jax.training import metrics as metrics_lib  # noqa: E402
 from deepseek_jax.training import build as build_lib  # noqa: E402
 from deepseek_jax.training import loop as loop_lib  # noqa: E402
 from sharding import distributed  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "tiny.yaml"
+# Fields a resumed run may change (besides model.{IMPLEMENTATION_FIELDS}): length, learning-rate
+# schedule, evaluation/checkpoint/log cadence, the MFU peak and how the data-parallel width and
+# collectives are laid out. Anything else (model shape, seed, batch, data, tokenizer, optimizer,
+# FP8, the sharded state's layout) would make another run, and is refused.
+RESUMABLE = tuple(f"train.{f}" for f in (
+    "steps", "learning_rate", "min_lr_ratio", "warmup_steps", "decay_start_frac", "decay_end_frac",
+    "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
+    "max_bad_steps", "log_every", "peak_flops", "loss_chunk")) + (
+    "mesh.data", "mesh.dcn_data", "mesh.alltoall")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,10 +59,14 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
   ap = _Parser(prog="train.py", description="Train DeepSeek-V3 (see the module docstring).")
-  ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default tiny.yaml)")
+  ap.add_argument("--config", help="YAML config (default tiny.yaml; with --resume: the run's "
+                                   "config.yaml, and a --config given must equal it)")
   ap.add_argument("--steps", type=int, help="shorthand for train.steps=N")
   ap.add_argument("--workdir", help="output directory (default runs/<config name>)")
-  ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+  ap.add_argument("--resume", action="store_true",
+                  help="continue the run in --workdir from its newest checkpoint; overrides may "
+                       "change only " + ", ".join(RESUMABLE) + " and model.{"
+                       + ",".join(IMPLEMENTATION_FIELDS) + "}")
   ap.add_argument("--coordinator_address", help="jax.distributed: host:port of process 0")
   ap.add_argument("--num_processes", type=int, help="jax.distributed: number of processes")
   ap.add_argument("--process_id", type=int, help="jax.distributed: this process's index")
@@ -77,9 +98,13 @@ def main(argv=None) -> int:
   enable_compilation_cache()
   try:
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    cfg = load_config(args.config, overrides)
+    workdir = pathlib.Path(args.workdir or f"runs/{pathlib.Path(args.config or DEFAULT_CONFIG).stem}")
+    run_cfg = ckpt_lib.run_config(workdir) if args.resume else None
+    if run_cfg is None:   # a new run (or one from before config.yaml: its checkpoint is checked)
+      cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    else:
+      cfg = resume_config(run_cfg, workdir, args.config, overrides)
     init_distributed(args)
-    workdir = pathlib.Path(args.workdir or f"runs/{pathlib.Path(args.config).stem}")
     return run(cfg, workdir, resume=args.resume)
   except ConfigError as e:
     print(f"train: error: {e}", file=sys.stderr)
@@ -89,22 +114,78 @@ def main(argv=None) -> int:
     return 128 + signal.SIGINT
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _portable(cfg: Config, run: Config) -> dict:
+  """`cfg` flattened, with paths as the run records them: an existing data path made absolute and
+  a tokenizer.json with the same bytes as the run's copy named as that copy."""
+  flat = _flat(config_to_dict(cfg))
+  if os.path.exists(flat["train.data"]):
+    flat["train.data"] = os.path.abspath(flat["train.data"])
+  tok, mine = flat["train.tokenizer"], run.train.tokenizer
+  if (tok != mine and os.path.isfile(tok) and os.path.isfile(mine)
+      and pathlib.Path(tok).read_bytes() == pathlib.Path(mine).read_bytes()):
+    flat["train.tokenizer"] = mine
+  return flat
+
+
+def resumable(field: str) -> bool:
+  section, _, name = field.partition(".")
+  return field in RESUMABLE or (section == "model" and name in IMPLEMENTATION_FIELDS)
+
+
+def resume_config(run: Config, workdir: pathlib.Path, config_path, overrides) -> Config:
+  """The run's config (its config.yaml) with the overrides that a resumed run may take.
+
+  A --config must describe this run (with the overrides applied); an override of a field not
+  `resumable` that changes its value is refused, naming the field and both values."""
+  run_dict, where = config_to_dict(run), workdir / ckpt_lib.CONFIG
+  want = config_from_dict(run_dict, overrides)
+  if config_path is not None:
+    given, mine = _portable(load_config(config_path, overrides), run), _portable(want, run)
+    diff = next((k for k in mine if given.get(k) != mine[k]), None)
+    if diff is not None:
+      raise ConfigError(f"--resume: --config {config_path} is not this run's config: {diff} is "
+                        f"{mine[diff]!r} in {where}, {given.get(diff)!r} in {config_path}; "
+                        "resume with --workdir alone")
+  before = _portable(run, run)
+  for item in overrides:
+    after = _portable(config_from_dict(run_dict, [item]), run)
+    for k in before:
+      if after[k] != before[k] and not resumable(k):
+        raise ConfigError(f"--resume: {parse_override(item)[0]} cannot change on resume: {k} is "
+                          f"{before[k]!r} in {where}, given {after[k]!r} (may change: "
+                          f"{', '.join(f.split('.')[1] for f in RESUMABLE[:6])}, ... see --help)")
+  return want
+
+
 # The sharded program (mesh, model, shardings, jitted steps) is built by the library, so that
 # `python -m deepseek_jax.aot` compiles exactly this for devices that are not here.
 Built = build_lib.Built
 build = build_lib.build
 
 
-def prepare(cfg: Config, workdir: pathlib.Path, resume: bool):
-  """Checkpointer, data, built pieces and the state (restored, or initialised sharded)."""
-  t, m = cfg.train, cfg.model
-  ckpt = training.Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoint,
+def check_workdir(workdir: pathlib.Path, resume: bool) -> None:
+  """A new run never writes into a workdir that holds one."""
+  if resume:
+    return
+  held = ckpt_lib.step_dir(workdir)
+  if held is not None or (workdir / ckpt_lib.CONFIG).is_file():
+    what = f"checkpoint at step {held.name}" if held is not None else ckpt_lib.CONFIG
+    raise ConfigError(f"--workdir {workdir} already holds a run ({what}); add --resume to "
+                      "continue it or pick a new --workdir")
+
+
+def prepare(cfg: Config, workdir: pathlib.Path, resume: bool, data, b):
+  """Checkpointer and the state (restored, or initialised sharded)."""
+  m = cfg.model
+  ckpt = training.Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint,
                                config_to_dict(cfg))
-  if ckpt.latest_step() is not None and not resume:
-    raise ConfigError(f"--workdir {workdir} already holds a run (checkpoint at step "
-                      f"{ckpt.latest_step()}); add --resume to continue it or pick a new --workdir")
-  data = training.make_data(cfg)
-  b = build(cfg)
   state = ckpt.restore(b.abstract) if resume else None
   if resume and state is None:
     print(f"train: --resume: no usable checkpoint in {ckpt.directory}; starting from step 0")
@@ -119,15 +200,33 @@ def prepare(cfg: Config, workdir: pathlib.Path, resume: bool):
   print(f"data: {data.description}")
   print(f"mesh: {mesh_lib.describe(b.mesh)} of {jax.devices()[0].device_kind}; workdir {workdir}"
         + (f"; resumed at step {start}" if start else ""), flush=True)
-  return ckpt, data, b, state
+  return ckpt, state
 
 
 def run(cfg: Config, workdir: pathlib.Path, resume: bool = False) -> int:
-  # Every "auto" choice (compute dtype, kernels) made once, for this backend: the saved run
-  # config, the step and the report all see the concrete values.
-  cfg = build_lib.resolve(cfg, jax.devices())
+  """Validates everything (nothing is written before), saves the run's files, then trains."""
+  check_workdir(workdir, resume)
+  # Every "auto" choice (compute dtype, kernels) made once, for this backend: the checkpoints'
+  # record, the step and the report see the concrete values; config.yaml keeps "auto".
+  resolved = build_lib.resolve(cfg, jax.devices())
+  data = training.make_data(resolved)
+  b = build(resolved)
+  if jax.process_index() == 0:
+    cfg = ckpt_lib.save_run_files(cfg, workdir)
+  resolved = dataclasses.replace(resolved, train=dataclasses.replace(
+      resolved.train, tokenizer=cfg.train.tokenizer))
+  log = workdir / ckpt_lib.LOG if jax.process_index() == 0 else None
+  with metrics_lib.TeeLog(log, header=f"$ {' '.join(['train.py', *sys.argv[1:]])}"):
+    try:
+      return train(resolved, workdir, resume, data, b)
+    except ConfigError as e:        # found while restoring: still one line, and in the log
+      print(f"train: error: {e}", file=sys.stderr)
+      return 2
+
+
+def train(cfg: Config, workdir: pathlib.Path, resume: bool, data, b) -> int:
   t = cfg.train
-  ckpt, data, b, state = prepare(cfg, workdir, resume)
+  ckpt, state = prepare(cfg, workdir, resume, data, b)
   start_step = int(state.step)
   peak, peak_src = training.peak_flops(t.peak_flops)
   fpt = cfg.model.flops_per_token(t.seq_len, mtp=True)   # the MTP modules train too

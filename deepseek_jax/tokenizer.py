@@ -4,7 +4,8 @@ Three kinds: `bytes` (UTF-8 bytes are the ids 0..255), a local Hugging Face `tok
 (any model's, through the `tokenizers` library) and `ids` (text is comma/space separated token
 ids; the generate command only). `encode` turns a prompt into ids (with whatever special tokens,
 such as BOS, a tokenizer.json adds); `encode_documents` turns training documents into id arrays
-with none; `decoder()` returns an incremental ids -> new text function.
+with none; `decoder()` returns an incremental ids -> new text function whose cost per call does
+not grow with the text decoded so far (a tokenizer.json: the library's `DecodeStream`).
 
 The EOS rule, one for both: `eos_id` ends a document. Bytes: 0 (NUL, absent from text). A
 tokenizer.json: the first of `EOS_TOKENS` its vocabulary holds, else none. Ids: none. Training
@@ -66,15 +67,37 @@ class HFTokenizer:
     return [np.asarray(e.ids, np.int32) for e in encs]
 
   def decoder(self) -> Decoder:
-    seen: list[int] = []
-    state = {"text": ""}
+    """Incremental: `tokenizers`' own `DecodeStream` (0.21+), else `decode_stream` over `decode`;
+    either costs a few tokens per call, and their concatenation is `decode` of all the ids."""
+    try:
+      from tokenizers.decoders import DecodeStream  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+      return decode_stream(self._tok.decode)
+    stream = DecodeStream(skip_special_tokens=True)
+    return lambda ids: "".join(stream.step(self._tok, int(i)) or "" for i in ids)
 
-    def step(ids):   # re-decode everything: merges and multi-byte pieces settle late
-      seen.extend(ids)
-      text = self._tok.decode(seen)
-      new, state["text"] = text[len(state["text"]):], text
-      return new
-    return step
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode(list(ids))
+
+
+def decode_stream(decode: Callable[[list[int]], str]) -> Decoder:
+  """An incremental decoder over a whole-sequence `decode` (Hugging Face's prefix/read-offset
+  scheme): text is emitted once the ids since the last emission decode, after a few ids of
+  context, to more than that context and do not end in a partial character (U+FFFD)."""
+  ids: list[int] = []
+  offsets = {"prefix": 0, "read": 0}
+
+  def step(new_ids):
+    out = []
+    for i in new_ids:
+      ids.append(int(i))
+      prefix = decode(ids[offsets["prefix"]:offsets["read"]])
+      text = decode(ids[offsets["prefix"]:])
+      if len(text) > len(prefix) and not text.endswith("\ufffd"):
+        out.append(text[len(prefix):])
+        offsets["prefix"], offsets["read"] = offsets["read"], len(ids)
+    return "".join(out)
+  return step
 
 
 class IdsTokenizer:

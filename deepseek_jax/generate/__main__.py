@@ -4,10 +4,12 @@
       [--max-new-tokens 128] [--temperature 0] [--top-k 0] [--top-p 1] [--speculative]
       [--tokenizer auto|bytes|ids|PATH/tokenizer.json] [--stop-id N ...] [--ignore-eos]
 
-DIR is a Hugging Face DeepSeek checkpoint directory (config.json + safetensors, FP8 included) or
-a train.py workdir (its newest orbax checkpoint).
-Tokenizers (`deepseek_jax.tokenizer`): the checkpoint's `tokenizer.json` when present, else UTF-8
-bytes (vocab >= 256), or `ids` (prompts and output as comma/space separated token ids). Generation
+DIR is a Hugging Face DeepSeek checkpoint directory (config.json + safetensors, FP8 included), a
+train.py workdir (its newest orbax checkpoint) or one of its `checkpoints/<step>`.
+Tokenizers (`deepseek_jax.tokenizer`), with `auto`: the checkpoint's `tokenizer.json`, else the
+run's (its workdir's copy, else `train.tokenizer` of its config), else UTF-8 bytes for a vocabulary
+of at most 256 ids beyond which nothing is guessed; or `ids` (prompts and output as comma/space
+separated token ids). Text streams through the tokenizer's incremental decoder. Generation
 stops at the checkpoint's `eos_token_id`, else at the tokenizer's EOS (bytes: NUL), unless
 --ignore-eos. A single prompt streams; several are printed one per line when done. User errors
 print one line to stderr and exit with 2.
@@ -20,34 +22,18 @@ import pathlib
 import sys
 
 from deepseek_jax.generate.decode import Sampling, generate
-from deepseek_jax.generate.load import load_for_inference
+from deepseek_jax.generate.load import load_for_inference, tokenizer_for
 from deepseek_jax.hf import CheckpointError, HFConfigError
-from deepseek_jax.tokenizer import ByteTokenizer, HFTokenizer, IdsTokenizer, Tokenizer
 
 
-def _tokenizer(arg: str, ckpt: pathlib.Path, vocab: int) -> Tokenizer:
-  """--tokenizer: auto (the checkpoint's tokenizer.json, else bytes, else ids), bytes, ids, path."""
-  if arg == "auto":
-    if (ckpt / "tokenizer.json").is_file():
-      return HFTokenizer(ckpt / "tokenizer.json", "--tokenizer")
-    arg = "bytes" if vocab >= 256 else "ids"
-  if arg == "ids":
-    return IdsTokenizer()
-  if arg == "bytes":
-    if vocab < ByteTokenizer.vocab_size:
-      raise ValueError(f"byte tokenizer needs vocab_size >= 256, the model has {vocab}; "
-                       "use --tokenizer ids")
-    return ByteTokenizer()
-  path = pathlib.Path(arg)
-  if not path.is_file():
-    raise ValueError(f"--tokenizer {arg!r}: not 'auto', 'bytes', 'ids' or a tokenizer.json file")
-  return HFTokenizer(path, "--tokenizer")
+_tokenizer = tokenizer_for   # (tests and older callers)
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m deepseek_jax.generate",
                                description="Generate text with a DeepSeek checkpoint.")
-  ap.add_argument("--checkpoint", required=True)
+  ap.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True,
+                  help="a train.py workdir, one of its checkpoints/<step>, or a HF directory")
   ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--temperature", type=float, default=0.0)
@@ -55,7 +41,8 @@ def main(argv=None) -> int:
   ap.add_argument("--top-p", type=float, default=1.0)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-  ap.add_argument("--tokenizer", default="auto")
+  ap.add_argument("--tokenizer", default="auto",
+                  help="auto (the checkpoint's or the run's), bytes, ids or PATH/tokenizer.json")
   ap.add_argument("--stop-id", type=int, action="append", default=[])
   ap.add_argument("--ignore-eos", action="store_true",
                   help="do not stop at the checkpoint's eos_token_id or the tokenizer's EOS")

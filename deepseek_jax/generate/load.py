@@ -7,11 +7,13 @@
 
 `load_for_inference(path, dtype) -> (ModelConfig, variables, info)`; `info` holds the source
 config.json fields worth keeping (token ids) for HF checkpoints and the training step otherwise.
+`tokenizer_for(arg, path, vocab)` picks the tokenizer of either kind (generate and evaluate).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 
 import flax
@@ -22,6 +24,7 @@ from deepseek_jax.config import ConfigError, ModelConfig
 from deepseek_jax.hf import CheckpointError
 from deepseek_jax.hf.convert import read_config
 from deepseek_jax.model import abstract_variables
+from deepseek_jax.tokenizer import ByteTokenizer, HFTokenizer, IdsTokenizer, Tokenizer
 from deepseek_jax.training import checkpoint
 
 
@@ -67,3 +70,33 @@ def load_for_inference(path, dtype: str = "float32") -> tuple[ModelConfig, dict,
     return cfg, variables, {k: raw[k] for k in hf.PASSTHROUGH if k in raw}
   cfg, variables, step = load_trained(path, dtype)
   return cfg, variables, {"step": step}
+
+
+def tokenizer_for(arg: str, ckpt: str | os.PathLike, vocab: int) -> Tokenizer:
+  """--tokenizer: auto (the checkpoint's tokenizer.json, else the run's, else bytes or ids for a
+  vocabulary of at most 256), bytes, ids, or a tokenizer.json path."""
+  ckpt = pathlib.Path(ckpt)
+  if arg == "auto":
+    if (ckpt / "tokenizer.json").is_file():
+      return HFTokenizer(ckpt / "tokenizer.json", "--tokenizer")
+    spec = checkpoint.run_tokenizer(ckpt)
+    if spec not in (None, "bytes"):
+      if not os.path.isfile(spec):
+        raise ValueError(f"{ckpt}: the run's tokenizer {spec} is missing; pass --tokenizer "
+                         "PATH/tokenizer.json")
+      return HFTokenizer(spec, "--tokenizer")
+    if spec is None and vocab > ByteTokenizer.vocab_size:
+      raise ValueError(f"{ckpt}: a {vocab}-token model with no tokenizer.json and no record of "
+                       "its tokenizer; pass --tokenizer PATH/tokenizer.json, bytes or ids")
+    arg = "bytes" if vocab >= ByteTokenizer.vocab_size else "ids"
+  if arg == "ids":
+    return IdsTokenizer()
+  if arg == "bytes":
+    if vocab < ByteTokenizer.vocab_size:
+      raise ValueError(f"byte tokenizer needs vocab_size >= 256, the model has {vocab}; "
+                       "use --tokenizer ids")
+    return ByteTokenizer()
+  path = pathlib.Path(arg)
+  if not path.is_file():
+    raise ValueError(f"--tokenizer {arg!r}: not 'auto', 'bytes', 'ids' or a tokenizer.json file")
+  return HFTokenizer(path, "--tokenizer")

@@ -2,7 +2,9 @@
 
 The layout, declared here once: `<workdir>/checkpoints/<step>/state` holds the whole `TrainState`
 (so the data position and router biases come back too) and `<step>/meta/metadata` a JSON record
-of the config and step. `step_dir`, `read_model_config` and `restore_weights` read it back for
+of the config and step. Beside them the workdir holds `config.yaml` (the run's config, what
+`--resume` reads), `tokenizer.json` (a copy of the run's HF tokenizer) and `train.log`; `run_config`
+and `run_tokenizer` read them back. `step_dir`, `read_model_config` and `restore_weights` read it back for
 inference (generate/load.py). Saves are asynchronous (the device-to-host copy happens before
 `save` returns, so the donated state may be reused at once) and refuse parameters that are not
 finite. `restore` walks the steps newest first; a checkpoint that cannot be read is reported in one
@@ -12,7 +14,9 @@ Half-written checkpoints (a run killed mid-save) are orbax temporaries and are n
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -23,13 +27,85 @@ import flax
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+import yaml
 
-from deepseek_jax.config import (IMPLEMENTATION_FIELDS, ConfigError, ModelConfig, config_from_dict,
-                                 config_to_dict)
+from deepseek_jax.config import (IMPLEMENTATION_FIELDS, Config, ConfigError, ModelConfig,
+                                 config_from_dict, config_to_dict, load_config)
 
 CHECKPOINTS = "checkpoints"          # under the workdir, one directory per step
 STATE, META = "state", "meta"        # orbax items of a step: the TrainState, the JSON record
 META_FILE = "metadata"               # the file orbax's JsonSave writes inside META
+CONFIG, TOKENIZER, LOG = "config.yaml", "tokenizer.json", "train.log"   # beside checkpoints/
+_CONFIG_HEADER = ("# The run's config, written by train.py: `python train.py --workdir DIR --resume`"
+                  " reads it;\n# load it with deepseek_jax.config.load_config. 'auto' choices are"
+                  " made per backend at start.\n")
+
+
+def write_atomic(path: pathlib.Path, data: str | bytes) -> None:
+  """`path` holds either its old content or all of `data`, never a part (temp file + rename)."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "wb") as f:
+    f.write(data.encode() if isinstance(data, str) else data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def workdir_of(path: str | pathlib.Path) -> pathlib.Path | None:
+  """The train.py workdir holding `path` (itself, its checkpoints/ or a checkpoints/<step>)."""
+  path = pathlib.Path(path).absolute()
+  for d in (path, path.parent, path.parent.parent):
+    if (d / CONFIG).is_file() or (d / CHECKPOINTS).is_dir():
+      return d
+  return None
+
+
+def save_run_files(cfg: Config, workdir: pathlib.Path) -> Config:
+  """Writes `<workdir>/config.yaml` and, for a HF tokenizer, `<workdir>/tokenizer.json` (a copy);
+  returns `cfg` with `train.tokenizer` naming that copy (what the run trains with from now on)."""
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  spec = cfg.train.tokenizer
+  if spec != "bytes":
+    dest = workdir / TOKENIZER
+    if not dest.exists() or not os.path.samefile(spec, dest):
+      write_atomic(dest, pathlib.Path(spec).read_bytes())
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tokenizer=str(dest)))
+  text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+  write_atomic(workdir / CONFIG, _CONFIG_HEADER + text)
+  return cfg
+
+
+def run_config(workdir: str | pathlib.Path) -> Config | None:
+  """The config of the run in `workdir` (its config.yaml), None when it has none. A tokenizer
+  copy that moved with the workdir is found there."""
+  path = pathlib.Path(workdir) / CONFIG
+  if not path.is_file():
+    return None
+  cfg = load_config(path)
+  local = pathlib.Path(workdir).absolute() / TOKENIZER
+  if cfg.train.tokenizer != "bytes" and not os.path.isfile(cfg.train.tokenizer) and local.is_file():
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tokenizer=str(local)))
+  return cfg
+
+
+def run_tokenizer(path: str | pathlib.Path) -> str | None:
+  """The tokenizer a run trained with ('bytes' or a tokenizer.json path), for a workdir or any of
+  its checkpoints: `tokenizer.json` beside the checkpoints, else config.yaml's or the checkpoint
+  record's `train.tokenizer`; None when nothing says."""
+  workdir = workdir_of(path)
+  if workdir is None:
+    return None
+  if (workdir / TOKENIZER).is_file():
+    return str(workdir / TOKENIZER)
+  if (workdir / CONFIG).is_file():
+    return run_config(workdir).train.tokenizer
+  step = step_dir(path)
+  try:
+    return json.loads((step / META / META_FILE).read_text())["config"]["train"]["tokenizer"]
+  except (OSError, TypeError, KeyError, json.JSONDecodeError):
+    return None
 
 
 def step_dir(path: str | pathlib.Path) -> pathlib.Path | None:

@@ -4,7 +4,9 @@ Metrics are fetched one step late so the host never waits on the device in the m
 dispatch; train rows average the finite steps since the previous row. The loop evaluates, logs
 (JSONL, TensorBoard, progress bar) and starts async checkpoints on schedule, stops cleanly on
 SIGINT/SIGTERM (train.py then checkpoints), and stops with a clear message after `max_bad_steps`
-consecutive non-finite steps (the step itself skipped their updates).
+consecutive non-finite steps (the step itself skipped their updates). Tokens/s and MFU count step
+time only: before an evaluation or a checkpoint the loop waits for the step in flight, and the
+time that follows, until the next step is dispatched, is left out.
 """
 
 from __future__ import annotations
@@ -207,6 +209,9 @@ def train_loop(run: Run, state, stop: StopSignal, bar: ProgressBar) -> LoopResul
       last_train = consume(*pending)
     pending = (step, metrics)
     if step % t.eval_every == 0 or step % t.checkpoint_every == 0:
+      # The step is still running on the device: it belongs to the timed window, only what
+      # follows (evaluation, the checkpoint's copy) is left out of tokens/s and MFU.
+      jax.block_until_ready(metrics)
       t_side = time.perf_counter()
       if step % t.eval_every == 0 and step < t.steps:
         ev = evaluate(run, state)

@@ -1,10 +1,10 @@
-"""Training metrics: model FLOPs utilisation, JSONL + TensorBoard logs, a progress bar.
+"""Training metrics: model FLOPs utilisation, JSONL + TensorBoard logs, a progress bar, the log.
 
 MFU = `ModelConfig.flops_per_token(seq_len, mtp=True)` * tokens/s / peak ("Insights into
 DeepSeek-V3" Table 2 method plus the MTP modules the run trains, V3 report §2.2). The peak is
 `train.peak_flops` if set, else the declared dense BF16 peak of a known accelerator, else the best
 f32 rate of several large matmuls measured in this process (CPU), so a slow measurement does not
-flatter MFU.
+flatter MFU. `TeeLog` copies what the command prints into `<workdir>/train.log`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import sys
 import time
 
@@ -155,3 +156,57 @@ class ProgressBar:
       self.stream.write("\n")
     self.closed = True
 
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _Tee:
+  """A text stream writing to `stream` and, line by line, to `log`: a carriage return (a progress
+  bar redrawing itself) ends the line it follows, and terminal escapes are left out."""
+
+  def __init__(self, stream, log):
+    self.stream, self.log, self.pending = stream, log, ""
+
+  def write(self, text: str) -> int:
+    self.stream.write(text)
+    self.pending += text
+    *lines, self.pending = re.split(r"[\r\n]", self.pending)
+    for line in lines:
+      line = _ESCAPES.sub("", line)
+      if line.strip():
+        self.log.write(line + "\n")
+    self.log.flush()
+    return len(text)
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+  def __getattr__(self, name):   # isatty, fileno, encoding ... of the real stream
+    return getattr(self.stream, name)
+
+
+class TeeLog:
+  """While active, sys.stdout and sys.stderr are also appended to `path` (None: nothing is)."""
+
+  def __init__(self, path: pathlib.Path | None, header: str = ""):
+    self.path, self.header, self._log, self._saved = path, header, None, None
+
+  def __enter__(self):
+    if self.path is None:
+      return self
+    self._log = open(self.path, "a")  # noqa: SIM115 (closed in __exit__)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    self._log.write(f"--- {stamp} {self.header}\n")
+    self._saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(sys.stdout, self._log), _Tee(sys.stderr, self._log)
+    return self
+
+  def __exit__(self, *exc):
+    if self._log is None:
+      return
+    for tee in (sys.stdout, sys.stderr):
+      if isinstance(tee, _Tee) and tee.pending.strip():
+        self._log.write(_ESCAPES.sub("", tee.pending) + "\n")
+    sys.stdout, sys.stderr = self._saved
+    self._log.close()

@@ -1,19 +1,23 @@
-"""End-of-run report: loss and load-balance curves (PNG) and a summary table.
+"""End-of-run report: loss and load-balance curves (PNG) and a README-style summary.
 
 The table puts the run's numbers (tokens/s, MFU, validation bits per byte against the corpus's
 unigram entropy, skipped steps) next to the trained config's sizes, including the KV-cache bytes
 per token of its MLA latent cache against an MHA model of the same shape ("Insights into
-DeepSeek-V3" §2.1.2, Table 1).
+DeepSeek-V3" §2.1.2, Table 1). Around the table, `summary.txt` says what was trained and gives
+the commands that resume, generate from and evaluate the run.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import shlex
+import textwrap
 
 from deepseek_jax.codesign.kv_cache import (kv_cache_bytes_per_token,
                                             mha_equivalent_bytes_per_token)
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.training.checkpoint import CONFIG, LOG, TOKENIZER, write_atomic
 from deepseek_jax.training.metrics import MetricsWriter
 from deepseek_jax.training.state import param_count
 
@@ -63,11 +67,23 @@ def summary_table(items: list[tuple[str, str]]) -> str:
   return "\n".join([rule] + [f"{k:<{width}}  {v}" for k, v in items] + [rule])
 
 
-def write_summary(workdir: pathlib.Path, items: list[tuple[str, str]], extra: dict) -> str:
-  table = summary_table(items)
-  (workdir / "summary.txt").write_text(table + "\n")
-  (workdir / "summary.json").write_text(json.dumps(extra, indent=2) + "\n")
-  return table
+def usage(workdir: pathlib.Path, steps: int) -> str:
+  """The commands that use a run (each takes the workdir alone)."""
+  w = shlex.quote(str(workdir))
+  return "\n".join([
+      "Use it:",
+      f"  python train.py --workdir {w} --resume --steps {2 * steps}   # continue (to step "
+      f"{2 * steps})",
+      f"  python -m deepseek_jax.generate --checkpoint {w} --prompt 'def '",
+      f"  python -m deepseek_jax.evaluate --checkpoint {w} --data FILE.txt|FILE.jsonl"])
+
+
+def write_summary(workdir: pathlib.Path, items: list[tuple[str, str]], extra: dict,
+                  head: str = "", tail: str = "") -> str:
+  text = "\n\n".join(x for x in (head, summary_table(items), tail) if x)
+  write_atomic(workdir / "summary.txt", text + "\n")
+  write_atomic(workdir / "summary.json", json.dumps(extra, indent=2) + "\n")
+  return text
 
 
 def finish_report(cfg, workdir: pathlib.Path, result, final_eval: dict, data, *,
@@ -109,8 +125,9 @@ def finish_report(cfg, workdir: pathlib.Path, result, final_eval: dict, data, *,
                      f"({m.param_counts()['active']:,} active per token)"),
       ("KV cache / token", f"{mla:,.0f} B MLA vs {mha:,.0f} B MHA of the same shape "
                            f"({mha / mla:.1f}x smaller, BF16)"),
-      ("outputs", f"{workdir}/{{metrics.jsonl, tb/, checkpoints/, summary.txt}}"
-                  + (f", {png}" if png else "")),
+      ("outputs", f"{CONFIG}, {LOG}, metrics.jsonl, tb/, checkpoints/, summary.txt"
+                  + (f", {TOKENIZER}" if t.tokenizer != "bytes" else "")
+                  + (f", {png.name}" if png else "") + " (in the workdir)"),
   ]
   extra = {"steps": steps, "wall_s": wall_s, "compile_s": compile_s, "tokens_per_s": tps,
            "mfu": mfu, "peak_flops": peak, "peak_source": peak_src,
@@ -118,4 +135,12 @@ def finish_report(cfg, workdir: pathlib.Path, result, final_eval: dict, data, *,
            "val_bpb": bpb, "unigram_bits": uni, "skipped_steps": int(result.state.bad_total),
            "kv_bytes_per_token_mla": mla, "kv_bytes_per_token_mha": mha,
            "maxvio": last.get("maxvio"), "stopped_by": result.stopped_by}
-  return write_summary(workdir, items, extra)
+  tok = "UTF-8 bytes" if t.tokenizer == "bytes" else f"the HF tokenizer {workdir / TOKENIZER}"
+  status = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
+  head = (f"DeepSeek-V3 run in {workdir} ({status}): "
+          f"{param_count(result.state.params):,} parameters, {m.num_layers} layers "
+          f"({m.n_routed_experts} experts top-{m.num_experts_per_tok}, MTP depth "
+          f"{m.num_mtp_layers}), {steps} steps of {t.batch_size} x {t.seq_len} tokens; data: "
+          f"{data.description}; tokenizer: {tok} ({m.vocab_size} ids). Config: "
+          f"{workdir / CONFIG}.")
+  return write_summary(workdir, items, extra, textwrap.fill(head, 100), usage(workdir, steps))

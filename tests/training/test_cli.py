@@ -39,8 +39,25 @@ def test_existing_run_needs_resume_and_the_same_model(run_a, capsys):
   assert train.main(["--workdir", str(workdir), "--steps", str(STEPS), *RUN]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "add --resume" in err, err
-  # (8 fake devices here: a batch of 8 splits over them.)
-  assert train.main(["--workdir", str(workdir), "--steps", str(STEPS), *RUN, "--resume",
-                     "model.d_model=48", "train.batch_size=8"]) == 2
-  err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "different model (changed: model.d_model)" in err, err
+  # On resume the run's config.yaml rules: other values of its fixed fields are refused (one line
+  # naming the field, the run's value and the given one), before anything is built or written.
+  before = sorted(p.name for p in workdir.iterdir())
+  log = (workdir / "train.log").read_text()
+  for extra, want in ((["model.d_model=48"], "model.d_model cannot change on resume: "
+                       "model.d_model is 32 in"),
+                      (["train.seed=1"], "train.seed is 0 in"),
+                      (["train.steps=9", "train.data=synthetic"], "train.data is 'stdlib' in"),
+                      (["--config", "configs/tiny.yaml"], "--config configs/tiny.yaml is not this "
+                       "run's config: model.d_model is 32 in")):
+    assert train.main(["--workdir", str(workdir), "--resume", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and want in err, err
+  assert "given 48 (may change: steps, learning_rate" in train_error(workdir, "model.d_model=48",
+                                                                    capsys)
+  assert sorted(p.name for p in workdir.iterdir()) == before
+  assert (workdir / "train.log").read_text() == log
+
+
+def train_error(workdir, override, capsys) -> str:
+  assert train.main(["--workdir", str(workdir), "--resume", override]) == 2
+  return capsys.readouterr().err

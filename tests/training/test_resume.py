@@ -1,5 +1,5 @@
 """Exact resume: a run killed with SIGKILL (or stopped by SIGTERM) at an arbitrary step and resumed
-ends bitwise identical to an uninterrupted run; a corrupt newest checkpoint falls back to the
+(with its command line, or with --workdir alone) ends bitwise identical to an uninterrupted run; a corrupt newest checkpoint falls back to the
 previous one."""
 
 import json
@@ -67,9 +67,13 @@ def test_sigterm_checkpoints_and_resume_is_exact(run_a, xla_cache, tmp_path):
   assert "stopped by SIGTERM" in out and "--resume" in out
   stopped, _ = restore_state(tmp_path)
   assert (tmp_path / "checkpoints" / str(stopped)).is_dir()
-  proc = run_train(xla_cache, tmp_path, "--steps", str(STEPS), *RUN, "--resume")
+  # Only --workdir: the run's config.yaml holds the rest.
+  proc = run_train(xla_cache, tmp_path, "--resume")
   assert f"resumed at step {stopped}" in proc.stdout
   assert_same_state(workdir_a, tmp_path)
+  log = (tmp_path / "train.log").read_text()      # both commands' output, one after the other
+  assert log.count("\n--- ") + log.startswith("--- ") == 2 and "stopped by SIGTERM" in log
+  assert log.rstrip().endswith(proc.stdout.rstrip().splitlines()[-1])
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(run_a, xla_cache, tmp_path):
