@@ -31,11 +31,11 @@ import sys
 import sysconfig
 
 import grain
+from absl import flags as absl_flags
 import numpy as np
 
 from deepseek_jax.config import Config, ConfigError
 from deepseek_jax.tokenizer import Tokenizer, make_tokenizer
-from deepseek_jax.training import prepare as prepare_lib
 from deepseek_jax.training import sources
 
 EXTENSIONS = sources.EXTENSIONS
@@ -184,6 +184,8 @@ class Data:
         grain.ReadOptions(num_threads=2 if self.workers == 0 else 1,
                           prefetch_buffer_size=self.prefetch))
     if self.workers > 0:
+      if not absl_flags.FLAGS.is_parsed():    # grain's workers read absl flags: take defaults
+        absl_flags.FLAGS.mark_as_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.workers, per_worker_buffer_size=max(1, self.prefetch // self.workers)))
     return it
@@ -254,7 +256,7 @@ def prepared_cache(files: list[str], cfg: Config) -> pathlib.Path:
     return dest
   tmp = dest.with_name(f"{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
   try:
-    prepare_lib.prepare(files, str(tmp), t.tokenizer, t.seq_len, t.val_fraction,
+    sources.prepare(files, str(tmp), t.tokenizer, t.seq_len, t.val_fraction,
                         seq_field="train.seq_len")
   except ConfigError as e:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -5,8 +5,8 @@ range of a `.txt` or `.jsonl` file cut just after a newline (UTF-8 never splits 
 range of a Parquet file (column "text", read through pyarrow). A `.txt` file is one document, a
 `.jsonl` line or a Parquet row is one; each document is followed by the tokenizer's `eos_id`.
 `pack_windows` turns the concatenated ids into windows of seq_len + 1 tokens with stride seq_len,
-exactly as `data.pack` does in memory. Prepared corpora (`prepare.py`) are ArrayRecord files of
-such windows beside an `index.json`; `read_index` and `record_source` open them.
+exactly as `data.pack` does in memory. `prepare` writes them as ArrayRecord files beside an
+`index.json` (the command: `prepare.py`); `read_index` and `record_source` open them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import os
 import pathlib
 from typing import Iterable, Iterator
 
+import grain
 import numpy as np
+from absl import flags as absl_flags
+from array_record.python.array_record_module import ArrayRecordWriter
 from grain.sources import ArrayRecordDataSource
 
 from deepseek_jax.config import ConfigError
@@ -47,8 +50,8 @@ def local_files(spec: str, field: str = "train.data") -> list[str]:
   if not files or bad:
     raise ConfigError(f"{field}={spec!r}: " + (
         f"{bad[0]!r} is not .txt, .jsonl or .parquet" if bad else
-        "matches no file (use 'stdlib', 'synthetic', a prepared directory, or "
-        ".txt/.jsonl/.parquet files)"))
+        "matches no file" + (" (use 'stdlib', 'synthetic', a prepared directory, or "
+                             ".txt/.jsonl/.parquet files)" if field == "train.data" else "")))
   return files
 
 
@@ -262,3 +265,88 @@ def record_source(directory: str, index: dict, split: str):
   if missing:
     raise ConfigError(f"train.data={directory!r}: {missing[0]} listed in {INDEX} is missing")
   return ArrayRecordDataSource(files)
+
+
+RECORDS_PER_SHARD = 1 << 16
+
+
+def _pieces_ids(pieces, tokenizer: str, histogram: bool, workers: int):
+  ds = grain.MapDataset.source(pieces).map(Tokenize(tokenizer, histogram))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+  if workers > 0:
+    if not absl_flags.FLAGS.is_parsed():      # grain's workers read absl flags: take defaults
+      absl_flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(it)
+
+
+def write_split(out: pathlib.Path, split: str, pieces, tokenizer: str, seq_len: int,
+                vocab_size: int, dtype: str, workers: int = 0,
+                records_per_shard: int = RECORDS_PER_SHARD, seq_field: str = "--seq-len") -> dict:
+  """Writes `split-NNNNN.array_record` files; returns the split's index entry."""
+  stats = {"files": [], "records": 0, "tokens": 0, "bytes": 0, "hist": np.zeros(256, np.int64)}
+  writer = None
+
+  def chunks():
+    for r in _pieces_ids(pieces, tokenizer, split == "val", workers):
+      ids = r["ids"]
+      if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
+        raise ConfigError(f"{r['piece'].path}: token id {bad} lies outside the vocabulary "
+                          f"[0, {vocab_size}) (set --vocab-size to the model's)")
+      stats["tokens"] += ids.size
+      stats["bytes"] += r["bytes"]
+      stats["hist"] += r["hist"]
+      yield ids
+
+  try:
+    for window in pack_windows(chunks(), seq_len):
+      if stats["records"] % records_per_shard == 0:
+        if writer is not None:
+          writer.close()
+        name = f"{split}-{len(stats['files']):05d}.array_record"
+        stats["files"].append(name)
+        writer = ArrayRecordWriter(str(out / name), "group_size:1")
+      writer.write(window.astype(dtype).tobytes())
+      stats["records"] += 1
+  finally:
+    if writer is not None:
+      writer.close()
+  if stats["records"] == 0:
+    raise ConfigError(f"the {split} split holds {stats['tokens']} tokens, too few for one "
+                      f"window of seq_len + 1 = {seq_len + 1}; use more data or a shorter "
+                      f"{seq_field}")
+  stats["hist"] = stats["hist"].tolist() if split == "val" else None
+  return stats
+
+
+def prepare(srcs: list[str], out: str, tokenizer: str = "bytes", seq_len: int = 128,
+            val_fraction: float = 0.05, vocab_size: int | None = None, workers: int = 0,
+            records_per_shard: int = RECORDS_PER_SHARD, chunk_bytes: int = CHUNK_BYTES,
+            seq_field: str = "--seq-len") -> dict:
+  """Tokenises `srcs` into `out`; returns the index. Raises ConfigError on bad input."""
+  if seq_len < 2:
+    raise ConfigError(f"{seq_field}={seq_len}: must be >= 2")
+  if not 0 < val_fraction < 1:
+    raise ConfigError(f"--val-fraction={val_fraction}: must lie in (0, 1)")
+  if not srcs:
+    raise ConfigError("no source given")
+  files = sorted({f for s in srcs for f in local_files(s, field="source")})
+  tok = make_tokenizer(tokenizer, field="--tokenizer")
+  vocab = vocab_size or tok.vocab_size
+  if not vocab:
+    raise ConfigError(f"--tokenizer={tokenizer!r} has no vocabulary size; give --vocab-size")
+  dtype = "<u2" if vocab <= 1 << 16 else "<i4"
+  train_p, val_p = split_pieces(files, val_fraction, chunk_bytes)
+  dest = pathlib.Path(out)
+  dest.mkdir(parents=True, exist_ok=True)
+  (dest / INDEX).unlink(missing_ok=True)       # the index is written last: a commit mark
+  spec = tokenizer if tokenizer == "bytes" else os.path.abspath(tokenizer)
+  splits = {name: write_split(dest, name, pieces, spec, seq_len, vocab, dtype, workers,
+                              records_per_shard, seq_field)
+            for name, pieces in (("train", train_p), ("val", val_p))}
+  index = {"format": FORMAT, "tokenizer": spec, "vocab_size": vocab,
+           "eos_id": tok.eos_id, "seq_len": seq_len, "dtype": dtype, "val_fraction": val_fraction,
+           "sources": [os.path.abspath(f) for f in files], "splits": splits}
+  (dest / INDEX).write_text(json.dumps(index, indent=1))
+  return index
