@@ -32,7 +32,7 @@ from deepseek_jax.tokenizer import make_tokenizer
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 INDEX = "index.json"
 FORMAT = "deepseek-jax-tokens/1"
-CHUNK_BYTES = 4 << 20          # text read per piece
+CHUNK_BYTES = 1 << 20          # text read per piece
 SCAN = 1 << 16
 
 
@@ -209,28 +209,26 @@ class Tokenize:
     eos = [] if tok.eos_id is None else [tok.eos_id]
     parts = []
     for i, ids in enumerate(tok.encode_documents(docs)):
-      parts.append(np.asarray(ids, np.int64))
+      parts.append(np.asarray(ids, np.int32))
       if eos and (piece.ends_doc or i < len(docs) - 1):
-        parts.append(np.asarray(eos, np.int64))
+        parts.append(np.asarray(eos, np.int32))
     raw = [d.encode("utf-8") for d in docs]
     hist = np.zeros(256, np.int64)
     if self.histogram:
       for r in raw:
         hist += np.bincount(np.frombuffer(r, np.uint8), minlength=256)
-    ids = np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+    ids = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
     return {"ids": ids, "bytes": sum(map(len, raw)), "hist": hist, "piece": piece}
 
 
 def pack_windows(chunks: Iterable[np.ndarray], seq_len: int) -> Iterator[np.ndarray]:
   """Windows [seq_len + 1] of the concatenated stream, stride seq_len (`data.pack`, streamed)."""
-  buf = np.zeros((0,), np.int64)
+  buf = np.zeros((0,), np.int32)
   for ids in chunks:
     buf = np.concatenate([buf, ids])
     n = (len(buf) - 1) // seq_len
-    if n < 1:
-      continue
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    yield from buf[idx]
+    for k in range(n):                     # views: no copy of the chunk's windows
+      yield buf[k * seq_len:(k + 1) * seq_len + 1]
     buf = buf[n * seq_len:]
 
 
@@ -272,7 +270,7 @@ RECORDS_PER_SHARD = 1 << 16
 
 def _pieces_ids(pieces, tokenizer: str, histogram: bool, workers: int):
   ds = grain.MapDataset.source(pieces).map(Tokenize(tokenizer, histogram))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
   if workers > 0:
     if not absl_flags.FLAGS.is_parsed():      # grain's workers read absl flags: take defaults
       absl_flags.FLAGS.mark_as_parsed()
