@@ -228,3 +228,31 @@ def test_collectives_by_mesh_axes_and_nodes():
   assert ar.in_node_s == pytest.approx(2 * 3 / 4 * ar.bytes / 100.0)
   assert ag.bytes == 16 * 8 * 4 and ag.cross_fraction == 1.0
   assert ag.cross_node_s == pytest.approx(ag.bytes / 2 / 10.0) and ag.in_node_s == 0
+
+
+def test_parse_ends_computations_as_xla_tpu_prints_them():
+  """XLA:TPU closes SparseCore computations with `}, execution_thread=...` and prints kernel
+  sources over several lines (some starting with `}}`): neither may hide the computations after."""
+  text = """HloModule m
+
+%sc (p: f32[4]) -> f32[4] {
+  ROOT %p = f32[4]{0} parameter(0)
+}, execution_thread="sparsecore"
+
+%body (a: f32[8,16], b: f32[16,32]) -> f32[8,32] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,32]{1,0} parameter(1)
+  %k = f32[8,16]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"src": "x
+}}, metadata={op_name="kernel"}
+  ROOT %d = f32[8,32]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[8,16], b: f32[16,32]) -> f32[8,32] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,32]{1,0} parameter(1)
+  ROOT %c = f32[8,32]{1,0} call(%a, %b), to_apply=%body
+}
+"""
+  comps, entry = hlo.parse(text)
+  assert set(comps) == {"sc", "body", "main"} and entry == "main"
+  assert hlo.summarize(text).dot_flops == 2 * 8 * 16 * 32

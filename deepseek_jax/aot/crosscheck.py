@@ -32,6 +32,7 @@ from deepseek_jax.codesign import memory, node_limited
 from deepseek_jax.codesign.step_memory import step_plan
 from deepseek_jax.model import abstract_variables
 from sharding import mesh as mesh_lib
+from sharding import rules as rules_lib
 from sharding import specs
 
 # Insights Table 4 (MPFT column: 2048 H800s, V3 at 4096 tokens, batch 15360) and Table 2.
@@ -212,8 +213,10 @@ def collective_lines(b, target, text: str) -> tuple[list[str], dict]:
   got = collectives.analyze(text, sizes, nodes, chip.link_bw, chip.dcn_bw, by_op=True)
   pred = collective_prediction(b, sizes)
   by_kind: dict = collections.defaultdict(collectives.Traffic)
+  rules = tuple(tuple(r) for r in memory.project_rules(b.cfg.mesh))
+  ep_axes = set(rules_lib.as_axes(specs.mesh_spec(("experts",), rules, sizes)[0]))
   for (kind, axes, op), tr in got.items():
-    if kind == "all-to-all" and "/experts/" not in op:
+    if kind == "all-to-all" and not set(axes) & ep_axes:   # the expert exchange spans EP axes
       kind = "all-to-all (other)"
     elif kind in ("all-gather", "reduce-scatter") and not set(axes) & {"data", "fsdp"}:
       kind += " (other axes)"

@@ -113,7 +113,7 @@ def parse(text: str) -> tuple[dict[str, Computation], str]:
         if line.startswith("ENTRY"):
           entry = name
       continue
-    if line.strip() == "}":
+    if line.rstrip() == "}" or line.startswith("}, execution_thread="):   # (XLA:TPU's SparseCore)
       comps[cur.name] = cur
       cur = None
       continue
