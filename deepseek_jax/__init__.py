@@ -8,10 +8,12 @@ Who may import whom (`scripts/import_graph.py` checks it; `tests/test_house.py` 
   `config`, `fp8/` and itself, never `sharding/`: whoever builds a `Transformer` passes the FP8
   policy and the expert runner (`dispatch.LocalExperts` or `sharding.expert_parallel`).
 - `sharding/` imports `config`, `fp8/` and model-side primitives; never training or inference.
-- `training/`, `generate/`, `hf/`, `codesign/` build on all of the above; the commands
-  (`train.py`, the `__main__` modules) on anything. No cycles anywhere.
+- `training/`, `generate/`, `hf/`, `codesign/` build on all of the above; `api` on those; the
+  commands (`train.py`, the `__main__` modules) on anything. No cycles anywhere.
 
-The public API below is loaded on first use, so `import deepseek_jax.config` stays light.
+The public API below is loaded on first use, so `import deepseek_jax.config` stays light:
+`deepseek_jax.load(path_or_id) -> LM` (a run, a HF directory or a cached hub id) with
+`LM.generate`, `LM.stream`, `LM.score` and `LM.perplexity` (`api.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import importlib
 
 _API = {
+    "LM": "deepseek_jax.api", "load": "deepseek_jax.api",
     "Config": "deepseek_jax.config", "ConfigError": "deepseek_jax.config",
     "ModelConfig": "deepseek_jax.config", "load_config": "deepseek_jax.config",
     "Transformer": "deepseek_jax.model", "abstract_variables": "deepseek_jax.model",
