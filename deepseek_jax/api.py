@@ -1,17 +1,13 @@
-"""The Python API: `load(path_or_id) -> LM`; `LM.generate`, `LM.stream`, `LM.score`, `LM.perplexity`.
+"""The Python API: `load(path_or_id) -> LM`, then `LM.generate`, `stream`, `score`, `perplexity`.
 
-  lm = deepseek_jax.load("runs/tiny")     # a train.py workdir, a HF directory or a cached hub id
-  lm.generate("def ", max_new_tokens=32)  # text in, text out; ids in, ids out; a list is a batch
-
-`load` reads a train.py workdir (its newest checkpoint), a Hugging Face DeepSeek directory
-(config.json + safetensors) or a hub id ("ORG/NAME[@REV]") already in the local Hugging Face cache
-(HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub; nothing is downloaded). The
-tokenizer comes with the model: the directory's tokenizer.json, else the run's `train.tokenizer`,
-else bytes for a 256-token vocabulary; beyond that nothing is guessed and only token ids are
-accepted. Generation is `generate.decode.generate` (latent cache, one compiled step), stopping at
-the checkpoint's `eos_token_id`, else the tokenizer's EOS, and at the first of the `stop` strings
-(cut before it). Scores are natural-log likelihoods from one causal forward pass: every token after
-the first (a tokenizer's BOS, when it adds one) given those before it.
+`load` reads a train.py workdir (its newest checkpoint), a Hugging Face DeepSeek directory or a
+hub id ("ORG/NAME[@REV]") already in the local Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub;
+nothing is downloaded). The tokenizer comes with the model: the directory's tokenizer.json, else
+the run's `train.tokenizer`, else bytes for a 256-token vocabulary; beyond that nothing is guessed
+and prompts must be token ids. Generation is `generate.decode.generate`, stopping at the
+checkpoint's `eos_token_id` (else the tokenizer's EOS) and before the first `stop` string. Scores
+are natural-log likelihoods of every token after the first (a BOS, when the tokenizer adds one)
+given those before it, from one causal forward pass.
 """
 
 from __future__ import annotations
@@ -35,11 +31,10 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate.decode import Sampling, generate as _generate
-from deepseek_jax.generate.load import load_for_inference
+from deepseek_jax.generate.load import load_for_inference, tokenizer_for
 from deepseek_jax.hf import CheckpointError
 from deepseek_jax.model import Transformer
-from deepseek_jax.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from deepseek_jax.training import checkpoint
+from deepseek_jax.tokenizer import HFTokenizer, IdsTokenizer, Tokenizer
 
 Messages = list[dict[str, Any]]
 Prompt = Union[str, Sequence[int], Messages]
@@ -71,7 +66,7 @@ def resolve(path_or_id: str | os.PathLike) -> pathlib.Path:
   """A local directory for a path or a hub id already cached; never touches the network."""
   path = pathlib.Path(path_or_id).expanduser()
   if path.exists():
-    return path
+    return path.absolute()          # orbax reads absolute paths only
   name = str(path_or_id)
   repo, _, revision = name.partition("@")
   if not HUB_ID.fullmatch(repo) or repo.count("/") != 1:
@@ -93,40 +88,30 @@ def resolve(path_or_id: str | os.PathLike) -> pathlib.Path:
   return found
 
 
-def find_tokenizer(path: pathlib.Path, vocab: int, spec: Any = "auto"):
-  """(tokenizer or None, its tokenizer.json or None, why there is none) for a checkpoint."""
-  if spec not in ("auto", "bytes") and not isinstance(spec, (str, os.PathLike)):
-    return spec, None, ""                       # a tokenizer object
-  file = None
-  if spec == "bytes":
-    run = "bytes"
-  elif spec != "auto":
-    run = str(spec)
-  elif (path / "tokenizer.json").is_file():
-    run = str(path / "tokenizer.json")
-  else:
-    run = checkpoint.run_tokenizer(path) if path.is_dir() else None
-  if run == "bytes" or (run is None and vocab == ByteTokenizer.vocab_size):
-    if vocab < ByteTokenizer.vocab_size:
-      raise ValueError(f"tokenizer='bytes': needs vocab_size >= 256, the model has {vocab}")
-    return ByteTokenizer(), None, ""
-  if run is None:
-    return None, None, (f"{path}: a {vocab}-token model with no tokenizer.json and no record of "
-                        "its tokenizer; pass token ids or load(..., tokenizer='PATH/tokenizer.json')")
-  file = pathlib.Path(run)
-  if not file.is_file():
-    why = f"{path}: the tokenizer {run} is missing; load(..., tokenizer='PATH/tokenizer.json')"
+def find_tokenizer(path: pathlib.Path, vocab: int, spec: Any = "auto") -> tuple[Any, str]:
+  """(tokenizer or None, why there is none): a tokenizer object as given, else the choice of
+  `generate.load.tokenizer_for` ("auto", "bytes", "ids" or a tokenizer.json path), except that
+  "auto" finding nothing (or only ids for a vocabulary under 256) leaves token ids as prompts."""
+  if not isinstance(spec, (str, os.PathLike)):
+    return spec, ""
+  try:
+    tok = tokenizer_for(str(spec), path, vocab)
+  except ValueError as e:
     if spec != "auto":
-      raise ValueError(why)
-    return None, None, why
-  return HFTokenizer(file, "tokenizer"), file, ""
+      raise ValueError(f"load(tokenizer={str(spec)!r}): {e}") from None
+    return None, f"text needs a tokenizer: {e} (load(..., tokenizer=...) takes the same)"
+  if spec == "auto" and isinstance(tok, IdsTokenizer):
+    return None, (f"{path}: a {vocab}-token model with no tokenizer.json (bytes need 256 ids); "
+                  "pass token ids or load(..., tokenizer='PATH/tokenizer.json')")
+  return tok, ""
 
 
-def _chat_config(file: pathlib.Path | None) -> tuple[str | None, dict[str, str]]:
+def _chat_config(tok) -> tuple[str | None, dict[str, str]]:
   """(chat template, special tokens) beside a tokenizer.json: chat_template.jinja or
   tokenizer_config.json's `chat_template` (a string or a list of named templates)."""
-  if file is None:
+  if not isinstance(tok, HFTokenizer):
     return None, {}
+  file = pathlib.Path(tok.name)
   conf_file, jinja = file.parent / "tokenizer_config.json", file.parent / "chat_template.jinja"
   conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
   special = {}
@@ -142,10 +127,6 @@ def _chat_config(file: pathlib.Path | None) -> tuple[str | None, dict[str, str]]
 
 def _raise(msg: str):
   raise ValueError(f"chat template: {msg}")
-
-
-def _tojson(x, indent=None, separators=None, sort_keys=False) -> str:
-  return json.dumps(x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -213,7 +194,6 @@ class LM:
     return (f"LM({self.source!r}: {c.num_layers} layers, d_model {c.d_model}, vocab "
             f"{c.vocab_size}, {c.dtype}; tokenizer {tok})")
 
-  # ---- inputs ----
   def encode(self, text: str) -> list[int]:
     """Token ids of a text, as prompts are encoded (with the tokenizer's special tokens)."""
     if self.tokenizer is None:
@@ -242,7 +222,7 @@ class LM:
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals.update(raise_exception=_raise,
                        strftime_now=lambda f: datetime.datetime.now().strftime(f))
-    env.filters["tojson"] = _tojson
+    env.filters["tojson"] = functools.partial(json.dumps, ensure_ascii=False)
     text = env.from_string(self.chat_template).render(
         messages=list(messages), add_generation_prompt=True, **self.special_tokens)
     return self._checked(self.tokenizer.encode_documents([text])[0], "chat")  # BOS is in text
@@ -271,7 +251,6 @@ class LM:
     raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list "
                      f"of such lists (got {type(prompt).__name__})")
 
-  # ---- generation ----
   def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 64, *,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                stop: str | Sequence[str] = (), seed: int = 0, chat: bool = False,
@@ -363,7 +342,6 @@ class LM:
           on_text(b, text[sent[b]:])
     return texts if as_text else ids
 
-  # ---- scoring ----
   def token_logprobs(self, text: str | Sequence[int] | Sequence[str | Sequence[int]]) -> Any:
     """Per-token log p (nats, float64 arrays) of every token after the first, given the ones
     before it; one array for one text (or ids), a list for a list."""
@@ -390,9 +368,7 @@ class LM:
   def perplexity(self, text: str | Sequence[int] | Sequence[str | Sequence[int]]) -> Any:
     """exp(-mean log p) over the scored tokens (see `score`); a float, or a list for a list."""
     lp = self.token_logprobs(text)
-    if isinstance(lp, np.ndarray):
-      return math.exp(-lp.mean())
-    return [math.exp(-x.mean()) for x in lp]
+    return math.exp(-lp.mean()) if isinstance(lp, np.ndarray) else [math.exp(-x.mean()) for x in lp]
 
 
 def load(path_or_id: str | os.PathLike, *, dtype: str | None = None,
@@ -407,7 +383,7 @@ def load(path_or_id: str | os.PathLike, *, dtype: str | None = None,
   path = resolve(path_or_id)
   is_hf = (path / "config.json").is_file() or path.suffix == ".safetensors"
   cfg, variables, info = load_for_inference(path, dtype or ("float32" if is_hf else None))
-  tok, file, why = find_tokenizer(path, cfg.vocab_size, tokenizer)
-  template, special = _chat_config(file)
+  tok, why = find_tokenizer(path, cfg.vocab_size, tokenizer)
+  template, special = _chat_config(tok)
   return LM(cfg, variables, tok, info=info, source=str(path_or_id), chat_template=template,
             special_tokens=special, no_tokenizer=why)
