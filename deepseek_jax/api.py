@@ -383,6 +383,9 @@ def load(path_or_id: str | os.PathLike, *, dtype: str | None = None,
   path = resolve(path_or_id)
   is_hf = (path / "config.json").is_file() or path.suffix == ".safetensors"
   cfg, variables, info = load_for_inference(path, dtype or ("float32" if is_hf else None))
+  # One placement whatever the source (a run's arrays come committed to the first device, HF
+  # ones not; jit caches them apart): the same compiled steps serve every LM of a config.
+  variables = jax.device_put(variables, jax.devices()[0])
   tok, why = find_tokenizer(path, cfg.vocab_size, tokenizer)
   template, special = _chat_config(tok)
   return LM(cfg, variables, tok, info=info, source=str(path_or_id), chat_template=template,
