@@ -99,7 +99,8 @@ def find_tokenizer(path: pathlib.Path, vocab: int, spec: Any = "auto") -> tuple[
   except ValueError as e:
     if spec != "auto":
       raise ValueError(f"load(tokenizer={str(spec)!r}): {e}") from None
-    return None, f"text needs a tokenizer: {e} (load(..., tokenizer=...) takes the same)"
+    return None, (f"text needs a tokenizer: {e} (load(..., tokenizer=...) takes the same "
+                  "values; token ids need none)")
   if spec == "auto" and isinstance(tok, IdsTokenizer):
     return None, (f"{path}: a {vocab}-token model with no tokenizer.json (bytes need 256 ids); "
                   "pass token ids or load(..., tokenizer='PATH/tokenizer.json')")
@@ -116,7 +117,7 @@ def _chat_config(tok) -> tuple[str | None, dict[str, str]]:
   conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
   special = {}
   for k, v in conf.items():
-    if k.endswith("_token") and v is not None:
+    if k.endswith("_token") and isinstance(v, (str, dict)):   # not add_bos_token's bool
       special[k] = v.get("content", "") if isinstance(v, dict) else str(v)
   template = jinja.read_text() if jinja.is_file() else conf.get("chat_template")
   if isinstance(template, list):

@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,7 @@ def test_stream_joins_to_generate(lm):
              {"temperature": 1.0, "top_p": 0.9, "seed": 5}):
     pieces = list(lm.stream("def ", max_new_tokens=10, **kw))
     assert "".join(pieces) == lm.generate("def ", max_new_tokens=10, **kw), kw
+    assert len(pieces) > 1 or not kw, pieces          # pieces arrive as tokens do
   it = lm.stream("def ", max_new_tokens=10)
   next(it, None)
   it.close()                      # stops the generation thread
@@ -213,7 +215,6 @@ def _fake_cache(root: pathlib.Path, repo: str, source: pathlib.Path) -> pathlib.
 def test_a_hub_id_loads_from_the_local_cache_only(hf_dir, tmp_path, monkeypatch):
   snap = _fake_cache(tmp_path / "hub", "tiny-org/tiny-v3", hf_dir)
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   assert api.resolve("tiny-org/tiny-v3") == snap
   assert api.cached_snapshot("tiny-org/tiny-v3", None, tmp_path / "hub") == snap
   assert api.cached_snapshot("tiny-org/tiny-v3", "0123abc", tmp_path / "hub") == snap
@@ -223,6 +224,10 @@ def test_a_hub_id_loads_from_the_local_cache_only(hf_dir, tmp_path, monkeypatch)
   with pytest.raises(ValueError, match="tiny-org/missing: not a local path and not in the "
                                        "Hugging Face cache"):
     deepseek_jax.load("tiny-org/missing")
+  monkeypatch.setitem(sys.modules, "huggingface_hub", None)   # without huggingface_hub
+  assert api.resolve("tiny-org/tiny-v3") == snap
+  with pytest.raises(ValueError, match="tiny-org/missing: not a local path"):
+    api.resolve("tiny-org/missing")
   monkeypatch.delenv("HF_HUB_CACHE")
   monkeypatch.setenv("HF_HOME", str(tmp_path))
   assert api.hub_cache() == tmp_path / "hub" and api.resolve("tiny-org/tiny-v3") == snap
