@@ -1,20 +1,19 @@
 """`python -m deepseek_jax.evaluate`: loss, bits per byte and perplexity of a checkpoint on text.
 
-  python -m deepseek_jax.evaluate --checkpoint DIR --data FILE.txt|FILE.jsonl
-      [--seq-len 128] [--batch-size 8] [--max-tokens N] [--tokenizer auto|bytes|PATH] [--dtype ...]
+  deepseek-jax eval --checkpoint DIR --data FILE.txt|FILE.jsonl [--seq-len 128] [--batch-size 8]
+      [--max-tokens N] [--tokenizer auto|bytes|PATH] [--dtype ...] [model.field=value ...]
 
 DIR is a train.py workdir (or one of its checkpoints) or a Hugging Face directory; the tokenizer
 is the run's (`generate.load.tokenizer_for`). A .txt file is one document, a .jsonl file holds
 `{"text": ...}` documents. Each document is followed by the tokenizer's EOS as in training; the
 stream is cut into sequences of seq_len + 1 tokens (the last one shorter) and every next token
 is scored by the main head. Prints the mean loss in nats per token, bits per UTF-8 byte of the
-documents (the sum of the losses / ln 2 / bytes) and perplexity exp(loss). User errors print
-one line and exit with 2.
+documents (the sum of the losses / ln 2 / bytes) and perplexity exp(loss). Overrides change how
+the loaded model computes (`config.cli.INFERENCE_KEYS`). User errors print one line and exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, cli
 from deepseek_jax.generate.load import load_for_inference, tokenizer_for
 from deepseek_jax.model import Transformer
 from deepseek_jax.tokenizer import Tokenizer
@@ -89,26 +88,31 @@ def evaluate(cfg: ModelConfig, variables: dict, windows, weights, batch_size: in
   return nll / count
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m deepseek_jax.evaluate",
-                               description="Loss, bits per byte and perplexity on a text file.")
+def main(argv=None, prog: str = "python -m deepseek_jax.evaluate") -> int:
+  ap = cli.parser(prog, "Loss, bits per byte and perplexity on a text file.",
+                  cli.INFERENCE_KEYS.__contains__,
+                  title="model keys a loaded checkpoint may change (model.field=value)")
   ap.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True,
                   help="a train.py workdir, one of its checkpoints/<step>, or a HF directory")
   ap.add_argument("--data", required=True, help="a .txt file (one document) or .jsonl of {text}")
-  ap.add_argument("--seq-len", type=int, default=128, help="tokens of context per sequence")
-  ap.add_argument("--batch-size", type=int, default=8)
-  ap.add_argument("--max-tokens", type=int, default=0, help="score only the first N (0: all)")
+  cli.add_flag(ap, "--seq-len", type=int, default=128, help="tokens of context per sequence")
+  cli.add_flag(ap, "--batch-size", type=int, default=8)
+  cli.add_flag(ap, "--max-tokens", type=int, default=0, help="score only the first N (0: all)")
   ap.add_argument("--tokenizer", default="auto",
                   help="auto (the checkpoint's or the run's), bytes, or PATH/tokenizer.json")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  args = ap.parse_args(argv)
+  ap.add_argument("overrides", nargs="*", metavar="model.field=value",
+                  help="how the loaded model computes (the keys listed below)")
+  args = ap.parse_intermixed_args(argv)
   try:
+    cli.check_overrides(args.overrides, cli.INFERENCE_KEYS.__contains__, "eval")
     if args.seq_len < 1 or args.batch_size < 1 or args.max_tokens < 0:
       raise ValueError("--seq-len and --batch-size must be >= 1, --max-tokens >= 0")
     if args.tokenizer == "ids":
       raise ValueError("--tokenizer ids: evaluation reads text; use auto, bytes or a path")
     docs = read_documents(pathlib.Path(args.data))
     cfg, variables, _ = load_for_inference(args.checkpoint, args.dtype)
+    cfg = cli.model_overrides(cfg, args.overrides, "eval")
     tok = tokenizer_for(args.tokenizer, args.checkpoint, cfg.vocab_size)
     windows, weights = sequences(docs, tok, args.seq_len, args.max_tokens)
     if windows.max() >= cfg.vocab_size:

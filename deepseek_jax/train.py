@@ -1,9 +1,11 @@
 """The main job: config -> mesh -> sharded init -> data -> train loop -> checkpoints -> summary.
 
-    python train.py                                   # configs/tiny.yaml, a few minutes on a CPU
-    python train.py --config configs/tiny.yaml --steps 100 --workdir runs/a model.num_layers=2
-    python train.py --workdir runs/a --resume         # continue a run exactly where it stopped
-    python train.py --workdir runs/a --resume --steps 200 train.eval_every=20   # and extend it
+    deepseek-jax train                                # configs/tiny.yaml, a few minutes on a CPU
+    deepseek-jax train --config configs/tiny.yaml --steps 100 --workdir runs/a model.num_layers=2
+    deepseek-jax train --workdir runs/a --resume      # continue a run exactly where it stopped
+    deepseek-jax train --workdir runs/a --resume --steps 200 train.eval_every=20   # and extend it
+
+(`python -m deepseek_jax.train` and the checkout's `python train.py` are the same command.)
 
 Trains DeepSeek-V3 (MLA, DeepSeekMoE with aux-loss-free balancing, MTP; V3 report §2, §4) on the
 embedded corpus (this Python's standard library) by default. The workdir holds `config.yaml` (the
@@ -17,7 +19,6 @@ non-finite steps exit with code 1.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import pathlib
@@ -32,6 +33,7 @@ import jax  # noqa: E402
 from deepseek_jax import training  # noqa: E402
 from deepseek_jax.config import (IMPLEMENTATION_FIELDS, Config, ConfigError,  # noqa: E402
                                  config_from_dict, config_to_dict, load_config, parse_override)
+from deepseek_jax.config import cli  # noqa: E402
 from deepseek_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from deepseek_jax.training import metrics as metrics_lib  # noqa: E402
 from deepseek_jax.training import build as build_lib  # noqa: E402
@@ -39,7 +41,7 @@ from deepseek_jax.training import loop as loop_lib  # noqa: E402
 from sharding import distributed  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
 
-DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = cli.config_path("tiny")
 # Fields a resumed run may change (besides model.{IMPLEMENTATION_FIELDS}): length, learning-rate
 # schedule, evaluation/checkpoint/log cadence, the MFU peak and how the data-parallel width and
 # collectives are laid out. Anything else (model shape, seed, batch, data, tokenizer, optimizer,
@@ -51,29 +53,22 @@ RESUMABLE = tuple(f"train.{f}" for f in (
     "mesh.data", "mesh.dcn_data", "mesh.alltoall")
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2
-    print(f"train: error: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv):
-  ap = _Parser(prog="train.py", description="Train DeepSeek-V3 (see the module docstring).")
-  ap.add_argument("--config", help="YAML config (default tiny.yaml; with --resume: the run's "
-                                   "config.yaml, and a --config given must equal it)")
+def parse_args(argv, prog: str = "train"):
+  ap = cli.parser(prog, "Train DeepSeek-V3: python -m deepseek_jax.train (see its docstring).",
+                  config="YAML config (default tiny.yaml; with --resume: the run's config.yaml, "
+                         "and a --config given must equal it)")
   ap.add_argument("--steps", type=int, help="shorthand for train.steps=N")
   ap.add_argument("--workdir", help="output directory (default runs/<config name>)")
   ap.add_argument("--resume", action="store_true",
                   help="continue the run in --workdir from its newest checkpoint; overrides may "
                        "change only " + ", ".join(RESUMABLE) + " and model.{"
                        + ",".join(IMPLEMENTATION_FIELDS) + "}")
-  ap.add_argument("--coordinator_address", help="jax.distributed: host:port of process 0")
-  ap.add_argument("--num_processes", type=int, help="jax.distributed: number of processes")
-  ap.add_argument("--process_id", type=int, help="jax.distributed: this process's index")
+  cli.add_flag(ap, "--coordinator-address", help="jax.distributed: host:port of process 0")
+  cli.add_flag(ap, "--num-processes", type=int, help="jax.distributed: number of processes")
+  cli.add_flag(ap, "--process-id", type=int, help="jax.distributed: this process's index")
   ap.add_argument("--distributed", choices=distributed.MODES,
                   help="auto: detect SLURM/TPU/Kubernetes/Open MPI; explicit: the three flags or "
                        "JAX_* variables, required; off: one process (default: explicit if given)")
-  ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=2")
   return ap.parse_intermixed_args(argv)
 
 
@@ -93,8 +88,10 @@ def enable_compilation_cache() -> None:
                       str(pathlib.Path.home() / ".cache" / "deepseek-jax" / "xla"))
 
 
-def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None, prog: str = "train") -> int:
+  """`prog [--config F] [--steps N] [--workdir DIR] [--resume] [section.field=value ...]`."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv, prog)
   enable_compilation_cache()
   try:
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
@@ -105,7 +102,7 @@ def main(argv=None) -> int:
     else:
       cfg = resume_config(run_cfg, workdir, args.config, overrides)
     init_distributed(args)
-    return run(cfg, workdir, resume=args.resume)
+    return run(cfg, workdir, resume=args.resume, command=" ".join([prog, *argv]))
   except ConfigError as e:
     print(f"train: error: {e}", file=sys.stderr)
     return 2
@@ -203,20 +200,23 @@ def prepare(cfg: Config, workdir: pathlib.Path, resume: bool, data, b):
   return ckpt, state
 
 
-def run(cfg: Config, workdir: pathlib.Path, resume: bool = False) -> int:
+def run(cfg: Config, workdir: pathlib.Path, resume: bool = False, command: str = "train") -> int:
   """Validates everything (nothing is written before), saves the run's files, then trains."""
   check_workdir(workdir, resume)
   # Every "auto" choice (compute dtype, kernels) made once, for this backend: the checkpoints'
   # record, the step and the report see the concrete values; config.yaml keeps "auto".
   resolved = build_lib.resolve(cfg, jax.devices())
-  data = training.make_data(resolved)
   b = build(resolved)
+  t = resolved.train
+  # Each process reads only the rows of each global batch that its devices hold.
+  data = training.make_data(resolved, rows=distributed.local_batch_rows(
+      b.batch_sh, (t.batch_size, t.seq_len)))
   if jax.process_index() == 0:
     cfg = ckpt_lib.save_run_files(cfg, workdir)
   resolved = dataclasses.replace(resolved, train=dataclasses.replace(
       resolved.train, tokenizer=cfg.train.tokenizer))
   log = workdir / ckpt_lib.LOG if jax.process_index() == 0 else None
-  with metrics_lib.TeeLog(log, header=f"$ {' '.join(['train.py', *sys.argv[1:]])}"):
+  with metrics_lib.TeeLog(log, header=f"$ {command}"):
     try:
       return train(resolved, workdir, resume, data, b)
     except ConfigError as e:        # found while restoring: still one line, and in the log
@@ -239,11 +239,11 @@ def train(cfg: Config, workdir: pathlib.Path, resume: bool, data, b) -> int:
   compile_s = time.perf_counter() - t0
   print(f"compiled train and eval steps in {compile_s:.1f}s; peak {peak / 1e9:.1f} GFLOP/s "
         f"({peak_src}); {fpt / 1e6:.1f} MFLOP per token", flush=True)
-  rows = distributed.local_batch_rows(b.batch_sh, (t.batch_size, t.seq_len))
 
   def to_device(batch):
-    # Every process reads the same global batch and feeds the rows its devices hold.
-    return {k: distributed.to_global(v[rows], b.batch_sh, v.shape) for k, v in batch.items()}
+    # Each process read only its rows of the global batch (`make_data(rows=...)`).
+    return {k: distributed.to_global(v, b.batch_sh, (t.batch_size, t.seq_len))
+            for k, v in batch.items()}
 
   writer = training.MetricsWriter(workdir, resume_step=start_step)
   run_ = loop_lib.Run(cfg, step_fn, eval_fn, data, ckpt, writer, to_device, fpt, peak)
@@ -278,4 +278,4 @@ def train(cfg: Config, workdir: pathlib.Path, resume: bool, data, b) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(prog="python -m deepseek_jax.train"))

@@ -1,10 +1,10 @@
 """python -m deepseek_jax.aot: compile a config's training step (and a decode step) for an
 accelerator that is not here, and report memory, FLOPs, kernels, collectives and an estimate.
 
-    python -m deepseek_jax.aot --config configs/small.yaml --target h200:1
-    python -m deepseek_jax.aot --config configs/small.yaml --target h200:1 --max-batch
-    python -m deepseek_jax.aot --config configs/v5p_8.yaml --target tpu-v5p:2x2x1 --decode 64,4096
-    python -m deepseek_jax.aot --target h100:8 model.num_layers=4 train.batch_size=16 --json out.json
+    deepseek-jax aot --config configs/small.yaml --target h200:1
+    deepseek-jax aot --config configs/small.yaml --target h200:1 --max-batch
+    deepseek-jax aot --config configs/v5p_8.yaml --target tpu-v5p:2x2x1 --decode 64,4096
+    deepseek-jax aot --target h100:8 model.num_layers=4 train.batch_size=16 --json out.json
 
 Needs the target's compiler: pip install 'deepseek-jax[gpu]' (XLA:GPU, cuDNN) or '[tpu]' (libtpu).
 Bad input exits 2 with one line.
@@ -20,7 +20,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compiling only: no chip to share
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -29,23 +28,17 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from deepseek_jax.aot import crosscheck, programs, report, targets  # noqa: E402
-from deepseek_jax.config import ConfigError, load_config  # noqa: E402
+from deepseek_jax.config import ConfigError, cli, load_config  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
 from sharding import rules as rules_lib  # noqa: E402
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "small.yaml"
+DEFAULT_CONFIG = cli.config_path("small")
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    print(f"aot: error: {message} (see --help)", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv):
-  ap = _Parser(prog="python -m deepseek_jax.aot",
-               description="Compile for an accelerator that is not here (see the module docstring).")
-  ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default small.yaml)")
+def parse_args(argv, prog: str = "python -m deepseek_jax.aot"):
+  ap = cli.parser(prog, "Compile for an accelerator that is not here (see the module docstring).",
+                  config="YAML config (default small.yaml)")
+  ap.set_defaults(config=str(DEFAULT_CONFIG))
   ap.add_argument("--target", required=True,
                   help=f"NAME:SHAPE, NAME one of {', '.join(sorted(targets.CHIPS))}; e.g. h200:1, "
                   "h100:2x8, tpu-v5p:2x2x1")
@@ -53,8 +46,8 @@ def parse_args(argv):
   ap.add_argument("--seq", type=int, help="shorthand for train.seq_len=N")
   ap.add_argument("--decode", metavar="BATCH,CONTEXT",
                   help="also compile one decode step of BATCH rows over a CONTEXT-token cache")
-  ap.add_argument("--no-train", action="store_true", help="skip the training step")
-  ap.add_argument("--max-batch", action="store_true",
+  cli.add_flag(ap, "--no-train", action="store_true", help="skip the training step")
+  cli.add_flag(ap, "--max-batch", action="store_true",
                   help="search the largest train.batch_size (multiples of the data-parallel "
                   "degree) whose step fits the memory JAX uses by default")
   ap.add_argument("--crosscheck", action="store_true",
@@ -63,7 +56,6 @@ def parse_args(argv):
   ap.add_argument("--json", help="also write the reports to this file")
   ap.add_argument("--dump", help="also write each compiled module's optimized HLO text here (a "
                   "directory)")
-  ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.remat=full")
   return ap.parse_intermixed_args(argv)
 
 
@@ -171,8 +163,8 @@ def largest_batch(cfg, devices, target, known: dict[int, int] | None = None) -> 
   return search_batch(total, target.usable_bytes, step, cfg.train.batch_size, known=known)
 
 
-def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None, prog: str = "python -m deepseek_jax.aot") -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv, prog)
   try:
     target = targets.parse_target(args.target)
     overrides = list(args.overrides)

@@ -15,7 +15,7 @@ import sys
 
 from deepseek_jax.codesign import kv_cache, memory, plots, report
 from deepseek_jax.codesign.hardware import get_hardware
-from deepseek_jax.config import ConfigError, load_config
+from deepseek_jax.config import ConfigError, cli, load_config
 from deepseek_jax.model import abstract_variables
 
 DEFAULT_CONFIG = "deepseek_v3_671b"
@@ -53,20 +53,21 @@ def _shape(text: str) -> tuple[int, int]:
   return _positive_int(parts[0]), _positive_int(parts[1])
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m deepseek_jax.codesign",
-              description="Reproduce the tables of 'Insights into DeepSeek-V3' and plan memory, "
-                          "communication and speed for a config.")
+def build_parser(prog: str = "python -m deepseek_jax.codesign") -> _Parser:
+  p = _Parser(prog=prog, description="Reproduce the tables of 'Insights into DeepSeek-V3' and plan "
+                                     "memory, communication and speed for a config.",
+              epilog=cli.keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", help="model YAML (default: configs/deepseek_v3_671b.yaml)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override, e.g. model.num_layers=4 (repeatable)")
+  p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                 help="dotted config overrides, e.g. model.num_layers=4 (see below)")
+  p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated
   p.add_argument("--hardware", default="h800",
                  help="preset: h800, h100, h200, gb200_nvl72, tpu_v5p")
-  p.add_argument("--seq-len", type=_positive_int,
+  cli.add_flag(p, "--seq-len", type=_positive_int,
                  help="sequence length for this model's FLOPs and memory (default: train.seq_len)")
-  p.add_argument("--tokens-per-device", type=_positive_int, default=32,
+  cli.add_flag(p, "--tokens-per-device", type=_positive_int, default=32,
                  help="decode tokens per device for the EP bound (32)")
-  p.add_argument("--ep-size", type=_positive_int, help="devices in the EP group "
+  cli.add_flag(p, "--ep-size", type=_positive_int, help="devices in the EP group "
                  "(default: routed + shared experts, one per device)")
   p.add_argument("--bandwidth", type=_positive_float, metavar="GB/s",
                  help="all-to-all bandwidth per device for the EP bound "
@@ -77,29 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--rules", choices=("project", "planning"), default="project",
                  help="logical -> mesh rules: sharding/rules.py with the config's mesh.rules "
                       "(project) or codesign's shard-everything table (planning)")
-  p.add_argument("--micro-batch", type=_positive_int,
+  cli.add_flag(p, "--micro-batch", type=_positive_int,
                  help="sequences per micro-step, all devices (default: one per batch shard)")
-  p.add_argument("--bf16-moments", action="store_true", help="Adam moments in BF16 (V3 recipe)")
-  p.add_argument("--no-zero1", action="store_true",
+  cli.add_flag(p, "--bf16-moments", action="store_true", help="Adam moments in BF16 (V3 recipe)")
+  cli.add_flag(p, "--no-zero1", action="store_true",
                  help="keep optimizer state replicated over the data axis")
-  p.add_argument("--sample-tokens", type=int, default=2048,
+  cli.add_flag(p, "--sample-tokens", type=int, default=2048,
                  help="tokens routed by the real router for the node-limited table (0: skip)")
-  p.add_argument("--no-eval-shape", action="store_true",
+  cli.add_flag(p, "--no-eval-shape", action="store_true",
                  help="skip the model's eval_shape (parameter check and memory plan)")
   p.add_argument("--roofline", type=_shape, metavar="B,T",
                  help="compile and time our train step on B x T tokens (small configs only)")
-  p.add_argument("--roofline-steps", type=_positive_int, default=3)
+  cli.add_flag(p, "--roofline-steps", type=_positive_int, default=3)
   p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
   return p
 
 
-def run(argv=None) -> list[str]:
-  args = build_parser().parse_args(argv)
+def run(argv=None, prog: str = "python -m deepseek_jax.codesign") -> list[str]:
+  args = build_parser(prog).parse_intermixed_args(argv)
   if args.sample_tokens < 0:
     raise ConfigError(f"--sample-tokens={args.sample_tokens}: must be >= 0")
   hw = get_hardware(args.hardware)
-  path = args.config or report.CONFIG_DIR / f"{DEFAULT_CONFIG}.yaml"
-  cfg = load_config(path, args.set)
+  path = args.config or cli.config_path(DEFAULT_CONFIG)
+  cfg = load_config(path, [*args.set, *args.overrides])
   m = cfg.model
   seq_len = args.seq_len or cfg.train.seq_len
   rules = memory.project_rules(cfg.mesh) if args.rules == "project" else memory.PLANNING_RULES
@@ -143,9 +144,9 @@ def run(argv=None) -> list[str]:
   return lines
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m deepseek_jax.codesign") -> int:
   try:
-    lines = run(argv)
+    lines = run(argv, prog)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

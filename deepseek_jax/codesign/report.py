@@ -11,18 +11,17 @@ import pathlib
 from deepseek_jax.codesign import ep, flops, kv_cache, memory, node_limited, params
 from deepseek_jax.codesign.hardware import Hardware
 from deepseek_jax.codesign.roofline import roofline
-from deepseek_jax.config import ConfigError, ModelConfig, load_config
+from deepseek_jax.config import ConfigError, ModelConfig, cli, load_config
 
 GiB = 2**30
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def reference_model(name: str) -> ModelConfig:
-  """A model config shipped in the repository's configs/ (e.g. 'deepseek_v3_671b')."""
-  path = CONFIG_DIR / f"{name}.yaml"
+  """A model config shipped in configs/ (package data too), e.g. 'deepseek_v3_671b'."""
+  path = cli.config_path(name)
   if not path.is_file():
     raise ConfigError(f"reference config {str(path)!r}: not found (the paper tables need the "
-                      "repository's configs/ directory; run from a source checkout)")
+                      "shipped configs: reinstall deepseek-jax)")
   return load_config(path).model
 
 

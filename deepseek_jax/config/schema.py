@@ -32,9 +32,11 @@ def _positive(section: str, obj, *names: str) -> None:
            "must be a positive integer")
 
 
-# none: keep every activation; full: recompute each block in the backward; dots: save matmul
-# outputs; projections: save the tagged projections (`checkpoint_name`), recompute the rest;
-# projections_offload: the same with the block inputs moved to host memory where the backend can.
+def _f(default, help: str):
+  """A field with its help: the one place a key is described (`config.cli` lists it in --help)."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
 PLATFORMS = ("cpu", "gpu", "tpu")
 # Model fields that choose how the same function is computed, not which parameters it has: a
 # checkpoint resumes across them (another platform, kernel, remat policy or compute dtype).
@@ -67,52 +69,51 @@ class ModelConfig:
   d_model: int = 7168
   num_layers: int = 61
   num_heads: int = 128
-  q_lora_rank: int | None = 1536          # None: plain query projection (V2-Lite)
+  q_lora_rank: int | None = _f(1536, "query latent rank; null: plain projection (V2-Lite)")
   kv_lora_rank: int = 512
   qk_nope_head_dim: int = 128
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
-  ffn_dim: int = 18432                    # dense MLP hidden (HF intermediate_size)
-  first_k_dense_replace: int = 3
+  ffn_dim: int = _f(18432, "dense MLP hidden (HF intermediate_size)")
+  first_k_dense_replace: int = _f(3, "the first layers are dense, the rest MoE")
   # DeepSeekMoE (V3 §2.1.2)
   n_routed_experts: int = 256
   n_shared_experts: int = 1
   num_experts_per_tok: int = 8
-  moe_ffn_dim: int = 2048                 # per expert (HF moe_intermediate_size)
+  moe_ffn_dim: int = _f(2048, "per expert (HF moe_intermediate_size)")
   n_group: int = 8
   topk_group: int = 4
   scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
-  routing_bias: bool = True               # e_score_correction_bias (aux-loss-free balancing)
+  routing_bias: bool = _f(True, "e_score_correction_bias (aux-loss-free balancing)")
   norm_topk_prob: bool = True
   routed_scaling_factor: float = 2.5
-  balance_loss_alpha: float = 1e-4        # sequence-wise balance loss (V3 Eq. 17-20)
-  moe_dispatch: Literal["dense", "dropless"] = "dropless"
-  dropless_impl: Literal["auto", "block", "ragged", "gmm"] = "auto"   # grouped matmul; see below
-  dropless_block: int | None = None       # rows per block of the "block" path (null: automatic)
+  balance_loss_alpha: float = _f(1e-4, "sequence-wise balance loss weight (V3 Eq. 17-20)")
+  moe_dispatch: Literal["dense", "dropless"] = _f("dropless", "dense: every expert (the oracle)")
+  dropless_impl: Literal["auto", "block", "ragged", "gmm"] = _f("auto", "gmm on GPU/TPU, or block")
+  dropless_block: int | None = _f(None, "rows per block of the block path (null: automatic)")
   # Positions
   rope_theta: float = 10000.0
   yarn: YarnConfig | None = dataclasses.field(default_factory=YarnConfig)
   max_position_embeddings: int = 163840
   rms_norm_eps: float = 1e-6
   # Multi-token prediction (V3 §2.2)
-  num_mtp_layers: int = 1
+  num_mtp_layers: int = _f(1, "multi-token prediction depth (0: none)")
   # Numerics and implementation. "auto" resolves by the platform the step is built for
   # (`resolved(platform)`; the target, not the host: `python -m deepseek_jax.aot` builds for
-  # GPUs/TPUs on a CPU host; unresolved, the model resolves by `jax.default_backend()`):
-  # dtype: bfloat16 compute on GPU/TPU, float32 on CPU (parameters stay `param_dtype`);
-  # dropless_impl: "gmm" (a grouped-matmul kernel, cost ~ tokens x K) on GPU/TPU, "block" on CPU;
-  # attention_impl: "fused" (cuDNN on GPU, splash on TPU) there, "blockwise" (online softmax over
-  # `attention_block` keys, never [B, N, T, S]) on CPU when T > attention_block, else
-  # "materialized" (the reference).
-  dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+  # GPUs/TPUs on a CPU host; unresolved, the model resolves by `jax.default_backend()`).
+  dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "bfloat16 on GPU/TPU, float32 on CPU")
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   init_std: float = 0.006
   scan_layers: bool = True
-  remat: Literal["none", "full", "dots", "projections", "projections_offload"] = "none"
-  platform: Literal["auto", "cpu", "gpu", "tpu"] = "auto"   # built for; auto: jax.default_backend()
-  attention_impl: Literal["auto", "materialized", "blockwise", "fused"] = "auto"
-  attention_block: int = 512               # keys (and queries) per block of "blockwise"
-  fuse_gate_up: bool = True                # gate_proj and up_proj as one matmul (same params)
+  remat: Literal["none", "full", "dots", "projections", "projections_offload"] = _f("none", (
+      "none: keep activations; full: recompute each block; dots: save matmul outputs; "
+      "projections: save the tagged projections; projections_offload: those in host memory"))
+  platform: Literal["auto", "cpu", "gpu", "tpu"] = _f("auto", "built for; jax.default_backend()")
+  attention_impl: Literal["auto", "materialized", "blockwise", "fused"] = _f("auto", (
+      "auto: fused (cuDNN, splash) on GPU/TPU; on CPU blockwise (online softmax, never "
+      "[B, N, T, S]) when T > attention_block, else materialized (the reference)"))
+  attention_block: int = _f(512, "keys (and queries) per block of blockwise")
+  fuse_gate_up: bool = _f(True, "gate_proj and up_proj as one matmul (same params)")
 
   def __post_init__(self):
     _positive("model", self, "vocab_size", "d_model", "num_layers", "num_heads", "kv_lora_rank",
@@ -219,38 +220,38 @@ class ModelConfig:
 class TrainConfig:
   """The training run: optimisation (V3 report §4.2), data, evaluation, checkpoints and logging."""
   steps: int = 300
-  batch_size: int = 8                    # sequences per optimizer step (all microbatches)
+  batch_size: int = _f(8, "sequences per optimizer step (all microbatches)")
   seq_len: int = 128
   # AdamW + schedule: warmup, constant, cosine to min_lr_ratio * lr, constant tail (V3 shape)
   learning_rate: float = 3e-3
   min_lr_ratio: float = 0.1
   warmup_steps: int = 30
-  decay_start_frac: float = 0.676        # cosine starts here (V3: 10T of 14.8T tokens)
-  decay_end_frac: float = 0.966          # and ends here (V3: 14.3T of 14.8T tokens)
+  decay_start_frac: float = _f(0.676, "cosine starts here (V3: 10T of 14.8T tokens)")
+  decay_end_frac: float = _f(0.966, "and ends here (V3: 14.3T of 14.8T tokens)")
   weight_decay: float = 0.1
   adam_b1: float = 0.9
   adam_b2: float = 0.95
   adam_eps: float = 1e-8
   grad_clip: float = 1.0
-  bf16_moments: bool = False             # Adam moments stored in BF16 (V3 §3.3.4)
-  grad_accum: int = 1                    # microbatches per step (divides batch_size)
-  mtp_loss_weight: float = 0.3           # lambda (V3: 0.3, later 0.1)
-  bias_update_gamma: float = 1e-3        # aux-loss-free balancing speed (V3: 0.001)
+  bf16_moments: bool = _f(False, "Adam moments stored in BF16 (V3 §3.3.4)")
+  grad_accum: int = _f(1, "microbatches per step (divides batch_size)")
+  mtp_loss_weight: float = _f(0.3, "lambda (V3: 0.3, later 0.1)")
+  bias_update_gamma: float = _f(1e-3, "aux-loss-free balancing speed (V3: 0.001)")
   seed: int = 0
-  # Data: stdlib (this Python's standard library) | synthetic | .txt/.jsonl file, dir or glob
-  data: str = "stdlib"
-  tokenizer: str = "bytes"               # bytes | path to a HF tokenizer.json
-  val_fraction: float = 0.05             # share of files (documents for one file) held out
-  # Evaluation, checkpoints, logging
-  eval_every: int = 50
+  data: str = _f("stdlib", "stdlib (this Python's standard library) | synthetic | .txt/.jsonl/"
+                 ".parquet files, a directory or glob | a prepared directory")
+  data_workers: int = _f(0, "data loader worker processes (0: prefetch threads only)")
+  tokenizer: str = _f("bytes", "bytes | path to a HF tokenizer.json")
+  val_fraction: float = _f(0.05, "share of files (documents for one file) held out")
+  eval_every: int = _f(50, "steps between validation evaluations")
   eval_batches: int = 4
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
-  max_bad_steps: int = 5                 # consecutive non-finite steps that stop the run
+  max_bad_steps: int = _f(5, "consecutive non-finite steps that stop the run")
   log_every: int = 10
-  peak_flops: float = 0.0                # FLOP/s for MFU; 0: declared per accelerator, or measured
-  loss_chunk: int = 0                    # tokens per cross-entropy chunk (no f32 [B, T, V]); 0: auto
+  peak_flops: float = _f(0.0, "FLOP/s for MFU; 0: declared per accelerator, or measured")
+  loss_chunk: int = _f(0, "tokens per cross-entropy chunk (no f32 [B, T, V]); 0: auto")
 
   def __post_init__(self):
     _positive("train", self, "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
@@ -283,6 +284,8 @@ class TrainConfig:
            "must be 'bytes' or a path to a HF tokenizer.json")
     _check(0 < self.val_fraction < 1, "train.val_fraction", self.val_fraction,
            "must lie in (0, 1)")
+    _check(isinstance(self.data_workers, int) and self.data_workers >= 0, "train.data_workers",
+           self.data_workers, "must be an integer >= 0 (0: prefetch threads, no processes)")
     _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0, "train.loss_chunk",
            self.loss_chunk, "must be an integer >= 0 (0: automatic)")
     _check(self.peak_flops >= 0, "train.peak_flops", self.peak_flops,
@@ -306,14 +309,14 @@ class MeshConfig:
   back, in both passes: "model" (the compute dtype), "bfloat16", "fp8" (E4M3 with 1x128
   power-of-two scales) or "logfmt8"/"logfmt10". V3 (§3.3.3): dispatch fp8, combine bfloat16.
   """
-  data: int = -1
-  fsdp: int = 1
-  expert: int = 1
-  tensor: int = 1
-  rules: tuple[str, ...] = ()
-  capacity_factor: float | None = None
-  compute_capacity_factor: float | None = None
-  alltoall: Literal["auto", "dense", "ragged"] = "auto"
+  data: int = _f(-1, "mesh axis size; one axis may be -1 (the remaining devices)")
+  fsdp: int = _f(1, "mesh axis size (parameters and optimizer state sharded)")
+  expert: int = _f(1, "mesh axis size (routed experts sharded: expert parallelism)")
+  tensor: int = _f(1, "mesh axis size")
+  rules: tuple[str, ...] = _f((), "overrides of sharding.rules: 'logical=axis[,axis]'")
+  capacity_factor: float | None = _f(None, "EP buffers x expected rows (null: exact)")
+  compute_capacity_factor: float | None = _f(None, "filled slots packed (null: every slot)")
+  alltoall: Literal["auto", "dense", "ragged"] = _f("auto", "auto: ragged unless XLA:CPU")
   dispatch_dtype: Literal["model", "bfloat16", "fp8", "logfmt8", "logfmt10"] = "model"
   combine_dtype: Literal["model", "bfloat16", "fp8", "logfmt8", "logfmt10"] = "model"
   # How many ways of each axis cross nodes (GPU hosts on IB) or slices (TPU multislice, DCN): the
@@ -364,8 +367,8 @@ class FP8Config:
   # A plain class attribute (no annotation), so not a config field.
   RECIPES = ("none", "deepseek_v3", "deepseek_v3_fused", "deepseek_v3_hopper", "tensor_current",
              "tensor_delayed", "rowwise")
-  recipe: str = "none"
-  overrides: tuple[str, ...] = ()
+  recipe: str = _f("none", "one of " + ", ".join(RECIPES))
+  overrides: tuple[str, ...] = _f((), "'path_glob=recipe' per layer path")
 
   def __post_init__(self):
     _check(self.recipe in self.RECIPES, "fp8.recipe", self.recipe,

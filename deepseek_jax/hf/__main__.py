@@ -1,4 +1,5 @@
-"""`python -m deepseek_jax.hf convert SRC DST [--dtype bfloat16] [--fp8] [--no-mtp]` and `info SRC`.
+"""`deepseek-jax convert SRC DST [--dtype bfloat16] [--fp8] [--no-mtp]` and `deepseek-jax info SRC`
+(or `python -m deepseek_jax.hf convert|info ...`).
 
 SRC is a Hugging Face checkpoint directory or a train.py workdir. User errors print one line and
 exit with 2.
@@ -6,7 +7,6 @@ exit with 2.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -14,6 +14,7 @@ import re
 import sys
 
 from deepseek_jax import naming
+from deepseek_jax.config import cli
 from deepseek_jax.generate.load import load_for_inference
 from deepseek_jax.hf.config import HFConfigError, from_hf_config
 from deepseek_jax.hf.convert import NP_DTYPES, read_config, save_hf
@@ -27,18 +28,19 @@ def _parse_size(text: str) -> int:
   return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m deepseek_jax.hf") -> int:
   """`convert SRC DST [--dtype D] [--fp8] [--no-mtp] [--max-shard-size 5GB]` | `info SRC`."""
-  ap = argparse.ArgumentParser(prog="python -m deepseek_jax.hf",
-                               description="Hugging Face DeepSeek checkpoints: convert and inspect.")
-  sub = ap.add_subparsers(dest="cmd", required=True)
-  conv = sub.add_parser("convert", help="re-write a checkpoint (dtype, FP8, shards)")
+  ap = cli.Parser(prog=prog, description="Hugging Face DeepSeek checkpoints: convert and inspect.")
+  sub = ap.add_subparsers(dest="cmd", required=True, parser_class=cli.Parser)
+  conv = sub.add_parser("convert", help="re-write a checkpoint (dtype, FP8, shards)",
+                        description="Re-write a run or HF checkpoint as a HF checkpoint (no config "
+                                    "keys: the model is the checkpoint's).")
   conv.add_argument("src", help="Hugging Face checkpoint directory or train.py workdir")
   conv.add_argument("dst", help="output directory")
   conv.add_argument("--dtype", choices=sorted(NP_DTYPES), default=None)
   conv.add_argument("--fp8", action="store_true", help="E4M3 weights with 128x128 block scales")
-  conv.add_argument("--no-mtp", action="store_true", help="drop the MTP layers")
-  conv.add_argument("--max-shard-size", default="5GB")
+  cli.add_flag(conv, "--no-mtp", action="store_true", help="drop the MTP layers")
+  cli.add_flag(conv, "--max-shard-size", default="5GB")
   info = sub.add_parser("info", help="print the model config and parameter counts")
   info.add_argument("src")
   args = ap.parse_args(argv)
