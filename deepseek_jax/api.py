@@ -218,7 +218,10 @@ class LM:
                        "(tokenizer_config.json 'chat_template' or chat_template.jinja)")
     if isinstance(messages, str):
       messages = [{"role": "user", "content": messages}]
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415 (only chat needs it)
+    try:
+      from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415 (chat only)
+    except ImportError:
+      raise ValueError("chat=True: chat templates need jinja2 (pip install jinja2)") from None
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals.update(raise_exception=_raise,
