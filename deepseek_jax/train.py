@@ -95,7 +95,8 @@ def main(argv=None, prog: str = "train") -> int:
   enable_compilation_cache()
   try:
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    workdir = pathlib.Path(args.workdir or f"runs/{pathlib.Path(args.config or DEFAULT_CONFIG).stem}")
+    name = pathlib.Path(args.config or DEFAULT_CONFIG).stem
+    workdir = pathlib.Path(args.workdir or f"runs/{name}")
     run_cfg = ckpt_lib.run_config(workdir) if args.resume else None
     if run_cfg is None:   # a new run (or one from before config.yaml: its checkpoint is checked)
       cfg = load_config(args.config or DEFAULT_CONFIG, overrides)

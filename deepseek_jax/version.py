@@ -13,7 +13,8 @@ def _version() -> str:
     return importlib.metadata.version("deepseek-jax")
   except importlib.metadata.PackageNotFoundError:
     pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
-    found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+    text = pyproject.read_text() if pyproject.is_file() else ""
+    found = re.search(r'^version = "([^"]+)"', text, re.M)
     return found.group(1) if found else "0+unknown"
 
 

@@ -1,8 +1,10 @@
 """RMSNorm and RoPE/YaRN against NumPy float64 references; RoPE relative-position property; the
-fused gate/up SwiGLU equals two matmuls."""
+fused gate/up SwiGLU equals two matmuls; RMSNorm and the MLP the same with and without jit."""
 
 import math
 
+import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +43,30 @@ def test_rmsnorm_casts_before_weight():
   ref = np.asarray(w.astype(jnp.bfloat16)) * n
   assert y.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref.astype(jnp.bfloat16), np.float32))
+
+
+class JitVariantsTest(chex.TestCase):
+  """The same function traced and compiled (jit) or run op by op: same shapes, same values."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_rmsnorm_output_has_unit_rms(self):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 16)) * 7.0
+    y = self.variant(lambda x: RMSNorm(eps=1e-6).apply({"params": {"weight": jnp.ones(16)}}, x))(x)
+    chex.assert_shape(y, x.shape)
+    chex.assert_trees_all_close(jnp.mean(y * y, axis=-1), jnp.ones((2, 3)), rtol=1e-4)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_mlp_shapes_and_values_match_the_eager_run(self):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
+    mlp = MLP(8, 16)
+    params = flax.core.meta.unbox(mlp.init(jax.random.PRNGKey(1), x))
+    chex.assert_trees_all_equal_shapes(params["params"], {
+        "gate_proj": {"kernel": jnp.zeros((8, 16))}, "up_proj": {"kernel": jnp.zeros((8, 16))},
+        "down_proj": {"kernel": jnp.zeros((16, 8))}})
+    y = self.variant(mlp.apply)(params, x)
+    chex.assert_shape(y, (2, 3, 8))
+    chex.assert_tree_all_finite(y)
+    chex.assert_trees_all_close(y, mlp.apply(params, x), rtol=1e-5, atol=1e-6)
 
 
 def _rope_ref(x, pos, inv_freq):
@@ -113,9 +139,7 @@ def test_fused_gate_up_equals_two_matmuls(seed, d, f, lead):
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
       lambda s: s.shape, jax.eval_shape(apart.init, jax.random.PRNGKey(0), x)["params"])
   (l0, g0), (l1, g1) = _mlp_value_and_grads(apart, params, x), _mlp_value_and_grads(fused, params, x)
-  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close((l1, g1), (l0, g0), rtol=1e-5, atol=1e-5)
 
 
 def _dots(mlp, params, x) -> int:
@@ -135,7 +159,7 @@ def test_fp8_gate_and_up_are_not_fused():
   apart = MLP(128, 128, fp8_policy=policy, fuse_gate_up=False)
   (l0, g0), (l1, g1) = _mlp_value_and_grads(apart, params, x), _mlp_value_and_grads(fused, params, x)
   assert float(l0) == float(l1)
-  jax.tree.map(np.testing.assert_array_equal, g0, g1)
+  chex.assert_trees_all_equal(g0, g1)
   plain = _mlp_value_and_grads(MLP(128, 128), params, x)[0]
   assert float(plain) != float(l1)    # the policy did quantise
 

@@ -116,7 +116,8 @@ def check_overrides(overrides, keep, what: str) -> None:
 
 # What generate and eval may change in a loaded model: how it computes, not what it is
 # (`--dtype` sets the compute and parameter dtype).
-INFERENCE_KEYS = tuple(f"model.{f}" for f in IMPLEMENTATION_FIELDS if f not in ("dtype", "platform"))
+INFERENCE_KEYS = tuple(f"model.{f}" for f in IMPLEMENTATION_FIELDS
+                       if f not in ("dtype", "platform"))
 
 
 def model_overrides(model: ModelConfig, overrides, what: str) -> ModelConfig:

@@ -32,7 +32,8 @@ _tokenizer = tokenizer_for   # (tests and older callers)
 
 
 def main(argv=None, prog: str = "python -m deepseek_jax.generate") -> int:
-  ap = cli.parser(prog, "Generate text with a DeepSeek checkpoint.", cli.INFERENCE_KEYS.__contains__,
+  ap = cli.parser(prog, "Generate text with a DeepSeek checkpoint.",
+                  cli.INFERENCE_KEYS.__contains__,
                   title="model keys a loaded checkpoint may change (model.field=value)")
   ap.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True,
                   help="a train.py workdir, one of its checkpoints/<step>, or a HF directory")

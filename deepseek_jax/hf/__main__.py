@@ -46,6 +46,8 @@ def main(argv=None, prog: str = "python -m deepseek_jax.hf") -> int:
   args = ap.parse_args(argv)
   try:
     if args.cmd == "info":
+      if not pathlib.Path(args.src).is_dir():
+        raise ValueError(f"{args.src}: no such directory (a Hugging Face checkpoint's)")
       cfg = from_hf_config(read_config(pathlib.Path(args.src)))
       print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
       print(json.dumps(cfg.param_counts(), indent=2))

@@ -31,7 +31,8 @@ KEYS = {"train.tokenizer": "tokenizer", "train.seq_len": "seq_len",
 _OVERRIDE = re.compile(r"[a-z_0-9]+(\.[a-z_0-9]+)+=")
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m deepseek_jax.training.prepare") -> int:
+def main(argv: list[str] | None = None,
+         prog: str = "python -m deepseek_jax.training.prepare") -> int:
   p = cli.parser(prog, __doc__.split("\n\n")[0], KEYS.__contains__,
                  config="a YAML config whose keys below fill the flags not given (tiny.yaml "
                         "when only overrides are given)",
