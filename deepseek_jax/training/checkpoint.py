@@ -136,6 +136,7 @@ def read_model_config(step: pathlib.Path) -> ModelConfig:
 def restore_weights(step: pathlib.Path) -> dict:
   """{'params', 'router_state'} of a step's TrainState on the first device (a partial restore:
   the optimizer moments never leave the disk)."""
+  step = pathlib.Path(step).absolute()     # orbax refuses relative paths
   tree = ocp.PyTreeCheckpointHandler().metadata(step / STATE)
   if "params" not in tree:
     raise ConfigError(f"{step / STATE}: holds no 'params' (not a train.py TrainState)")
