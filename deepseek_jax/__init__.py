@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 
+from deepseek_jax.version import __version__  # noqa: F401
+
 _API = {
     "LM": "deepseek_jax.api", "load": "deepseek_jax.api",
     "Config": "deepseek_jax.config", "ConfigError": "deepseek_jax.config",
