@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 
 import pytest
@@ -140,6 +141,12 @@ def test_wheel_runs_every_command_outside_the_checkout(tmp_path):
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
   bin_ = venv / "bin"
+  # The dependencies already installed here (this interpreter may itself be a venv, as in CI):
+  # after the new venv's own site-packages, so the wheel's package comes first.
+  site_dir = subprocess.run([bin_ / "python", "-c", "import sysconfig; print(sysconfig.get_paths()"
+                             "['purelib'])"], capture_output=True, text=True, check=True).stdout
+  here = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+  (pathlib.Path(site_dir.strip()) / "outer-environment.pth").write_text("\n".join(sorted(here)))
   subprocess.run([bin_ / "python", "-m", "pip", "install", "-q", "--no-deps", wheel], check=True,
                  timeout=300)
   work = tmp_path / "elsewhere"
