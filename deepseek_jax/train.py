@@ -34,6 +34,7 @@ from deepseek_jax import training  # noqa: E402
 from deepseek_jax.config import (IMPLEMENTATION_FIELDS, Config, ConfigError,  # noqa: E402
                                  config_from_dict, config_to_dict, load_config, parse_override)
 from deepseek_jax.config import cli  # noqa: E402
+from deepseek_jax.hf.export import export_hf  # noqa: E402
 from deepseek_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from deepseek_jax.training import metrics as metrics_lib  # noqa: E402
 from deepseek_jax.training import build as build_lib  # noqa: E402
@@ -49,7 +50,7 @@ DEFAULT_CONFIG = cli.config_path("tiny")
 RESUMABLE = tuple(f"train.{f}" for f in (
     "steps", "learning_rate", "min_lr_ratio", "warmup_steps", "decay_start_frac", "decay_end_frac",
     "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
-    "max_bad_steps", "log_every", "peak_flops", "loss_chunk")) + (
+    "max_bad_steps", "log_every", "peak_flops", "loss_chunk", "export_every")) + (
     "mesh.data", "mesh.dcn_data", "mesh.alltoall")
 
 
@@ -246,8 +247,20 @@ def train(cfg: Config, workdir: pathlib.Path, resume: bool, data, b) -> int:
     return {k: distributed.to_global(v, b.batch_sh, (t.batch_size, t.seq_len))
             for k, v in batch.items()}
 
+  def export(step: int, state) -> None:
+    # A HF checkpoint directory of this step (weights on the host, tokenizer, generation config).
+    variables = jax.device_get(training.variables_of(state))
+    variables.pop("fp8_state", None)
+    dst = export_hf(workdir / "hf" / f"step_{step}", b.cfg.model, variables, tokenizer_dir=workdir,
+                    overwrite=True)
+    print(f"exported step {step} to {dst}", flush=True)
+
+  if t.export_every and jax.process_count() > 1:
+    raise ConfigError("train.export_every: exports from a multi-process run are not written "
+                      "(use `deepseek-jax convert` on a checkpoint)")
   writer = training.MetricsWriter(workdir, resume_step=start_step)
-  run_ = loop_lib.Run(cfg, step_fn, eval_fn, data, ckpt, writer, to_device, fpt, peak)
+  run_ = loop_lib.Run(cfg, step_fn, eval_fn, data, ckpt, writer, to_device, fpt, peak,
+                      export=export if t.export_every else None)
   bar = training.ProgressBar(t.steps, start_step, t.log_every)
   try:
     with loop_lib.StopSignal() as stop:

@@ -1,11 +1,8 @@
 """Typed, frozen, self-validating configuration (DeepSeek-V3 `config.json` fields, V3 report §4.2).
 
-A `Config` holds four sections: `model` (the architecture, every field of the HF DeepSeek-V3
-`config.json` under a short name), `train`, `mesh` and `fp8`. YAML files hold values only and are
-loaded strictly by `config.io` (unknown keys, wrong types and impossible values raise
-`ConfigError` naming the field, the value and the rule). The model config counts its own parameters
-and training FLOPs per token.
-"""
+`Config` sections: `model` (every HF DeepSeek-V3 `config.json` field, short names; counts its own
+parameters and FLOPs), `train`, `mesh`, `fp8`. YAML is loaded strictly by `config.io`: bad keys,
+types and values raise `ConfigError` naming the field, the value and the rule."""
 
 from __future__ import annotations
 
@@ -247,6 +244,7 @@ class TrainConfig:
   eval_batches: int = 4
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
+  export_every: int = _f(0, "steps between HF checkpoint exports to <workdir>/hf/step_N (0: off)")
   async_checkpoint: bool = True
   max_bad_steps: int = _f(5, "consecutive non-finite steps that stop the run")
   log_every: int = 10
@@ -284,8 +282,9 @@ class TrainConfig:
            "must be 'bytes' or a path to a HF tokenizer.json")
     _check(0 < self.val_fraction < 1, "train.val_fraction", self.val_fraction,
            "must lie in (0, 1)")
-    _check(isinstance(self.data_workers, int) and self.data_workers >= 0, "train.data_workers",
-           self.data_workers, "must be an integer >= 0 (0: prefetch threads, no processes)")
+    for name in ("data_workers", "export_every"):
+      v = getattr(self, name)
+      _check(isinstance(v, int) and v >= 0, f"train.{name}", v, "must be an integer >= 0 (0: off)")
     _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0, "train.loss_chunk",
            self.loss_chunk, "must be an integer >= 0 (0: automatic)")
     _check(self.peak_flops >= 0, "train.peak_flops", self.peak_flops,

@@ -17,7 +17,8 @@ from deepseek_jax import naming
 from deepseek_jax.config import cli
 from deepseek_jax.generate.load import load_for_inference
 from deepseek_jax.hf.config import HFConfigError, from_hf_config
-from deepseek_jax.hf.convert import NP_DTYPES, read_config, save_hf
+from deepseek_jax.hf.convert import NP_DTYPES, read_config
+from deepseek_jax.hf.export import export_hf
 from deepseek_jax.hf.files import CheckpointError
 
 
@@ -26,6 +27,15 @@ def _parse_size(text: str) -> int:
   if not m:
     raise ValueError(f"--max-shard-size {text!r}: write a size such as 5GB or 500MB")
   return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def _tokenizer_dir(src: pathlib.Path) -> pathlib.Path:
+  """Where the source's tokenizer files are: a HF directory, or a run's workdir (also when given
+  its checkpoints/ or one step of it)."""
+  for d in (src, *src.parents[:3]):
+    if (d / "tokenizer.json").is_file() or (d / "config.json").is_file():
+      return d
+  return src
 
 
 def main(argv=None, prog: str = "python -m deepseek_jax.hf") -> int:
@@ -41,6 +51,8 @@ def main(argv=None, prog: str = "python -m deepseek_jax.hf") -> int:
   conv.add_argument("--fp8", action="store_true", help="E4M3 weights with 128x128 block scales")
   cli.add_flag(conv, "--no-mtp", action="store_true", help="drop the MTP layers")
   cli.add_flag(conv, "--max-shard-size", default="5GB")
+  conv.add_argument("--overwrite", action="store_true",
+                    help="replace an existing DST (once the new checkpoint is complete)")
   info = sub.add_parser("info", help="print the model config and parameter counts")
   info.add_argument("src")
   args = ap.parse_args(argv)
@@ -61,9 +73,10 @@ def main(argv=None, prog: str = "python -m deepseek_jax.hf") -> int:
     if args.no_mtp and cfg.num_mtp_layers:
       cfg = dataclasses.replace(cfg, num_mtp_layers=0)
       variables = {c: {k: v for k, v in t.items() if k != naming.MTP} for c, t in variables.items()}
-    files = save_hf(args.dst, cfg, variables, dtype=args.dtype, fp8=args.fp8,
-                    max_shard_bytes=shard, extra_config=extra)
-    print(f"wrote {len(files)} file(s) to {args.dst}")
+    dst = export_hf(args.dst, cfg, variables, tokenizer_dir=_tokenizer_dir(src), extra=extra,
+                    overwrite=args.overwrite, dtype=args.dtype, fp8=args.fp8,
+                    max_shard_bytes=shard)
+    print(f"wrote {len(list(dst.iterdir()))} file(s) to {dst}")
     return 0
   except (CheckpointError, HFConfigError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -110,6 +110,7 @@ class Run:
   flops_per_token: float
   peak_flops: float
   val_batches: list = dataclasses.field(default_factory=list)
+  export: Callable | None = None   # (step, state) -> None every train.export_every steps
 
 
 @dataclasses.dataclass
@@ -208,7 +209,8 @@ def train_loop(run: Run, state, stop: StopSignal, bar: ProgressBar) -> LoopResul
     if pending is not None:
       last_train = consume(*pending)
     pending = (step, metrics)
-    if step % t.eval_every == 0 or step % t.checkpoint_every == 0:
+    exporting = run.export is not None and step % t.export_every == 0
+    if step % t.eval_every == 0 or step % t.checkpoint_every == 0 or exporting:
       # The step is still running on the device: it belongs to the timed window, only what
       # follows (evaluation, the checkpoint's copy) is left out of tokens/s and MFU.
       jax.block_until_ready(metrics)
@@ -220,6 +222,8 @@ def train_loop(run: Run, state, stop: StopSignal, bar: ProgressBar) -> LoopResul
         last_eval = {**ev, "step": step}
       if step % t.checkpoint_every == 0:
         run.checkpointer.save(state)
+      if exporting:
+        run.export(step, state)
       clock["excluded"] += time.perf_counter() - t_side
   if pending is not None:
     last_train = consume(*pending)

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 
+import jax
+import numpy as np
 import pytest
 
 import train
@@ -129,3 +131,17 @@ def test_evaluate_scores_text_with_the_runs_tokenizer(word_run, capsys, tmp_path
     assert evaluate_main(["--checkpoint", str(workdir), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --data") and err.count("\n") == 1, err
+
+
+def test_training_exports_a_hf_directory_every_n_steps(tmp_path, xla_cache):
+  from deepseek_jax.generate.load import load_for_inference  # noqa: PLC0415
+  workdir = tmp_path / "run"
+  run_train(xla_cache, workdir, *SMALL, "train.steps=4", "train.export_every=2",
+            "train.eval_every=100", "train.checkpoint_every=100")
+  for step in (2, 4):
+    d = workdir / "hf" / f"step_{step}"
+    assert (d / "config.json").is_file() and (d / "generation_config.json").is_file(), step
+  _, exported, _ = load_for_inference(workdir / "hf" / "step_4")
+  _, trained, _ = load_for_inference(workdir)
+  for a, b in zip(jax.tree.leaves(exported["params"]), jax.tree.leaves(trained["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
