@@ -95,7 +95,7 @@ def main(argv=None, prog: str = "train") -> int:
   args = parse_args(argv, prog)
   enable_compilation_cache()
   try:
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     name = pathlib.Path(args.config or DEFAULT_CONFIG).stem
     workdir = pathlib.Path(args.workdir or f"runs/{name}")
     run_cfg = ckpt_lib.run_config(workdir) if args.resume else None

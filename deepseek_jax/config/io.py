@@ -140,7 +140,10 @@ def load_config(path=None, overrides=()) -> Config:
     if not p.is_file():
       raise ConfigError(f"config file {str(path)!r}: does not exist")
     try:
-      loaded = yaml.safe_load(p.read_text())
+      loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+      raise ConfigError(f"config file {str(path)!r}: not UTF-8 text (byte 0x{e.object[e.start]:02x} "
+                        f"at offset {e.start})") from None
     except yaml.YAMLError as e:
       raise ConfigError(f"config file {str(path)!r}: not valid YAML ({e.__class__.__name__})") from None
     if loaded is not None and not isinstance(loaded, dict):

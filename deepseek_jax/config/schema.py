@@ -254,7 +254,8 @@ class TrainConfig:
   def __post_init__(self):
     _positive("train", self, "steps", "batch_size", "seq_len", "grad_accum", "eval_every",
               "eval_batches", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "log_every")
-    _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+    _check(math.isfinite(self.learning_rate) and self.learning_rate > 0, "train.learning_rate",
+           self.learning_rate, "must be a finite number > 0")
     _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,
            "must lie in [0, 1]")
     _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "train.warmup_steps",

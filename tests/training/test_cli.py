@@ -19,6 +19,9 @@ def _no_global_cache(monkeypatch, tmp_path):
     (["train.data=/no/such/corpus.txt"], "train.data='/no/such/corpus.txt'"),
     (["--coordinator_address", "localhost:1234"], "give all three"),
     (["train.batch_size=4"], "must be a multiple of 8"),     # 8 fake devices split the batch
+    (["--steps", "0"], "train.steps=0"),                      # 0 is not "unset" (issue 17)
+    (["train.learning_rate=.inf"], "train.learning_rate=inf: must be a finite number > 0"),
+    (["train.learning_rate=.nan"], "train.learning_rate=nan: must be a finite number > 0"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path):
   assert train.main(["--workdir", str(tmp_path / "w"), *argv]) == 2
@@ -61,3 +64,11 @@ def test_existing_run_needs_resume_and_the_same_model(run_a, capsys):
 def train_error(workdir, override, capsys) -> str:
   assert train.main(["--workdir", str(workdir), "--resume", override]) == 2
   return capsys.readouterr().err
+
+
+def test_a_config_that_is_not_utf8_is_one_line(capsys, tmp_path):
+  bad = tmp_path / "bad.yaml"
+  bad.write_bytes(b"model:\n  d_model: \xff\xfe\n")
+  assert train.main(["--workdir", str(tmp_path / "w"), "--config", str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "not UTF-8 text (byte 0xff" in err, err
