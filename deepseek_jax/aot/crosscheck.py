@@ -29,7 +29,7 @@ import numpy as np
 from deepseek_jax.aot import collectives, hlo, walk
 from deepseek_jax.aot.targets import GiB
 from deepseek_jax.codesign import memory, node_limited
-from deepseek_jax.codesign.step_memory import step_plan
+from deepseek_jax.codesign.step_memory import BATCH_AXES, step_plan
 from deepseek_jax.model import abstract_variables
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -178,7 +178,7 @@ def collective_prediction(b, sizes) -> dict[str, float]:
   # output gradients to the experts in the dispatch format, the input gradients in the combine's
   a2a = t.grad_accum * moe_layers * rows * m.d_model * ((d + c) + remat * d + (d + c))
   passes = 2    # forward and backward (a recomputation can reuse the backward's gather)
-  gather_axes = {a for a in ("data", "fsdp") if sizes.get(a, 1) > 1}
+  gather_axes = {a for a in BATCH_AXES if sizes.get(a, 1) > 1}
   kept = {a: (1 if a in gather_axes else n) for a, n in sizes.items()}
   gathered = 0.0
   for _, coll, shape, names in memory._logical_leaves(abstract_variables(m)):
@@ -218,7 +218,7 @@ def collective_lines(b, target, text: str) -> tuple[list[str], dict]:
   for (kind, axes, op), tr in got.items():
     if kind == "all-to-all" and not set(axes) & ep_axes:   # the expert exchange spans EP axes
       kind = "all-to-all (other)"
-    elif kind in ("all-gather", "reduce-scatter") and not set(axes) & {"data", "fsdp"}:
+    elif kind in ("all-gather", "reduce-scatter") and not set(axes) & set(BATCH_AXES):
       kind += " (other axes)"
     k = by_kind[(kind, axes)]
     k.count += tr.count
