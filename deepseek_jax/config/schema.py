@@ -11,27 +11,8 @@ import math
 from typing import Literal
 
 from deepseek_jax.config import counts
-
-
-class ConfigError(ValueError):
-  """A user-facing configuration error: names the field, the value and the rule."""
-
-
-def _check(ok: bool, field: str, value, rule: str) -> None:
-  if not ok:
-    raise ConfigError(f"{field}={value!r}: {rule}")
-
-
-def _positive(section: str, obj, *names: str) -> None:
-  for n in names:
-    v = getattr(obj, n)
-    _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{section}.{n}", v,
-           "must be a positive integer")
-
-
-def _f(default, help: str):
-  """A field with its help: the one place a key is described (`config.cli` lists it in --help)."""
-  return dataclasses.field(default=default, metadata={"help": help})
+from deepseek_jax.config.base import ConfigError, _check, _f, _positive  # noqa: F401 (ConfigError re-exported)
+from deepseek_jax.config.numerics import FP8Config
 
 
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -355,31 +336,6 @@ class MeshConfig:
     for n in ("dispatch_dtype", "combine_dtype"):
       v = getattr(self, n)
       _check(v in self.WIRES, f"mesh.{n}", v, f"must be one of {', '.join(self.WIRES)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class FP8Config:
-  """FP8 recipe by name, with per-layer-path overrides ("pattern=recipe" strings).
-
-  Recipes are defined in `deepseek_jax.fp8.policy` (which checks that `RECIPES` lists exactly
-  its names); patterns are `fnmatch` globs over '/'-joined module paths, e.g. "*attn*=none".
-  """
-  # A plain class attribute (no annotation), so not a config field.
-  RECIPES = ("none", "deepseek_v3", "deepseek_v3_fused", "deepseek_v3_hopper", "tensor_current",
-             "tensor_delayed", "rowwise")
-  recipe: str = _f("none", "one of " + ", ".join(RECIPES))
-  overrides: tuple[str, ...] = _f((), "'path_glob=recipe' per layer path")
-
-  def __post_init__(self):
-    _check(self.recipe in self.RECIPES, "fp8.recipe", self.recipe,
-           f"must be one of {list(self.RECIPES)}")
-    for o in self.overrides:
-      _check(isinstance(o, str) and o.count("=") == 1, "fp8.overrides", o,
-             "each entry must read 'path_pattern=recipe'")
-      pattern, name = o.split("=")
-      _check(pattern.strip() != "", "fp8.overrides", o, "the path pattern must not be empty")
-      _check(name.strip() in self.RECIPES, "fp8.overrides", o,
-             f"the recipe after '=' must be one of {list(self.RECIPES)}")
 
 
 @dataclasses.dataclass(frozen=True)
