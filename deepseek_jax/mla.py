@@ -130,6 +130,20 @@ class MLA(nn.Module):
                                 **mask)
     return jnp.einsum("BTNC,CNJ->BTNJ", out_lat_BTNC, w_uv_CNJ)
 
+  def _self_reading(self, q_nope_BTNH, q_rope_BTNR, latent_BTC, rope_BTR, positions_BT, cache,
+                    layer):
+    """Absorbed attention through a cache object that writes and reads its own latents, e.g.
+    `generate.paged.PagedLatentCache` (blocks gathered through a block table):
+    `cache.write_and_attend(latent_BTC, rope_BTR, q_lat_BTNC, q_rope_BTNR, positions_BT, layer,
+    scale) -> (cache, out_lat_BTNC)`."""
+    H = self.cfg.qk_nope_head_dim
+    w = self.kv_b_proj.kernel.astype(cache.dtype)   # [C, N, H + J]
+    q_lat_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w[..., :H])
+    cache, out_lat_BTNC = cache.write_and_attend(latent_BTC, rope_BTR, q_lat_BTNC, q_rope_BTNR,
+                                                 positions_BT, layer, softmax_scale(self.cfg))
+    out_BTNJ = jnp.einsum("BTNC,CNJ->BTNJ", out_lat_BTNC, w[..., H:])
+    return self.o_proj(checkpoint_name(out_BTNJ, "attention_out")), cache
+
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
                cache: LatentCache | None = None, layer=None, segments_BT: jax.Array | None = None
                ) -> tuple[jax.Array, LatentCache | None]:
@@ -148,6 +162,9 @@ class MLA(nn.Module):
     if segments_BT is not None:
       raise ValueError("segments_BT: document segments apply to the training/prefill path "
                        "(cache=None) only; decode with one document per row")
+    if hasattr(cache, "write_and_attend"):   # a cache that stores and reads itself (paged)
+      return self._self_reading(q_nope_BTNH, q_rope_BTNR, latent_BTC, rope_BTR, positions_BT,
+                                cache, layer)
     start_B = positions_BT[:, 0].astype(jnp.int32)
     cache = LatentCache(_write(cache.latent_BSC, latent_BTC, start_B, layer),
                         _write(cache.rope_BSR, rope_BTR, start_B, layer))
