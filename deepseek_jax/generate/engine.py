@@ -1,0 +1,301 @@
+"""A continuous-batching engine on the paged latent cache (V3 report §2.1.1; Orca's iteration-level
+scheduling, Sarathi's chunked prefill, vLLM's paged blocks).
+
+`Engine(cfg, variables).submit(prompt_ids, ...)` queues a request and returns a `Request`, an
+iterator of its tokens that drives the engine while it waits. Every `step()` admits queued requests
+into free slots (when the pool can promise their worst-case blocks), runs one prefill chunk of the
+oldest request still prefilling, one decode step of every running slot, and retires the finished
+ones (their blocks go back to the pool). Two compiled programs, each compiled once: decode over a
+fixed number of slots and prefill of one fixed-size chunk, both over the fixed block pool.
+Sampling parameters, seeds, stop ids and budgets are per-slot arrays. The host reads each step's
+tokens one step late, so the device never waits for Python.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import time
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.generate import paged
+from deepseek_jax.generate.decode import Sampling, SamplingArrays, sampling_probs
+from deepseek_jax.layers import dtype_of
+from deepseek_jax.model import OutputHead, Transformer, head_variables
+
+
+class Slots(NamedTuple):
+  """Per-slot decoding state on the device ([S] each; stop ids [S, K], -1 padded)."""
+  tokens_S: jax.Array       # the last emitted token: the next input
+  positions_S: jax.Array    # the position it is fed at
+  done_S: jax.Array
+  remaining_S: jax.Array    # tokens the slot may still emit
+  seed_S: jax.Array
+  temperature_S: jax.Array
+  top_k_S: jax.Array
+  top_p_S: jax.Array
+  stop_SK: jax.Array
+
+
+class Params(NamedTuple):
+  """One request's parameters (scalars; stop ids [K])."""
+  length: jax.Array
+  max_new: jax.Array
+  seed: jax.Array
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+  stop_K: jax.Array
+
+
+def init_slots(slots: int, stops: int) -> Slots:
+  z = jnp.zeros(slots, jnp.int32)
+  return Slots(z, z, jnp.ones(slots, bool), z, z, jnp.zeros(slots, jnp.float32), z,
+               jnp.ones(slots, jnp.float32), jnp.full((slots, stops), -1, jnp.int32))
+
+
+def _sample(logits_V, seed, position, temperature, top_k, top_p):
+  """The token for `position`: greedy at temperature 0, else drawn with a key of (seed, position)
+  only, so a request samples the same tokens whatever shares its batch."""
+  probs_V = sampling_probs(logits_V[None], SamplingArrays(temperature, top_k, top_p))[0]
+  key = jax.random.fold_in(jax.random.key(seed), position)
+  drawn = jax.random.categorical(key, jnp.log(probs_V))
+  return jnp.where(temperature > 0, drawn, jnp.argmax(logits_V)).astype(jnp.int32)
+
+
+def _settle(token_S, stop_SK, done_S, remaining_S):
+  """(count, done, remaining) after emitting `token_S` (count 0 once done)."""
+  count_S = jnp.where(done_S, 0, 1).astype(jnp.int32)
+  remaining_S = remaining_S - count_S
+  hit_S = jnp.any(token_S[:, None] == stop_SK, axis=1)
+  return count_S, done_S | hit_S | (remaining_S <= 0), remaining_S
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "group"), donate_argnames=("pools",))
+def decode_slots(cfg: ModelConfig, variables, pools, table_SM, st: Slots, group: int):
+  """One token for every slot at its own position; done slots emit nothing (count 0)."""
+  cache = paged.model_cache(pools, table_SM, group)
+  out = Transformer(cfg).apply(variables, st.tokens_S[:, None], st.positions_S[:, None],
+                               cache=cache)
+  next_S = jax.vmap(_sample)(out.logits_BTV[:, 0], st.seed_S, st.positions_S + 1,
+                             st.temperature_S, st.top_k_S, st.top_p_S)
+  count_S, done_S, remaining_S = _settle(next_S, st.stop_SK, st.done_S, st.remaining_S)
+  st = st._replace(tokens_S=jnp.where(count_S > 0, next_S, st.tokens_S),
+                   positions_S=st.positions_S + count_S, done_S=done_S, remaining_S=remaining_S)
+  return paged.pools_of(out.cache), st, (next_S, count_S, done_S)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "group"), donate_argnames=("pools",))
+def prefill_chunk(cfg: ModelConfig, variables, pools, table_1M, st: Slots, slot, tokens_1T, start,
+                  req: Params, group: int):
+  """Writes prompt positions [start, start + T) of one request; the chunk holding its last token
+  samples the first token and puts the request into `slot`."""
+  T = tokens_1T.shape[1]
+  pos_1T = start + jnp.arange(T, dtype=jnp.int32)[None]
+  out = Transformer(cfg).apply(variables, tokens_1T, pos_1T,
+                               cache=paged.model_cache(pools, table_1M, group), logits=False)
+  idx = req.length - 1 - start
+  last = idx < T
+  hidden_D = out.hidden_BTD[0, jnp.clip(idx, 0, T - 1)]
+  logits_V = OutputHead(cfg).apply(head_variables(variables), hidden_D[None])[0]
+  first = _sample(logits_V.astype(jnp.float32), req.seed, req.length, req.temperature,
+                  req.top_k, req.top_p)
+  count, done, remaining = _settle(first[None], req.stop_K[None], jnp.zeros(1, bool),
+                                   req.max_new[None])
+  row = Slots(first, req.length, done[0], remaining[0], req.seed, req.temperature, req.top_k,
+              req.top_p, req.stop_K)
+  st = jax.tree.map(lambda a, r: jnp.where(last, a.at[slot].set(r), a), st, row)
+  return paged.pools_of(out.cache), st, (first[None], jnp.where(last, count, 0), done)
+
+
+class Request:
+  """A submitted request: `tokens` so far (stop token excluded), `finished`, `stopped`, the
+  times its tokens arrived (`token_times`, perf_counter); iterating it streams its tokens and
+  runs the engine while it waits."""
+
+  def __init__(self, engine: "Engine", rid: int, prompt: list[int], max_new_tokens: int,
+               sampling: Sampling, stop: Sequence[int], seed: int):
+    self.engine, self.id, self.prompt = engine, rid, prompt
+    self.max_new_tokens, self.sampling, self.stop, self.seed = max_new_tokens, sampling, stop, seed
+    self.tokens: list[int] = []
+    self.token_times: list[float] = []
+    self.submitted = time.perf_counter()
+    self.finished = self.stopped = False
+    self.slot: int | None = None
+    self.prefilled = 0        # prompt tokens dispatched to prefill
+    self.next_pos = 0         # running: the position the next dispatched decode step writes
+
+  def __iter__(self):
+    i = 0
+    while True:
+      while i < len(self.tokens):
+        i += 1
+        yield self.tokens[i - 1]
+      if self.finished:
+        return
+      self.engine.step()
+
+  def result(self) -> list[int]:
+    for _ in self:
+      pass
+    return self.tokens
+
+
+class Engine:
+  """Continuous batching over `slots` decode rows and a pool of `num_blocks` blocks of
+  `block_size` tokens (default: enough for every slot at `max_seq_len`). `prefill_chunk`
+  prompt tokens are prefilled per step; `stops` is the most stop ids a request may give."""
+
+  def __init__(self, cfg: ModelConfig, variables, *, slots: int = 8, block_size: int = 16,
+               num_blocks: int | None = None, max_seq_len: int | None = None,
+               prefill_chunk: int = 64, group: int = 8, stops: int = 8, cache_dtype=None):
+    for name, value in (("slots", slots), ("block_size", block_size),
+                        ("prefill_chunk", prefill_chunk), ("group", group), ("stops", stops)):
+      if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+    self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+    if not 1 <= self.max_seq_len <= cfg.max_position_embeddings:
+      raise ValueError(f"max_seq_len={self.max_seq_len}: must lie in [1, "
+                       f"max_position_embeddings={cfg.max_position_embeddings}]")
+    self.cfg, self.variables = cfg, variables
+    self.slots, self.chunk, self.group, self.stops = slots, prefill_chunk, group, stops
+    self.max_blocks = -(-self.max_seq_len // block_size)
+    num_blocks = num_blocks or slots * self.max_blocks + 1
+    self.blocks = paged.BlockPool(num_blocks, block_size)
+    self.cache_dtype = cache_dtype or dtype_of(cfg.dtype)
+    self.pools = paged.init_model_pools(cfg, num_blocks, block_size, self.cache_dtype)
+    self.state = init_slots(slots, stops)
+    self.queue: collections.deque[Request] = collections.deque()
+    self.slot_of: list[Request | None] = [None] * slots
+    self._ids = itertools.count()
+    self._in_flight: list = []     # the last step's emits, read at the next step
+    self.steps = 0
+
+  @property
+  def cache_bytes(self) -> int:
+    """The pool's bytes (what the engine holds for the cache)."""
+    return sum(a.nbytes for p in self.pools.values() if p is not None for a in p)
+
+  @property
+  def block_bytes(self) -> int:
+    return self.cache_bytes // self.blocks.num_blocks
+
+  def submit(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop: Sequence[int] = (),
+             seed: int = 0) -> Request:
+    """Queues a request; returns its `Request` (iterate it to stream its tokens)."""
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+      raise ValueError("prompt_ids: must hold at least one token")
+    if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
+      raise ValueError(f"prompt_ids: token ids must lie in [0, vocab_size={self.cfg.vocab_size})")
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+      raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    if len(prompt) + max_new_tokens > self.max_seq_len:
+      raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
+                       f"max_seq_len={self.max_seq_len}")
+    if len(set(stop)) > self.stops:
+      raise ValueError(f"stop: {len(set(stop))} ids, more than the engine's stops={self.stops}")
+    if self.blocks.blocks_for(len(prompt) + max_new_tokens) > self.blocks.num_blocks - 1:
+      raise ValueError(f"prompt + max_new_tokens ({len(prompt) + max_new_tokens} tokens) needs "
+                       f"more blocks than the pool holds ({self.blocks.num_blocks - 1})")
+    req = Request(self, next(self._ids), prompt, max_new_tokens,
+                  Sampling(temperature, top_k, top_p), tuple(sorted(set(int(s) for s in stop))),
+                  seed)
+    self.queue.append(req)
+    return req
+
+  @property
+  def busy(self) -> bool:
+    return bool(self.queue or self._in_flight or any(self.slot_of))
+
+  def run(self) -> None:
+    """Steps until every submitted request has finished."""
+    while self.busy:
+      self.step()
+
+  # ---- one iteration ----
+
+  def step(self) -> None:
+    """Admit, one prefill chunk, one decode step; then read the previous step's tokens."""
+    self._admit()
+    emits = []
+    prefilling = [r for r in self.slot_of if r is not None and r.prefilled < len(r.prompt)]
+    if prefilling:
+      emits.append(self._prefill(min(prefilling, key=lambda r: r.id)))
+    running = [r if r is not None and r.prefilled == len(r.prompt) and not r.finished else None
+               for r in self.slot_of]
+    if any(running):
+      emits.append(self._decode(running))
+    previous, self._in_flight = self._in_flight, emits
+    for emit in previous:
+      self._deliver(*emit)
+    if not emits:            # nothing dispatched: read what is left now
+      for emit in self._in_flight:
+        self._deliver(*emit)
+      self._in_flight = []
+    self.steps += 1
+
+  def _admit(self) -> None:
+    while self.queue and None in self.slot_of:
+      req = self.queue[0]
+      if not self.blocks.reserve(req.id, len(req.prompt) + req.max_new_tokens):
+        return
+      self.queue.popleft()
+      req.slot = self.slot_of.index(None)
+      self.slot_of[req.slot] = req
+
+  def _table(self, reqs) -> np.ndarray:
+    return np.stack([self.blocks.table_row(r.id, self.max_blocks) if r is not None
+                     else np.zeros(self.max_blocks, np.int32) for r in reqs])
+
+  def _prefill(self, req: Request):
+    start, n = req.prefilled, len(req.prompt)
+    end = min(start + self.chunk, n)
+    self.blocks.ensure(req.id, end)
+    tokens = np.zeros((1, self.chunk), np.int32)
+    tokens[0, :end - start] = req.prompt[start:end]
+    stop_K = np.full(self.stops, -1, np.int32)
+    stop_K[:len(req.stop)] = req.stop
+    s = req.sampling
+    params = Params(np.int32(n), np.int32(req.max_new_tokens), np.int32(req.seed),
+                    np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p), stop_K)
+    self.pools, self.state, emit = prefill_chunk(
+        self.cfg, self.variables, self.pools, self._table([req]), self.state, np.int32(req.slot),
+        tokens, np.int32(start), params, self.group)
+    req.prefilled, req.next_pos = end, n
+    return [req], emit
+
+  def _decode(self, running):
+    for r in running:
+      if r is not None:   # blocks through the position this step writes (at most the budget's)
+        self.blocks.ensure(r.id, min(r.next_pos + 1, len(r.prompt) + r.max_new_tokens))
+        r.next_pos += 1
+    self.pools, self.state, emit = decode_slots(self.cfg, self.variables, self.pools,
+                                                self._table(running), self.state, self.group)
+    return running, emit
+
+  def _deliver(self, reqs, emit) -> None:
+    tokens, counts, dones = jax.device_get(emit)
+    now = time.perf_counter()
+    for req, tok, count, done in zip(reqs, tokens, counts, dones):
+      if req is None or req.finished or not count:
+        continue
+      if int(tok) in req.stop:
+        req.stopped = True
+      else:
+        req.tokens.append(int(tok))
+        req.token_times.append(now)
+      if done:
+        self._retire(req)
+
+  def _retire(self, req: Request) -> None:
+    req.finished = True
+    self.blocks.free(req.id)
+    self.slot_of[req.slot] = None
