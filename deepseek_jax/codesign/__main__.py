@@ -1,9 +1,12 @@
 """`python -m deepseek_jax.codesign`: the co-design calculator's command line ("Insights" §2-4).
 
 Prints the paper's Tables 1-2, the EP TPOT bound and node-limited routing numbers next to the
-same quantities for `--config` on `--hardware`, and a per-device memory plan on `--mesh` (or an
-FSDP + EP mesh for `--devices`). `--plot DIR` writes PNG charts; `--roofline B,T` compiles and
-times our own train step. User errors print one line to stderr and exit with code 2.
+same quantities for `--config` on `--hardware`, a per-device memory plan on `--mesh` (or an
+FSDP + EP mesh for `--devices`), and the paper's remaining numbers (Tables 3-5, the 4:1 ratio,
+DualPipe, MTP, V2 against 67B: `paper_report`), each beside the paper's value with a status.
+`--paper-only` prints the paper's numbers alone; `--markdown FILE` writes them as a table;
+`--plot DIR` writes PNG charts; `--roofline B,T` compiles and times our own train step. User
+errors print one line to stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import math
 import pathlib
 import sys
 
-from deepseek_jax.codesign import kv_cache, memory, plots, report
+from deepseek_jax.codesign import kv_cache, memory, paper_report, plots, report
 from deepseek_jax.codesign.hardware import get_hardware
 from deepseek_jax.config import ConfigError, cli, load_config
 from deepseek_jax.model import abstract_variables
 
 DEFAULT_CONFIG = "deepseek_v3_671b"
+RUN_CONFIG = "deepseek_v3_h800_2048"   # V3's 2048-GPU run: the tokens per step of Table 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +95,32 @@ def build_parser(prog: str = "python -m deepseek_jax.codesign") -> _Parser:
                  help="compile and time our train step on B x T tokens (small configs only)")
   cli.add_flag(p, "--roofline-steps", type=_positive_int, default=3)
   p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
+  cli.add_flag(p, "--paper-only", action="store_true",
+                 help="print only the paper's numbers (Tables 1-5, ratio, DualPipe, MTP, V2 vs "
+                      "67B) beside ours, with a status each; fast")
+  p.add_argument("--markdown", metavar="FILE",
+                 help="also write the paper's remaining numbers as a Markdown table to FILE")
+  p.add_argument("--logfmt", action="store_true",
+                 help="add the LogFMT claim from `lab wires` (slower: it encodes test tiles)")
   return p
+
+
+def paper_lines(args, v2, v3, hw) -> list[str]:
+  """The paper's remaining numbers (Tables 3-5 and the rest) as report lines; `--markdown` and
+  `--logfmt` act here."""
+  run = load_config(cli.config_path(RUN_CONFIG)).train
+  extra = []
+  if args.logfmt:
+    group = paper_report.logfmt_group()
+    if group is None:
+      raise ConfigError("--logfmt: deepseek_jax.lab.wires.logfmt_claim is not available")
+    extra.append(group)
+  sections = paper_report.paper_sections(v2, v3, run.batch_size * run.seq_len, hw, extra)
+  if args.markdown:
+    pathlib.Path(args.markdown).write_text(paper_report.markdown(sections) + "\n")
+  counts = paper_report.status_counts(sections)
+  return paper_report.section_lines(sections) + [
+      "== Paper numbers by status: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " =="]
 
 
 def run(argv=None, prog: str = "python -m deepseek_jax.codesign") -> list[str]:
@@ -113,6 +142,10 @@ def run(argv=None, prog: str = "python -m deepseek_jax.codesign") -> list[str]:
   bandwidth = None if args.bandwidth is None else args.bandwidth * 1e9
   moment_bytes = 2 if args.bf16_moments else 4
 
+  if args.paper_only:
+    return ([f"# the paper's numbers beside the project's (on {hw.name})"]
+            + report.section_table1(v3) + report.section_table2(v2, v3)
+            + paper_lines(args, v2, v3, get_hardware("h800")))
   variables = None if args.no_eval_shape else abstract_variables(m)
   lines = [f"# co-design report for {path} on {hw.name}"]
   lines += report.section_model(m, seq_len, variables)
@@ -126,6 +159,7 @@ def run(argv=None, prog: str = "python -m deepseek_jax.codesign") -> list[str]:
         m, mesh, args.micro_batch, seq_len, moment_bytes, not args.no_zero1, hw, rules,
         variables=variables)
     lines += mem_lines
+  lines += paper_lines(args, v2, v3, get_hardware("h800"))
   if args.roofline:
     lines += report.section_roofline(m, *args.roofline, args.roofline_steps)
   if plot_dir is not None:

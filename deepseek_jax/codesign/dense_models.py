@@ -1,4 +1,4 @@
-"""Dense GQA/MHA transformers the paper compares against ("Insights into DeepSeek-V3" Tables 1-2).
+"""Dense GQA/MHA transformers the papers compare against ("Insights" Tables 1-2; V2's DeepSeek 67B).
 
 Qwen-2.5 72B and LLaMA-3.1 405B are not DeepSeek models (no MLA, no MoE), so they are not
 `ModelConfig`s; this small dataclass describes them from their published `config.json` values and
@@ -85,4 +85,11 @@ LLAMA3_1_405B = DenseModel(
     num_kv_heads=8, head_dim=128, ffn_dim=53248,
     source="meta-llama/Llama-3.1-405B config.json (405B parameters)")
 
-DENSE_MODELS: dict[str, DenseModel] = {"qwen2_5_72b": QWEN2_5_72B, "llama3_1_405b": LLAMA3_1_405B}
+DEEPSEEK_67B = DenseModel(
+    name="DeepSeek LLM 67B", vocab_size=102400, d_model=8192, num_layers=95, num_heads=64,
+    num_kv_heads=8, head_dim=128, ffn_dim=22016,
+    source="deepseek-ai/deepseek-llm-67b-base config.json (LLaMA architecture, GQA 8 KV heads); "
+           "V2's baseline in arXiv 2405.04434")
+
+DENSE_MODELS: dict[str, DenseModel] = {"qwen2_5_72b": QWEN2_5_72B, "llama3_1_405b": LLAMA3_1_405B,
+                                       "deepseek_67b": DEEPSEEK_67B}

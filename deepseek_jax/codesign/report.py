@@ -121,6 +121,12 @@ def section_ep(m: ModelConfig, hw: Hardware, tokens_per_device: int, ep_size: in
              f"{tokens_per_device} tok/device, {m.num_experts_per_tok}+{m.n_shared_experts} "
              f"experts, hidden {m.d_model}, {m.num_layers} layers: step "
              f"{b.step_s * 1e6:.2f} us, TPOT {b.tpot_s * 1e3:.3f} ms, {b.tokens_per_s:.1f} tok/s")
+  lat = hw.ep_latency(ep_size)
+  if lat:
+    bl = ep.ep_tpot_bound_for(m, hw, ep_size, tokens_per_device, bandwidth=bw, latency_s=lat)
+    out.append(f"  with the latency term (Insights Table 5: {lat * 1e6:g} us per all-to-all, "
+               f"{round((bl.tpot_s - b.tpot_s) / lat)} per token): TPOT {bl.tpot_s * 1e3:.3f} ms, "
+               f"{bl.tokens_per_s:.1f} tok/s (the paper's bound takes it as 0)")
   return out
 
 

@@ -14,7 +14,8 @@ def test_report_and_plots(tmp_path, capsys):
   for needle in ("70.272", "327.680", "516.096", "7.34", "7.28", "120.96", "14.757", "0.820",
                  "671.03B", "36.63B", "37.55B", "agrees with the config exactly", "250.4",
                  "Qwen-72B does not reproduce", "3.20 experts per node", "12.8 experts",
-                 "data=1,fsdp=32,expert=64,tensor=1 (2048 devices)"):
+                 "data=1,fsdp=32,expert=64,tensor=1 (2048 devices)", "Table 3: topology cost",
+                 "272.80B", "with the latency term", "Paper numbers by status"):
     assert needle in out, needle
   pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
   assert pngs == ["kv_cache_table1.png", "memory_by_mesh.png", "tpot_vs_bandwidth.png"]
@@ -54,6 +55,27 @@ def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
   assert main(argv + ["--sample-tokens", "0"] if "--sample-tokens" not in argv else argv) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+def test_paper_only_and_markdown(tmp_path, capsys):
+  md = tmp_path / "paper.md"
+  assert main(["--paper-only", "--markdown", str(md)]) == 0
+  out = capsys.readouterr().out
+  for needle in ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "DualPipe", "MTP",
+                 "DeepSeek 67B", "16,384", "14.757 -> 15.660 ms"):
+    assert needle in out, needle
+  assert "Memory plan" not in out and "Node-limited" not in out
+  text = md.read_text()
+  assert text.count("| Quantity | Paper | Project | Status | Note |") == 7 and "272.80B" in text
+
+
+def test_logfmt_flag_is_one_line_when_unavailable(capsys):
+  from deepseek_jax.codesign import paper_report
+  if paper_report.logfmt_group() is not None:
+    pytest.skip("lab.wires.logfmt_claim exists: the flag works")
+  assert main(["--paper-only", "--logfmt"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--logfmt" in err
 
 
 def test_plot_into_a_file_is_a_user_error(tmp_path, capsys):
