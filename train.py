@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import sys
 
+from deepseek_jax import errors
 from deepseek_jax import train as trainer
 from deepseek_jax.train import (DEFAULT_CONFIG, RESUMABLE, build, resumable,  # noqa: F401
                                 resume_config, run)
@@ -14,5 +14,5 @@ def main(argv=None) -> int:
   return trainer.main(argv, prog="train.py")
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":   # one error path: one line, no traceback unless --debug
+  errors.command(trainer.main, "train.py")

@@ -1,6 +1,7 @@
 """`deepseek-jax COMMAND ...` (or `python -m deepseek_jax COMMAND ...`): one entry point for the
 commands, each also runnable as `python -m <module>`. Every command takes `--help`, which lists
-the config keys it accepts; bad input prints one line and exits with 2.
+the config keys it accepts; bad input prints one line and exits with 2, a fault (disk full, ...)
+one line and 1 (`deepseek_jax.errors`); `--debug` or DEEPSEEK_JAX_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from deepseek_jax import errors
 from deepseek_jax.version import __version__
 
 # command -> (module with main(argv, prog), arguments put before the user's, what it does)
@@ -30,11 +32,20 @@ def usage() -> str:
   return "\n".join([f"usage: {PROG} COMMAND [--config F] [section.field=value ...] [options]",
                     "", "commands:"] +
                    [f"  {name:<{width}}  {what}" for name, (_, _, what) in COMMANDS.items()] +
-                   ["", f"{PROG} COMMAND --help lists its options and config keys."])
+                   ["", f"{PROG} COMMAND --help lists its options and config keys; --debug "
+                    f"(or {errors.DEBUG_ENV}=1) shows a failure's traceback."])
 
 
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
+  """Runs a command; as the program (`argv` None) exits, after a failure without waiting for
+  background threads (`errors.leave`)."""
+  code = _main(sys.argv[1:] if argv is None else list(argv))
+  if argv is None:
+    errors.leave(code)
+  return code
+
+
+def _main(argv: list[str]) -> int:
   if not argv or argv[0] in ("-h", "--help"):
     print(usage(), file=sys.stdout if argv else sys.stderr)
     return 0 if argv else 2
@@ -49,8 +60,11 @@ def main(argv=None) -> int:
   # Imported by name: the light top level answers --help without loading jax, and the aot
   # command sets its platform variables before jax is first imported.
   prog = PROG if before else f"{PROG} {argv[0]}"
-  return importlib.import_module(module).main([*before, *argv[1:]], prog=prog)
+
+  def run(rest, prog):
+    return importlib.import_module(module).main([*before, *rest], prog=prog)
+  return errors.call(run, argv[1:], prog)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import errors
 from deepseek_jax.config import ModelConfig, cli
 from deepseek_jax.generate.load import load_for_inference, tokenizer_for
 from deepseek_jax.model import Transformer
@@ -135,4 +136,4 @@ def main(argv=None, prog: str = "python -m deepseek_jax.evaluate") -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  errors.command(main, "python -m deepseek_jax.evaluate")

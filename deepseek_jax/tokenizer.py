@@ -51,9 +51,12 @@ class HFTokenizer:
     path = str(path)
     try:
       self._tok = Tokenizer.from_file(path)
-    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception)
+    except (KeyboardInterrupt, SystemExit):
+      raise
+    except BaseException as e:  # noqa: BLE001 (tokenizers raises Exception, or a Rust panic)
+      detail = str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
       raise ConfigError(f"{field}={path!r}: not a readable tokenizer.json "
-                        f"({type(e).__name__}: {str(e)[:80]})") from None
+                        f"({type(e).__name__}: {detail})") from None
     self.name = path
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     ids = [self._tok.token_to_id(t) for t in EOS_TOKENS]

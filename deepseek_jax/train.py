@@ -13,12 +13,15 @@ run's config; `--resume` reads it), `tokenizer.json` (a HF tokenizer's copy), `t
 this command prints, appended across resumes), `metrics.jsonl`, TensorBoard logs in `tb`, orbax
 checkpoints, `curves.png` and `summary.txt` / `summary.json`. On resume only `RESUMABLE` fields
 (and the model's implementation choices) may be overridden. User errors exit with code 2 and one
-line; SIGINT/SIGTERM checkpoint and exit with 128 + the signal number; too many consecutive
-non-finite steps exit with code 1.
+line; SIGINT/SIGTERM checkpoint and exit with 128 + the signal number; faults (too many
+consecutive non-finite steps, a checkpoint that cannot be written: disk full, read-only) exit with
+code 1 and one line naming the newest good checkpoint (`deepseek_jax.errors`; --debug shows the
+traceback). One process writes a workdir at a time (`training.lock`: a second is refused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -30,7 +33,7 @@ T_START = time.perf_counter()
 
 import jax  # noqa: E402
 
-from deepseek_jax import training  # noqa: E402
+from deepseek_jax import errors, training  # noqa: E402
 from deepseek_jax.config import (IMPLEMENTATION_FIELDS, Config, ConfigError,  # noqa: E402
                                  config_from_dict, config_to_dict, load_config, parse_override)
 from deepseek_jax.config import cli  # noqa: E402
@@ -39,6 +42,7 @@ from deepseek_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from deepseek_jax.training import metrics as metrics_lib  # noqa: E402
 from deepseek_jax.training import build as build_lib  # noqa: E402
 from deepseek_jax.training import loop as loop_lib  # noqa: E402
+from deepseek_jax.training.lock import WorkdirLock  # noqa: E402
 from sharding import distributed  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
 
@@ -203,12 +207,20 @@ def prepare(cfg: Config, workdir: pathlib.Path, resume: bool, data, b):
 
 
 def run(cfg: Config, workdir: pathlib.Path, resume: bool = False, command: str = "train") -> int:
-  """Validates everything (nothing is written before), saves the run's files, then trains."""
+  """Holds the workdir's lock (process 0), validates everything (nothing else is written
+  before), saves the run's files, then trains."""
+  lock = WorkdirLock(workdir, command) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _run(cfg, workdir, resume, command)
+
+
+def _run(cfg: Config, workdir: pathlib.Path, resume: bool, command: str) -> int:
   check_workdir(workdir, resume)
   # Every "auto" choice (compute dtype, kernels) made once, for this backend: the checkpoints'
   # record, the step and the report see the concrete values; config.yaml keeps "auto".
   resolved = build_lib.resolve(cfg, jax.devices())
   b = build(resolved)
+  build_lib.check_memory(b)         # before anything is allocated
   t = resolved.train
   # Each process reads only the rows of each global batch that its devices hold.
   data = training.make_data(resolved, rows=distributed.local_batch_rows(
@@ -224,6 +236,9 @@ def run(cfg: Config, workdir: pathlib.Path, resume: bool = False, command: str =
     except ConfigError as e:        # found while restoring: still one line, and in the log
       print(f"train: error: {e}", file=sys.stderr)
       return 2
+    except errors.Fault as e:       # non-finite training, a checkpoint that cannot be written
+      print(f"train: error: {e}", file=sys.stderr)
+      return 1
 
 
 def train(cfg: Config, workdir: pathlib.Path, resume: bool, data, b) -> int:
@@ -274,13 +289,12 @@ def train(cfg: Config, workdir: pathlib.Path, resume: bool, data, b) -> int:
         final_eval = loop_lib.evaluate(run_, state)
         writer.write(int(state.step), "eval", final_eval)
         print(loop_lib.describe_eval(int(state.step), final_eval, data.unigram_bits))
-  except loop_lib.NonFiniteStop as e:
-    print(f"train: error: {e}", file=sys.stderr)
-    return 1
   finally:
     bar.close()
-    ckpt.close()
-    writer.close()
+    try:
+      writer.close()
+    finally:
+      ckpt.close()     # waits for the save in flight (a failed one raises, unless told already)
   print(training.finish_report(cfg, workdir, result, final_eval, data, compile_s=compile_s,
                                wall_s=time.perf_counter() - T_START, peak=peak,
                                peak_src=peak_src, flops_per_token=fpt, start_step=start_step))
@@ -292,4 +306,4 @@ def train(cfg: Config, workdir: pathlib.Path, resume: bool, data, b) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(prog="python -m deepseek_jax.train"))
+  errors.command(main, "python -m deepseek_jax.train")

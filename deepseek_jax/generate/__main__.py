@@ -22,6 +22,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
+from deepseek_jax import errors
 from deepseek_jax.config import cli
 from deepseek_jax.generate.decode import Sampling, generate
 from deepseek_jax.generate.load import load_for_inference, tokenizer_for
@@ -97,4 +98,4 @@ def main(argv=None, prog: str = "python -m deepseek_jax.generate") -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  errors.command(main, "python -m deepseek_jax.generate")

@@ -39,13 +39,12 @@ def load_trained(path, dtype: str | None = None) -> tuple[ModelConfig, dict, int
   kernel choices (HOST_FIELDS) are "auto" again, for this host; `dtype` sets the compute and
   parameter dtype (None: the run's)."""
   path = pathlib.Path(path)
-  step_dir = checkpoint.step_dir(path)
-  if step_dir is None:
+  if checkpoint.step_dir(path) is None:
     raise CheckpointError(f"{path}: neither a Hugging Face directory (config.json) nor a train.py "
                           "workdir with checkpoints/<step>/state")
-  try:
-    cfg = checkpoint.read_model_config(step_dir)
-    variables = checkpoint.restore_weights(step_dir)
+  try:   # the newest readable step: an unreadable one is told, and the next older one used
+    step_dir, (cfg, variables) = checkpoint.newest_readable(
+        path, lambda s: (checkpoint.read_model_config(s), checkpoint.restore_weights(s)), "load")
   except ConfigError as e:
     raise CheckpointError(str(e)) from None
   cfg = dataclasses.replace(cfg, **{f: "auto" for f in HOST_FIELDS})

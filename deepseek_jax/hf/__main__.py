@@ -13,7 +13,7 @@ import pathlib
 import re
 import sys
 
-from deepseek_jax import naming
+from deepseek_jax import errors, naming
 from deepseek_jax.config import cli
 from deepseek_jax.generate.load import load_for_inference
 from deepseek_jax.hf.config import HFConfigError, from_hf_config
@@ -58,8 +58,11 @@ def main(argv=None, prog: str = "python -m deepseek_jax.hf") -> int:
   args = ap.parse_args(argv)
   try:
     if args.cmd == "info":
-      if not pathlib.Path(args.src).is_dir():
-        raise ValueError(f"{args.src}: no such directory (a Hugging Face checkpoint's)")
+      src = pathlib.Path(args.src)
+      if not src.is_dir():
+        raise ValueError(f"{args.src}: " + ("a file, not a directory: give the Hugging Face "
+                                             "checkpoint's directory" if src.exists() else
+                                             "no such directory (a Hugging Face checkpoint's)"))
       cfg = from_hf_config(read_config(pathlib.Path(args.src)))
       print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
       print(json.dumps(cfg.param_counts(), indent=2))
@@ -84,4 +87,4 @@ def main(argv=None, prog: str = "python -m deepseek_jax.hf") -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  errors.command(main, "python -m deepseek_jax.hf")

@@ -30,6 +30,24 @@ def _get(d: dict, key: str, default=None, required: bool = False):
   return default
 
 
+def _int(d: dict, key: str, default=None, required: bool = False):
+  """`d[key]` as an int (an integral number), naming the field when it is not one."""
+  v = _get(d, key, default, required)
+  if v is None or (isinstance(v, int) and not isinstance(v, bool)):
+    return v
+  if isinstance(v, float) and v.is_integer():
+    return int(v)
+  raise HFConfigError(f"config.json: {key}={v!r}: must be an integer")
+
+
+def _float(d: dict, key: str, default=None, required: bool = False):
+  """`d[key]` as a float, naming the field when it is not a number."""
+  v = _get(d, key, default, required)
+  if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+    return None if v is None else float(v)
+  raise HFConfigError(f"config.json: {key}={v!r}: must be a number")
+
+
 def _yarn(d: dict) -> tuple[float, YarnConfig | None]:
   """(rope_theta, YarnConfig or None) from either rope form."""
   params = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -72,6 +90,9 @@ def from_hf_config(d: dict[str, Any], dtype: str = "float32",
                    num_mtp_layers: int | None = None) -> ModelConfig:
   """A `ModelConfig` from a parsed HF config.json. `num_mtp_layers` overrides
   `num_nextn_predict_layers` (the loader passes how many MTP layers the weights hold)."""
+  if not isinstance(d, dict):
+    raise HFConfigError(f"config.json: holds {type(d).__name__} {str(d)[:40]!r}, not a JSON "
+                        "object of model fields")
   model_type = d.get("model_type")
   if model_type not in SUPPORTED_TYPES:
     raise HFConfigError(f"config.json: model_type={model_type!r} is not supported "
@@ -93,40 +114,45 @@ def from_hf_config(d: dict[str, Any], dtype: str = "float32",
                         f"scoring_func={scoring!r}, topk_method={method!r}")
   if method not in ("noaux_tc", "greedy", "group_limited_greedy"):
     raise HFConfigError(f"config.json: topk_method={method!r} is not supported")
-  n_group, topk_group = int(_get(d, "n_group", 1)), int(_get(d, "topk_group", 1))
+  n_group, topk_group = _int(d, "n_group", 1), _int(d, "topk_group", 1)
   if method == "greedy":
     n_group = topk_group = 1
-  layers = int(_get(d, "num_hidden_layers", required=True))
-  theta, yarn = _yarn(d)
+  layers = _int(d, "num_hidden_layers", required=True)
+  try:
+    theta, yarn = _yarn(d)
+  except HFConfigError:
+    raise
+  except (TypeError, ValueError, ZeroDivisionError) as e:   # a field of the wrong type
+    raise HFConfigError(f"config.json: rope_theta/rope_scaling: {e}") from None
   mtp = num_mtp_layers
   if mtp is None:
-    mtp = int(_get(d, "num_nextn_predict_layers", _get(d, "num_mtp_layers", 0)))
+    mtp = _int(d, "num_nextn_predict_layers", _int(d, "num_mtp_layers", 0))
   try:
     return ModelConfig(
-        vocab_size=int(_get(d, "vocab_size", required=True)),
-        d_model=int(_get(d, "hidden_size", required=True)),
+        vocab_size=_int(d, "vocab_size", required=True),
+        d_model=_int(d, "hidden_size", required=True),
         num_layers=layers,
-        num_heads=int(_get(d, "num_attention_heads", required=True)),
-        q_lora_rank=_get(d, "q_lora_rank", None),
-        kv_lora_rank=int(_get(d, "kv_lora_rank", required=True)),
-        qk_nope_head_dim=int(_get(d, "qk_nope_head_dim", required=True)),
-        qk_rope_head_dim=int(_get(d, "qk_rope_head_dim", required=True)),
-        v_head_dim=int(_get(d, "v_head_dim", required=True)),
-        ffn_dim=int(_get(d, "intermediate_size", required=True)),
-        first_k_dense_replace=min(int(_get(d, "first_k_dense_replace", 0)), layers),
-        n_routed_experts=int(_get(d, "n_routed_experts", required=True)),
-        n_shared_experts=int(_get(d, "n_shared_experts", 0)),
-        num_experts_per_tok=int(_get(d, "num_experts_per_tok", required=True)),
-        moe_ffn_dim=int(_get(d, "moe_intermediate_size", required=True)),
+        num_heads=_int(d, "num_attention_heads", required=True),
+        q_lora_rank=_int(d, "q_lora_rank", None),
+        kv_lora_rank=_int(d, "kv_lora_rank", required=True),
+        qk_nope_head_dim=_int(d, "qk_nope_head_dim", required=True),
+        qk_rope_head_dim=_int(d, "qk_rope_head_dim", required=True),
+        v_head_dim=_int(d, "v_head_dim", required=True),
+        ffn_dim=_int(d, "intermediate_size", required=True),
+        first_k_dense_replace=min(_int(d, "first_k_dense_replace", 0), layers),
+        n_routed_experts=_int(d, "n_routed_experts", required=True),
+        n_shared_experts=_int(d, "n_shared_experts", 0),
+        num_experts_per_tok=_int(d, "num_experts_per_tok", required=True),
+        moe_ffn_dim=_int(d, "moe_intermediate_size", required=True),
         n_group=n_group, topk_group=topk_group, scoring_func=scoring,
         routing_bias=method == "noaux_tc",
         norm_topk_prob=bool(_get(d, "norm_topk_prob", v3)),
-        routed_scaling_factor=float(_get(d, "routed_scaling_factor", 1.0)),
+        routed_scaling_factor=_float(d, "routed_scaling_factor", 1.0),
         rope_theta=theta, yarn=yarn,
-        max_position_embeddings=int(_get(d, "max_position_embeddings", required=True)),
-        rms_norm_eps=float(_get(d, "rms_norm_eps", 1e-6)),
+        max_position_embeddings=_int(d, "max_position_embeddings", required=True),
+        rms_norm_eps=_float(d, "rms_norm_eps", 1e-6),
         num_mtp_layers=mtp, dtype=dtype, param_dtype=dtype,
-        init_std=float(_get(d, "initializer_range", 0.006)))
+        init_std=_float(d, "initializer_range", 0.006))
   except ConfigError as e:
     raise HFConfigError(f"config.json does not give a valid model: {e}") from None
 

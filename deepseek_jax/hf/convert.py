@@ -36,9 +36,16 @@ def read_config(path: pathlib.Path) -> dict:
     raise CheckpointError(f"{cfg_path}: missing (a Hugging Face checkpoint directory holds "
                           "config.json beside its safetensors files)")
   try:
-    return json.loads(cfg_path.read_text())
+    raw = json.loads(cfg_path.read_bytes().decode("utf-8"))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{cfg_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{cfg_path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"offset {e.start})") from None
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{cfg_path}: holds a JSON {type(raw).__name__.replace('NoneType', 'null')}"
+                          ", not an object of model fields")
+  return raw
 
 
 def load_hf(path, dtype: str = "float32", mtp: bool | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from deepseek_jax.config import Config
+from deepseek_jax.config import Config, ConfigError
 from deepseek_jax.fp8 import policy_from_config
 from deepseek_jax.model import Transformer
 from deepseek_jax.training.optimizer import make_optimizer
@@ -96,3 +97,66 @@ def build(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Built:
                     out_shardings=replicated)
   return Built(cfg, model, tx, init_fn, mesh, activate, state_sh, batch_sh, abstract,
                batch_abstract, step_fn, eval_fn)
+
+
+def _host_memory() -> int | None:
+  """Bytes of host RAM this process may still use (MemAvailable), None where unknown."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+  except (ValueError, OSError):
+    return None
+
+
+def device_bytes(abstract, devices: Sequence[jax.Device]) -> dict:
+  """{device: bytes of the state it holds} (each leaf's shard, from its sharding)."""
+  out = dict.fromkeys(devices, 0)
+  for leaf in jax.tree.leaves(abstract):
+    size = np.dtype(leaf.dtype).itemsize
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      for d in out:
+        out[d] += size * int(np.prod(leaf.shape))
+      continue
+    for d, index in sharding.devices_indices_map(leaf.shape).items():
+      if d in out:
+        out[d] += size * int(np.prod([len(range(*s.indices(n))) for s, n in zip(index, leaf.shape)]))
+  return out
+
+
+def check_memory(b: Built) -> None:
+  """ConfigError before anything is allocated when the training state (parameters, optimizer
+  moments) cannot fit: per device against its memory limit, or, for CPU devices (they share the
+  host), their sum against the host's available RAM. The step's gradients and activations need
+  more besides: passing this check does not promise the step fits."""
+  mine = [d for d in b.mesh.devices.flat if d.process_index == jax.process_index()]
+  per_device = device_bytes(b.abstract, mine)
+  gib = 1024 ** 3
+  limits = {}
+  for d in per_device:
+    try:
+      stats = d.memory_stats()
+    except Exception:  # noqa: BLE001 (a backend without memory statistics)
+      stats = None
+    if stats and stats.get("bytes_limit"):
+      limits[d] = int(stats["bytes_limit"])
+  if limits:
+    d, need = max(((d, per_device[d] - limits[d]) for d in limits), key=lambda x: x[1])
+    if need > 0:
+      raise ConfigError(f"the training state needs {per_device[d] / gib:.2f} GiB on {d} (its "
+                        f"parameters and optimizer moments), more than its "
+                        f"{limits[d] / gib:.2f} GiB; choose a smaller model or shard it over more "
+                        "devices (mesh.*)")
+    return
+  total, host = sum(per_device.values()), _host_memory()
+  if host is not None and total > host:
+    raise ConfigError(f"the training state needs {total / gib:.2f} GiB (its parameters and "
+                      f"optimizer moments), more than this host's {host / gib:.2f} GiB of "
+                      "available memory; choose a smaller model (model.vocab_size, model.d_model, "
+                      "model.num_layers, ...)")

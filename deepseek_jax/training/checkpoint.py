@@ -10,14 +10,19 @@ inference (generate/load.py). Saves are asynchronous (the device-to-host copy ha
 finite. `restore` walks the steps newest first; a checkpoint that cannot be read is reported in one
 line, moved aside into `checkpoints_corrupt/` (never deleted) and the next older one is tried.
 Half-written checkpoints (a run killed mid-save) are orbax temporaries and are never listed.
+A save that fails (disk full, a read-only directory) raises `CheckpointWriteError` in one line
+naming the step and the newest good checkpoint, which is left as it was. Inference reads
+(`restore_weights` on a workdir) fall back past unreadable steps without moving anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import yaml
 
+from deepseek_jax import errors
 from deepseek_jax.config import (IMPLEMENTATION_FIELDS, Config, ConfigError, ModelConfig,
                                  config_from_dict, config_to_dict, load_config)
 
@@ -108,15 +114,22 @@ def run_tokenizer(path: str | pathlib.Path) -> str | None:
     return None
 
 
-def step_dir(path: str | pathlib.Path) -> pathlib.Path | None:
-  """The newest `checkpoints/<step>` under a workdir, a checkpoints dir or a step dir itself."""
+def step_dirs(path: str | pathlib.Path) -> list[pathlib.Path]:
+  """The `checkpoints/<step>` directories under a workdir or a checkpoints dir, newest first; a
+  step dir itself alone."""
   path = pathlib.Path(path)
   if (path / STATE).is_dir() and (path / META).is_dir():
-    return path
+    return [path]
   root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
   steps = sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit() and p.is_dir()
                  and (p / STATE).is_dir()) if root.is_dir() else []
-  return steps[-1][1] if steps else None
+  return [p for _, p in reversed(steps)]
+
+
+def step_dir(path: str | pathlib.Path) -> pathlib.Path | None:
+  """The newest `checkpoints/<step>` under a workdir, a checkpoints dir or a step dir itself."""
+  steps = step_dirs(path)
+  return steps[0] if steps else None
 
 
 def read_model_config(step: pathlib.Path) -> ModelConfig:
@@ -131,6 +144,29 @@ def read_model_config(step: pathlib.Path) -> ModelConfig:
     return config_from_dict({"model": model}).model
   except ConfigError as e:
     raise ConfigError(f"{meta_file}: the saved model config is invalid here ({e})") from None
+
+
+def newest_readable(path: str | pathlib.Path, read, who: str = "checkpoint"):
+  """(step dir, read(step dir)) of the newest step under `path` that `read` can read; an unreadable
+  one is told in one line on stderr and the next older tried (nothing on disk is changed, unlike
+  `Checkpointer.restore`). ConfigError when none can be read."""
+  steps = step_dirs(path)
+  if not steps:
+    raise ConfigError(f"{path}: no checkpoints/<step>/state here")
+  for i, step in enumerate(steps):
+    try:
+      return step, read(step)
+    except ConfigError:
+      if len(steps) == 1:
+        raise
+      problem = "its record is unreadable"
+    except Exception as e:  # noqa: BLE001 (any unreadable checkpoint falls back the same way)
+      problem = f"{type(e).__name__}: {errors.first_line(e, 120)}"
+    if i + 1 < len(steps):
+      print(f"{who}: checkpoint step {step.name} is unreadable ({problem}); using step "
+            f"{steps[i + 1].name}", file=sys.stderr, flush=True)
+  raise ConfigError(f"{path}: none of its {len(steps)} checkpoint(s) can be read (newest: "
+                    f"{steps[0]}: {problem})")
 
 
 def restore_weights(step: pathlib.Path) -> dict:
@@ -171,6 +207,16 @@ def _warn(msg: str) -> None:
   print(f"train: {msg}", file=sys.stderr, flush=True)
 
 
+class CheckpointWriteError(errors.Fault):
+  """A checkpoint could not be written; the message names the newest good one."""
+
+
+def _failed_step(e: BaseException, default: int | None) -> int | None:
+  """The step whose save failed, from orbax's message (it names `<step>.orbax-checkpoint-tmp`)."""
+  m = re.search(rf"{CHECKPOINTS}/(\d+)(?:\.orbax-checkpoint-tmp|/)", str(e))
+  return int(m.group(1)) if m else default
+
+
 class Checkpointer:
   """Saves and restores `TrainState`s under `<workdir>/checkpoints/<step>`."""
 
@@ -179,7 +225,12 @@ class Checkpointer:
     self.directory = self.root / CHECKPOINTS
     self.config = config
     self._finite = jax.jit(tree_all_finite)
-    self._manager = self._make_manager(keep, async_save)
+    self._in_flight: int | None = None     # the step of the save started last
+    self.failed = False
+    try:
+      self._manager = self._make_manager(keep, async_save)
+    except Exception as e:  # noqa: BLE001 (orbax creates the directory: unwritable, full disk)
+      raise self._fault(e, None) from e
 
   def _make_manager(self, keep: int, async_save: bool) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -208,14 +259,48 @@ class Checkpointer:
       _warn(f"step {step}: parameters are not finite; checkpoint not written")
       return False
     meta = {"config": self.config, "step": step, "time": time.time()}
-    return self._manager.save(step, force=force, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}))
+    previous, self._in_flight = self._in_flight, step
+    try:   # also reports the previous (async) save's failure
+      return self._manager.save(step, force=force, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}))
+    except Exception as e:  # noqa: BLE001 (told in one line by _fault)
+      raise self._fault(e, _failed_step(e, previous if previous is not None else step)) from e
+
+  def good_steps(self, exclude: int | None = None) -> list[int]:
+    """The finished checkpoints on disk (what survives a failed save), oldest first."""
+    return sorted(int(p.name) for p in step_dirs(self.directory) if int(p.name) != exclude)
+
+  def _fault(self, e: BaseException, step: int | None) -> CheckpointWriteError:
+    """The one line for a failed save of `step`: what failed, and the newest good checkpoint."""
+    self.failed = True
+    code = errors.os_errno(e)
+    which = f"checkpoint {step}" if step is not None else "checkpoints"
+    if code == errno.ENOSPC:
+      what = f"disk full while writing {which}"
+    elif code is not None:
+      what = f"{errors.os_what(code)}: cannot write {which} in {self.directory}"
+    else:
+      what = f"writing {which} failed ({type(e).__name__}: {errors.first_line(e, 160)})"
+    try:
+      good = self.good_steps(exclude=step)
+    except OSError:
+      good = []
+    kept = (f"the newest good checkpoint is {good[-1]} in {self.directory}" if good else
+            "no checkpoint of this run was written")
+    return CheckpointWriteError(f"{what}; {kept}")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (told in one line by _fault)
+      raise self._fault(e, _failed_step(e, self._in_flight)) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight and closes; after a failed save, leaves orbax's threads be
+    (the process exits without them)."""
+    if self.failed:
+      return
+    self.wait()
     self._manager.close()
 
   def _check_config(self, step: int, meta: dict) -> None:

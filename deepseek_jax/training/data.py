@@ -105,8 +105,9 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
   """JAX gathers clamp out-of-range ids silently; refuse them here instead."""
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
     bad = int(tokens.max() if tokens.max() >= vocab_size else tokens.min())
-    raise ValueError(f"{where}: token id {bad} lies outside the model vocabulary "
-                     f"[0, {vocab_size}); the tokenizer and model.vocab_size disagree")
+    raise ConfigError(f"model.vocab_size={vocab_size}: {where}: token id {bad} lies outside the "
+                      f"model vocabulary [0, {vocab_size}); the tokenizer and model.vocab_size "
+                      "disagree")
 
 
 def pack(stream: np.ndarray, seq_len: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from deepseek_jax import errors
 from deepseek_jax.config import Config, ConfigError
 from deepseek_jax.training.checkpoint import Checkpointer
 from deepseek_jax.training.data import Data
@@ -31,7 +32,7 @@ from deepseek_jax.training.state import variables_of
 from deepseek_jax.training.step import bits_per_byte
 
 
-class NonFiniteStop(RuntimeError):
+class NonFiniteStop(errors.Fault):
   """Too many consecutive non-finite steps; the message says where the last good state is."""
 
 
@@ -154,6 +155,19 @@ def describe_eval(step: int, ev: dict, unigram_bits: float | None) -> str:
   return text
 
 
+def advice(bad_kinds: dict, never_updated: bool) -> str:
+  """What to change after a run of non-finite steps. `never_updated`: no update was ever applied
+  (every step from the initial parameters failed), so the learning rate played no part."""
+  what = ("the gradient was non-finite while the loss was finite" if not bad_kinds["loss"] else
+          "the loss was non-finite")
+  if never_updated:
+    return (f"{what} from the initial parameters, before any update: not the learning rate; "
+            "check model.init_std (e.g. 0.006-0.02) and the data")
+  if not bad_kinds["loss"]:
+    return (f"{what}: lower train.learning_rate, or check model.init_std and the data")
+  return f"{what}: lower train.learning_rate or check the data"
+
+
 def train_loop(run: Run, state, stop: StopSignal, bar: ProgressBar) -> LoopResult:
   t = run.cfg.train
   tokens_per_step = t.batch_size * t.seq_len
@@ -163,6 +177,7 @@ def train_loop(run: Run, state, stop: StopSignal, bar: ProgressBar) -> LoopResul
            "train_s": 0.0, "timed": 0}
   last_train, last_eval = {}, {}
   window: list[dict] = []        # finite steps since the last train row
+  bad_kinds = {"loss": 0, "gradient": 0}   # non-finite steps by what was non-finite
 
   def consume(done_step: int, metrics) -> dict:
     m = jax.device_get(metrics)
@@ -170,8 +185,12 @@ def train_loop(run: Run, state, stop: StopSignal, bar: ProgressBar) -> LoopResul
     if clock["t0"] is None:       # first step finished: start timing here
       clock.update(t0=now, win_t=now, win_step=done_step, excluded=0.0)
     if not m["finite"]:
-      print(f"\ntrain: step {done_step}: non-finite loss ({float(m['loss'])}); update skipped "
-            f"({int(m['bad_streak'])} in a row)", file=sys.stderr, flush=True)
+      loss, norm = float(m["loss"]), float(m["grad_norm"])
+      what = (f"non-finite gradient (loss {loss:.4g} is finite, gradient norm {norm})"
+              if np.isfinite(loss) else f"non-finite loss ({loss})")
+      bad_kinds["gradient" if np.isfinite(loss) else "loss"] += 1
+      print(f"\ntrain: step {done_step}: {what}; update skipped ({int(m['bad_streak'])} in a "
+            "row)", file=sys.stderr, flush=True)
     else:
       window.append(m)
     if done_step % t.log_every == 0 or done_step == t.steps:
@@ -197,8 +216,8 @@ def train_loop(run: Run, state, stop: StopSignal, bar: ProgressBar) -> LoopResul
       where = (f"the last good checkpoint is step {latest} in {run.checkpointer.directory}"
                if latest is not None else "no checkpoint was written")
       raise NonFiniteStop(f"{int(m['bad_streak'])} consecutive non-finite steps (to step "
-                          f"{done_step}); stopped, {where}. Lower train.learning_rate or check "
-                          "the data")
+                          f"{done_step}); stopped, {where}. "
+                          + advice(bad_kinds, never_updated=int(m["bad_streak"]) >= done_step))
     return last
 
   start = step

@@ -163,7 +163,8 @@ _ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 class _Tee:
   """A text stream writing to `stream` and, line by line, to `log`: a carriage return (a progress
-  bar redrawing itself) ends the line it follows, and terminal escapes are left out."""
+  bar redrawing itself) ends the line it follows, and terminal escapes are left out. A log that
+  cannot be written (disk full) is given up; the terminal still gets everything."""
 
   def __init__(self, stream, log):
     self.stream, self.log, self.pending = stream, log, ""
@@ -172,11 +173,16 @@ class _Tee:
     self.stream.write(text)
     self.pending += text
     *lines, self.pending = re.split(r"[\r\n]", self.pending)
-    for line in lines:
-      line = _ESCAPES.sub("", line)
-      if line.strip():
-        self.log.write(line + "\n")
-    self.log.flush()
+    if self.log is None:
+      return len(text)
+    try:
+      for line in lines:
+        line = _ESCAPES.sub("", line)
+        if line.strip():
+          self.log.write(line + "\n")
+      self.log.flush()
+    except OSError:
+      self.log = None
     return len(text)
 
   def flush(self) -> None:
@@ -205,8 +211,15 @@ class TeeLog:
   def __exit__(self, *exc):
     if self._log is None:
       return
-    for tee in (sys.stdout, sys.stderr):
-      if isinstance(tee, _Tee) and tee.pending.strip():
-        self._log.write(_ESCAPES.sub("", tee.pending) + "\n")
-    sys.stdout, sys.stderr = self._saved
-    self._log.close()
+    try:
+      for tee in (sys.stdout, sys.stderr):
+        if isinstance(tee, _Tee) and tee.log is not None and tee.pending.strip():
+          tee.log.write(_ESCAPES.sub("", tee.pending) + "\n")
+    except OSError:
+      pass
+    finally:
+      sys.stdout, sys.stderr = self._saved
+      try:
+        self._log.close()
+      except OSError:
+        pass

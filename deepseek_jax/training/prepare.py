@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import sys
 
+from deepseek_jax import errors
 from deepseek_jax.config import ConfigError, cli, load_config
 from deepseek_jax.training import sources
 from deepseek_jax.training.sources import prepare
@@ -76,4 +77,4 @@ def main(argv: list[str] | None = None,
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.command(main, "python -m deepseek_jax.training.prepare")
