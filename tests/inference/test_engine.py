@@ -1,0 +1,105 @@
+"""The continuous-batching engine: a stream of requests arriving mid-run gives every request the
+tokens it gets alone (and that contiguous `generate` gives it), per-request stops, budgets and
+sampling, streaming, blocks all returned, each program compiled once, one-line input errors."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax.generate import generate
+from deepseek_jax.generate.engine import Engine, decode_slots, prefill_chunk
+from deepseek_jax.model import Transformer
+from tests.helpers import init_model, small_config
+
+SHAPES = dict(slots=3, block_size=4, prefill_chunk=16, group=2, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = small_config(num_layers=3, first_k_dense_replace=1)
+  return cfg, init_model(Transformer(cfg), jnp.zeros((1, 4), jnp.int32))
+
+
+def _stream(seed: int = 0, n: int = 6):
+  rs = np.random.RandomState(seed)
+  prompts = [rs.randint(0, 64, rs.randint(1, 40)).tolist() for _ in range(n)]
+  return prompts, [int(rs.randint(1, 20)) for _ in range(n)]
+
+
+def test_stream_equals_each_request_alone_and_generate(model):
+  """6 requests, 3 slots, half submitted while the first run; prompts longer than a chunk."""
+  cfg, variables = model
+  prompts, news = _stream()
+  engine = Engine(cfg, variables, **SHAPES)
+  reqs = [engine.submit(p, n) for p, n in zip(prompts[:3], news[:3])]
+  for _ in range(4):
+    engine.step()
+  reqs += [engine.submit(p, n) for p, n in zip(prompts[3:], news[3:])]
+  engine.run()
+  assert engine.blocks.in_use == 0 and not engine.blocks.owned
+  assert 0 < engine.blocks.peak_in_use <= engine.blocks.num_blocks - 1
+  compiled = decode_slots._cache_size(), prefill_chunk._cache_size()
+  alone = [Engine(cfg, variables, **SHAPES).submit(p, n).result() for p, n in zip(prompts, news)]
+  assert (decode_slots._cache_size(), prefill_chunk._cache_size()) == compiled
+  batch = generate(cfg, variables, prompts, max(news)).tokens
+  for r, a, g, n in zip(reqs, alone, batch, news):
+    assert r.finished and not r.stopped and len(r.tokens) == n
+    assert r.tokens == a == g[:n]
+
+
+def test_per_request_stops_budgets_and_sampling(model):
+  """A stop id cuts its request only; a sampled request draws the same tokens alone as beside
+  others (its key depends on its seed and positions only); no program recompiles."""
+  cfg, variables = model
+  prompts, _ = _stream(seed=1, n=4)
+  engine = Engine(cfg, variables, **SHAPES)
+  greedy = [engine.submit(p, 12).result() for p in prompts[:2]]
+  compiled = decode_slots._cache_size(), prefill_chunk._cache_size()
+  stop = greedy[0][4]
+  kw = dict(temperature=0.9, top_k=8, top_p=0.95, seed=5)
+  reqs = [engine.submit(prompts[0], 12, stop=[stop, 63]), engine.submit(prompts[1], 12),
+          engine.submit(prompts[2], 1), engine.submit(prompts[3], 15, **kw)]
+  engine.run()
+  cut = greedy[0].index(stop)
+  assert reqs[0].tokens == greedy[0][:cut] and reqs[0].stopped
+  assert reqs[1].tokens == greedy[1] and not reqs[1].stopped
+  assert len(reqs[2].tokens) == 1
+  sampled = Engine(cfg, variables, **SHAPES).submit(prompts[3], 15, **kw).result()
+  assert reqs[3].tokens == sampled and len(sampled) == 15
+  assert (decode_slots._cache_size(), prefill_chunk._cache_size()) == compiled
+
+
+def test_iterating_a_request_streams_and_runs_the_others(model):
+  cfg, variables = model
+  prompts, _ = _stream(seed=2, n=2)
+  engine = Engine(cfg, variables, **SHAPES)
+  a, b = engine.submit(prompts[0], 6), engine.submit(prompts[1], 30)
+  seen = []
+  for tok in a:
+    seen.append((tok, a.finished))
+  assert [t for t, _ in seen] == a.tokens and len(a.tokens) == 6
+  assert not seen[0][1]     # the first token came before the request had finished
+  assert 0 < len(b.tokens) < 30 and not b.finished   # b advanced in the same steps
+  assert b.result() == b.tokens and len(b.tokens) == 30
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(prompt_ids=[]), "prompt_ids: must hold at least one token"),
+    (dict(prompt_ids=[64]), r"vocab_size=64"),
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(max_new_tokens=70), "exceeds max_seq_len=64"),
+    (dict(stop=list(range(9))), "stops=8"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(top_p=0.0), "top_p=0.0"),
+])
+def test_bad_requests_are_one_line_errors(model, kw, match):
+  cfg, variables = model
+  engine = Engine(cfg, variables, **SHAPES)
+  args = dict(prompt_ids=[1, 2], max_new_tokens=4) | kw
+  with pytest.raises(ValueError, match=match):
+    engine.submit(**args)
+  assert not engine.queue
+  with pytest.raises(ValueError, match="slots=0"):
+    Engine(cfg, variables, slots=0)
