@@ -2,8 +2,10 @@
 
 `gemm(a, b, accum)`: the f32 product `[batch, rows, cols]` of two `QArray`s `a [batch, rows, k]`
 and `b [batch, k, cols]`, accumulated as `f32` (one dot), `promote(N_C)` (the paper's fix: f32
-partial sums promoted every N_C of k) or `limited` (the Hopper accumulator the paper criticises,
-~13 mantissa bits). `backend='fp8'` feeds the FP8 bytes to `dot_general`; 'emulate' casts to f32.
+partial sums promoted every N_C of k), `hopper` (the H100/H200 tensor core bit for bit: 32-product
+blocks aligned with the accumulator, 13 bits, toward zero; `blockfma.py`) or `limited` (an older,
+milder model: exact f32 sums of 32 products, the running sum cut to 13 bits). `backend='fp8'`
+feeds the FP8 bytes to `dot_general`; 'emulate' casts to f32.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.fp8.blockfma import MAX_BITS, block_fma, max_block
 from deepseek_jax.fp8.scaling import QArray
 
-MODES = ("f32", "promote", "limited")
+MODES = ("f32", "promote", "limited", "hopper")
+TENSOR_CORE = ("limited", "hopper")   # modes that model the tensor core's own accumulator
 BACKENDS = ("emulate", "fp8")
 _BATCHED = (((2,), (1,)), ((0,), (0,)))  # [batch, rows, k] x [batch, k, cols]
 UNROLL_MAX_STEPS = 8  # promote slices unrolled statically up to this many, else a fori_loop
@@ -23,23 +27,27 @@ UNROLL_MAX_STEPS = 8  # promote slices unrolled statically up to this many, else
 
 @dataclasses.dataclass(frozen=True)
 class Accum:
-  """Accumulation mode of a GEMM: 'f32', 'promote' or 'limited' (see `promote`, `limited`)."""
+  """Accumulation mode of a GEMM: 'f32', 'promote', 'hopper' or 'limited' (see the factories)."""
   mode: str = "promote"
-  interval: int | None = 128       # N_C: promotion interval (limited: None = never promote)
-  mantissa_bits: int = 13          # limited only
-  round_toward_zero: bool = True   # limited only
-  kstep: int = 32                  # limited only: products per tensor-core step
+  interval: int | None = 128       # N_C: promotion interval (hopper/limited: None = never)
+  mantissa_bits: int = 13          # hopper/limited: fraction bits of the accumulator
+  round_toward_zero: bool = True   # hopper/limited: truncation (else to nearest even)
+  kstep: int = 32                  # hopper/limited: products per tensor-core block
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"accum.mode={self.mode!r}: must be one of {MODES}")
     if self.mode == "promote" and not (isinstance(self.interval, int) and self.interval > 0):
       raise ValueError(f"accum.interval={self.interval!r}: promote needs a positive N_C")
-    if self.mode == "limited":
-      if not (isinstance(self.mantissa_bits, int) and 1 <= self.mantissa_bits <= 23):
-        raise ValueError(f"accum.mantissa_bits={self.mantissa_bits!r}: must lie in [1, 23]")
+    if self.mode in TENSOR_CORE:
+      if not (isinstance(self.mantissa_bits, int) and 1 <= self.mantissa_bits <= MAX_BITS):
+        raise ValueError(f"accum.mantissa_bits={self.mantissa_bits!r}: must lie in "
+                         f"[1, {MAX_BITS}]")
       if not (isinstance(self.kstep, int) and self.kstep > 0):
         raise ValueError(f"accum.kstep={self.kstep!r}: must be a positive integer")
+      if self.mode == "hopper" and self.kstep > max_block(self.mantissa_bits):
+        raise ValueError(f"accum.kstep={self.kstep}: at {self.mantissa_bits} bits at most "
+                         f"{max_block(self.mantissa_bits)} products per block")
       if self.interval is not None and (self.interval <= 0 or self.interval % self.kstep):
         raise ValueError(f"accum.interval={self.interval!r}: must be a positive multiple of "
                          f"kstep={self.kstep} (or None: never promote)")
@@ -56,11 +64,22 @@ def promote(n_c: int = 128) -> Accum:
 
 def limited(mantissa_bits: int = 13, round_toward_zero: bool = True, promote: int | None = None,
             kstep: int = 32) -> Accum:
-  """The Hopper accumulator: products summed `kstep` at a time (32 = one FP8 WGMMA) in f32, each
-  chunk added into an accumulator keeping `mantissa_bits` fraction bits (13: Insights' "FP22"),
+  """The project's first Hopper model, kept for comparison: products summed `kstep` at a time
+  exactly in f32, each chunk added into an accumulator keeping `mantissa_bits` fraction bits,
   truncated or rounded to nearest even; flushed into f32 (times the scales) every `promote` of k,
-  or never (None: scales constant along k). Alignment inside one WGMMA is not modelled."""
+  or never. No alignment inside a block: it passes the hardware probe that `hopper` fails."""
   return Accum("limited", interval=promote, mantissa_bits=mantissa_bits,
+               round_toward_zero=round_toward_zero, kstep=kstep)
+
+
+def hopper(mantissa_bits: int = 13, round_toward_zero: bool = True, promote: int | None = None,
+           kstep: int = 32) -> Accum:
+  """The H100/H200 FP8 tensor core (Khattak & Mikaitis, arXiv 2512.07004): each block of `kstep`
+  products and the accumulator aligned to their largest exponent, cut to `mantissa_bits`
+  fraction bits toward zero (`blockfma.block_fma`); flushed into f32 (times the scales) every
+  `promote` of k, or never (None: scales constant along k, or power-of-two scales applied to the
+  values as MX formats do)."""
+  return Accum("hopper", interval=promote, mantissa_bits=mantissa_bits,
                round_toward_zero=round_toward_zero, kstep=kstep)
 
 
@@ -109,12 +128,13 @@ def gemm(a: QArray, b: QArray, accum: Accum, backend: str = "emulate") -> jax.Ar
     if ka is None and kb is None:  # scales factor out of the whole k: rescale the output
       return _dot(a.data, b.data) * (a.scales_full((0, 1)) * b.scales_full((0, 2)))
     accum = promote(max(k for k in (ka, kb) if k is not None))
-  if accum.mode == "limited" and backend == "fp8":
-    raise ValueError("accum.mode='limited' emulates a hardware accumulator; use backend='emulate'")
+  if accum.mode in TENSOR_CORE and backend == "fp8":
+    raise ValueError(f"accum.mode={accum.mode!r} emulates a hardware accumulator; use "
+                     "backend='emulate'")
   interval = accum.interval
-  if interval is None:  # limited without promotion: one accumulator over all of k
+  if interval is None:  # hopper/limited without promotion: one accumulator over all of k
     if ka is not None or kb is not None:
-      raise ValueError("accum=limited(promote=None) needs scales constant along K (tensor or "
+      raise ValueError(f"accum={accum.mode}(promote=None) needs scales constant along K (tensor or "
                        "axis granularity): the tensor core cannot apply per-block scales")
     interval = -(-a.shape[2] // accum.kstep) * accum.kstep
   for name, k in (("lhs", ka), ("rhs", kb)):
@@ -136,7 +156,7 @@ def _promoted(a: QArray, b: QArray, accum: Accum, interval: int, backend: str) -
     sb_k0 = jax.lax.dynamic_slice_in_dim(sb, 0 if kb is None else k0 // kb, 1, 1)
     return partial * (sa_k0 * sb_k0)
 
-  if accum.mode != "limited":
+  if accum.mode not in TENSOR_CORE:
     # Slices [k0, k0 + N_C) with a shorter last one (no zero padding: a k of 32 or 200 costs
     # what it costs); static up to UNROLL_MAX_STEPS slices, else a loop over the full ones.
     full, rest = divmod(k_len, interval)
@@ -156,7 +176,8 @@ def _promoted(a: QArray, b: QArray, accum: Accum, interval: int, backend: str) -
       out = out + scaled(k0, _dot(a_data[:, :, k0:], b_data[:, k0:]))
     return out
 
-  # limited: kstep-sized tensor-core chunks, zero-padded to whole intervals (zeros add nothing).
+  # hopper/limited: kstep-sized tensor-core blocks, zero-padded to whole intervals (zeros add
+  # nothing and, having no exponent, align nothing).
   steps = -(-k_len // interval)
   pad = steps * interval - k_len
   if pad:
@@ -165,11 +186,17 @@ def _promoted(a: QArray, b: QArray, accum: Accum, interval: int, backend: str) -
   chunks = interval // accum.kstep
   chunk = interval // chunks
 
+  emin = lambda q: None if q.fmt is None else 2 - 2 ** (q.fmt.exponent_bits - 1)  # noqa: E731
+
   def slice_partial(k0):
     def add_chunk(c, acc):
-      p = _dot(jax.lax.dynamic_slice_in_dim(a_data, k0 + c * chunk, chunk, 2),
-               jax.lax.dynamic_slice_in_dim(b_data, k0 + c * chunk, chunk, 1))
-      return truncate_mantissa(acc + p, accum.mantissa_bits, accum.round_toward_zero)
+      a_blk = jax.lax.dynamic_slice_in_dim(a_data, k0 + c * chunk, chunk, 2)
+      b_blk = jax.lax.dynamic_slice_in_dim(b_data, k0 + c * chunk, chunk, 1)
+      if accum.mode == "hopper":
+        return block_fma(a_blk, b_blk, acc, accum.mantissa_bits, accum.round_toward_zero,
+                         emin(a), emin(b))
+      return truncate_mantissa(acc + _dot(a_blk, b_blk), accum.mantissa_bits,
+                               accum.round_toward_zero)
     return jax.lax.fori_loop(0, chunks, add_chunk, jnp.zeros((batch, rows, cols), jnp.float32))
 
   return jax.lax.fori_loop(1, steps, lambda i, out: out + scaled(i * interval, slice_partial(
