@@ -1,8 +1,11 @@
-"""PNG charts for the co-design calculator ("Insights into DeepSeek-V3" Table 1, §2.3.2, memory).
+"""PNG charts for the co-design calculator ("Insights into DeepSeek-V3" Table 1, §2.3.2, memory)
+and the `lab` studies.
 
-Three figures: KV cache per token by model (Table 1), the EP communication bound on TPOT against
-interconnect bandwidth with the hardware presets marked (§2.3.2), and bytes per device by mesh
-(params, gradients, optimizer state, activations stacked) against the hardware's HBM.
+KV cache per token by model (Table 1), the EP communication bound on TPOT against interconnect
+bandwidth with the hardware presets marked (§2.3.2), bytes per device by mesh (params, gradients,
+optimizer state, activations stacked) against the hardware's HBM; for `lab bandwidth` the decode
+bound and training step against bandwidth and latency, for `lab topology` cost per endpoint
+against scale.
 """
 
 from __future__ import annotations
@@ -95,6 +98,73 @@ def plot_memory_by_mesh(plans: Sequence[tuple[str, MemoryPlan]], path,
   ax.set_title(title or "Training memory per device by mesh", fontsize=9)
   ax.tick_params(axis="x", labelsize=7)
   ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def plot_bandwidth_study(sweep: dict, points, path, tokens_per_device: int,
+                         hidden: int) -> pathlib.Path:
+  """`lab bandwidth`: decode TPOT bound against bandwidth for several latencies (left) and the
+  training step estimate against the EP bandwidth (right), knees dotted. `points`: one
+  (fabric, decode GB/s, its TPOT in ms with its latency, training GB/s) per fabric."""
+  plt = _pyplot()
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.0, 4.4))
+  bw = np.asarray(sweep["bandwidth_gbs"])
+  for lat, ys in sweep["tpot_ms"].items():
+    ax.loglog(bw, ys, label=f"latency {lat:g} us")
+    knee = sweep["decode_knee_gbs"][lat]
+    if np.isfinite(knee) and bw[0] <= knee <= bw[-1]:
+      ax.axvline(knee, color=ax.lines[-1].get_color(), ls=":", lw=0.8)
+  for (gbs, ms), names in _group([((g, round(t, 6)), n) for n, g, t, _ in points]).items():
+    ax.plot([gbs], [ms], "ko", ms=3)
+    ax.annotate(" / ".join(names), (gbs, ms), textcoords="offset points", xytext=(4, 4),
+                fontsize=6)
+  ax.set_xlabel("EP all-to-all bandwidth per GPU (GB/s)")
+  ax.set_ylabel("decode TPOT bound (ms)")
+  ax.set_title(f"V3 decode EP bound ({tokens_per_device} tok/device, hidden {hidden}); "
+               "dotted: knees", fontsize=8)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  for name, ys in sweep["step_s"].items():
+    bx.semilogx(bw, ys, label=name)
+    bx.axvline(sweep["train_knee_gbs"][name], color=bx.lines[-1].get_color(), ls=":", lw=0.8)
+  for gbs, names in _group([(g, n) for n, _, _, g in points]).items():
+    bx.axvline(gbs, color="#999999", lw=0.5)
+    bx.annotate(" / ".join(names), (gbs, bx.get_ylim()[1]), rotation=90, fontsize=6, va="top",
+                ha="right")
+  bx.set_xlabel("EP all-to-all bandwidth per GPU (GB/s), 3.7 us per all-to-all")
+  bx.set_ylabel("training step estimate (s), 15360 x 4096 tokens")
+  bx.set_title("Table 4's step moved to other fabrics (estimate); dotted: knees", fontsize=8)
+  bx.grid(True, which="both", alpha=0.3)
+  bx.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def _group(pairs) -> dict:
+  """{key: [names]} keeping first-seen order: one label for points that coincide."""
+  out: dict = {}
+  for key, name in pairs:
+    out.setdefault(key, []).append(name)
+  return out
+
+
+def plot_topology_study(curves: dict, path, radix: int, marks=()) -> pathlib.Path:
+  """`lab topology`: cost per endpoint against endpoints, one curve per topology (the saw teeth
+  are whole switches added), `marks` = (label, endpoints, $ per endpoint) for Table 3's rows."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7.4, 4.4))
+  for name, (ns, costs) in curves.items():
+    ax.semilogx(ns, np.asarray(costs) / 1e3, label=name, lw=1)
+  for i, (label, n, c) in enumerate(marks):
+    ax.plot([n], [c / 1e3], "ko", ms=3)
+    ax.annotate(label, (n, c / 1e3), textcoords="offset points",
+                xytext=(-4, 5 if i % 2 == 0 else -11), fontsize=6, ha="right")
+  ax.set_xlabel("endpoints (GPUs)")
+  ax.set_ylabel("network cost per endpoint (k$)")
+  ax.set_title(f"Cost per endpoint against scale, {radix}-port switches (Insights Table 3 "
+               "prices)", fontsize=9)
+  ax.set_ylim(0, 15)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
   return _save(fig, path)
 
 
