@@ -12,8 +12,8 @@ import dataclasses
 import fnmatch
 import functools
 
-from deepseek_jax.config import FP8Config
-from deepseek_jax.fp8.accumulate import F32, limited, promote
+from deepseek_jax.config import ConfigError, FP8Config
+from deepseek_jax.fp8.accumulate import F32, Accum, hopper, limited, promote
 from deepseek_jax.fp8.dot import GRAD_AMAX_FLOOR, Fp8Dot, GemmSpec, Operand
 from deepseek_jax.fp8.formats import E4M3, E5M2, E5M6
 from deepseek_jax.fp8.scaling import Scaling
@@ -41,7 +41,7 @@ def _rowwise() -> GemmSpec:
 # name               operands                                                    accumulation
 # deepseek_v3        E4M3; x, g 1x128 tiles, w 128x128 blocks; pow2; FP8 x cache promote/128
 # deepseek_v3_fused  as deepseek_v3 (one f32 dot of the dequantised operands)    f32
-# deepseek_v3_hopper as deepseek_v3                                              13b RZ, promote/128
+# deepseek_v3_hopper as deepseek_v3                                              H100 FMA, promote/128
 # tensor_current     per-tensor current, E4M3 x/w, E5M2 g (TE "HYBRID")          f32
 # tensor_delayed     per-tensor delayed (amax history 16), E4M3 x/w, E5M2 g      f32
 # rowwise            E4M3 per-row (axis) scales everywhere, pow2 (torchao)       f32
@@ -51,7 +51,7 @@ RECIPES: dict[str, GemmSpec | None] = {
     "none": None,
     "deepseek_v3": GemmSpec(accum=promote(128)),
     "deepseek_v3_fused": GemmSpec(accum=F32),
-    "deepseek_v3_hopper": GemmSpec(accum=limited(13, round_toward_zero=True, promote=128)),
+    "deepseek_v3_hopper": GemmSpec(accum=hopper(13, round_toward_zero=True, promote=128)),
     "tensor_current": _per_tensor("current"),
     "tensor_delayed": _per_tensor("delayed"),
     "rowwise": _rowwise(),
@@ -116,7 +116,32 @@ def make_policy(name: str = "deepseek_v3", overrides=(),
   return Policy(rules=rules, default=recipe(name))
 
 
+def accum_from_config(fp8_cfg: FP8Config) -> Accum | None:
+  """`fp8.accumulator*` as an `Accum`; None: each recipe keeps its own."""
+  c = fp8_cfg
+  every = c.accumulator_promote or None
+  rz = c.accumulator_rounding == "rz"
+  return {"recipe": lambda: None, "f32": lambda: F32, "promote": lambda: promote(every),
+          "hopper": lambda: hopper(c.accumulator_bits, rz, every, c.accumulator_block),
+          "limited": lambda: limited(c.accumulator_bits, rz, every, c.accumulator_block),
+          }[c.accumulator]()
+
+
+def with_accum(policy: Policy, accum: Accum | None) -> Policy:
+  """`policy` with every FP8 spec accumulating per `accum` (None: unchanged)."""
+  if accum is None:
+    return policy
+  specs = [s for _, s in policy.rules if s is not None] + [policy.default]
+  if accum.mode in ("limited", "hopper") and any(s and s.backend != "emulate" for s in specs):
+    raise ConfigError(f"fp8.accumulator={accum.mode!r}: emulates the tensor core's accumulator; "
+                      "it runs only with fp8.backend='emulate'")
+  swap = lambda s: None if s is None else dataclasses.replace(s, accum=accum)  # noqa: E731
+  return Policy(rules=tuple((p, swap(s)) for p, s in policy.rules), default=swap(policy.default))
+
+
 def policy_from_config(fp8_cfg: FP8Config) -> Policy | None:
-  """The policy for `fp8.recipe` / `fp8.overrides`; None when nothing is quantised."""
+  """The policy for `fp8.recipe` / `fp8.overrides` / `fp8.accumulator*`; None when nothing
+  is quantised."""
   policy = make_policy(fp8_cfg.recipe, fp8_cfg.overrides)
+  policy = with_accum(policy, accum_from_config(fp8_cfg))
   return policy if policy.enabled else None
