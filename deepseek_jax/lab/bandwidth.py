@@ -170,8 +170,10 @@ def run(argv, prog: str) -> list[str]:
   tok, hid = args.tokens_per_device, args.hidden
   lines = [f"# bandwidth and latency (estimates): V3 decode EP bound ({tok} tok/device, "
            f"{EXPERTS} experts, hidden {hid}, {LAYERS} layers x {MICRO_BATCHES} micro-batches) "
-           "and Table 4's training step", "== Fabrics =="]
-  lines += _table(["fabric", "dec GB/s", "lat us", "TPOT ms", "+lat ms", "tok/s", "knee GB/s",
+           "and Table 4's training step",
+           "== Fabrics: decode (TPOT without / with latency, its knee), then training (step, "
+           "all-to-all not hidden, tokens/day, its knee) =="]
+  lines += _table(["fabric", "decode GB/s", "lat us", "TPOT ms", "+lat ms", "tok/s", "knee GB/s",
                    "train GB/s", "step s", "exposed s", "Btok/day", "knee GB/s"],
                   fabric_rows(tok, hid))
   s = sweep(bws, lats, tok, hid)
