@@ -3,7 +3,9 @@
 
 KV cache per token (Table 1), training FLOPs per token (Table 2), parameters (total / active, by
 arithmetic and by `eval_shape`), the expert-parallel TPOT bound (§2.3.2), node-limited routing
-traffic (§4.3), per-device memory on abstract meshes, and the roofline of our own compiled step.
+traffic (§4.3), per-device memory on abstract meshes, the roofline of our own compiled step, and
+the paper's remaining numbers (`paper_report`: topology cost, the 2048-GPU run, latency, DualPipe,
+MTP, V2 against 67B) beside the printed values with a status each (`claims`).
 Command line: `python -m deepseek_jax.codesign --help`.
 """
 

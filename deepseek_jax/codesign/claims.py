@@ -49,8 +49,14 @@ def within(ours: float, paper: float, rel: float, half_unit: float = 0.0) -> boo
   return lo * (1 - rel) <= ours <= hi * (1 + rel)
 
 
-def _status(ours: float, paper: float, rel: float, half_unit: float = 0.0) -> str:
-  return "reproduced" if within(ours, paper, rel, half_unit) else "differs"
+def half_unit(printed: float) -> float:
+  """Half the last printed digit of a value as the paper prints it (4.39 -> 0.005, 9 -> 0.5)."""
+  text = repr(printed)
+  return 0.5 * 10.0 ** -(len(text.split(".")[1]) if "." in text else 0)
+
+
+def _status(ours: float, paper: float, rel: float, half: float = 0.0) -> str:
+  return "reproduced" if within(ours, paper, rel, half) else "differs"
 
 
 def table3_claims(k: int = topology.PAPER_RADIX) -> list[Claim]:
@@ -60,8 +66,8 @@ def table3_claims(k: int = topology.PAPER_RADIX) -> list[Claim]:
     n, sw, ln, cost_m, per_k = topology.PAPER_TABLE3[t.name]
     counts = (t.endpoints, t.switches, t.links) == (n, sw, ln)
     cost, per = t.cost(port, link) / 1e6, t.cost_per_endpoint(port, link) / 1e3
-    ok = within(cost, cost_m, 0.01, 0.5) and within(per, per_k, 0.01, 0.005 if per_k == 4.39 else
-                                                  0.05)
+    ok = within(cost, cost_m, 0.01, half_unit(cost_m)) and within(per, per_k, 0.01,
+                                                                   half_unit(per_k))
     status = ("calibrated" if t.name in ("FT2", "FT3") else "reproduced" if ok and counts
               else "differs")
     note = {"FT2": "k^2/2, 3k/2 switches, k^2/2 links; its cost/endpoint solves the prices",

@@ -123,3 +123,10 @@ def test_extra_group_hook_turns_rows_into_claims():
   title, _, cl = sections[-1]
   assert title == "LogFMT" and [c.status for c in cl] == ["reproduced", "differs", "new"]
   assert cl[1].note == "a reason" and cl[2].note == "???"
+
+
+@pytest.mark.parametrize("printed, half", [(4.39, 0.005), (7.5, 0.05), (9, 0.5), (1522, 0.5)])
+def test_half_unit_of_printed_values(printed, half):
+  assert claims.half_unit(printed) == pytest.approx(half)
+  assert claims.within(printed + 0.99 * half, printed, 0, half)
+  assert not claims.within(printed + 1.01 * half, printed, 0, half)
