@@ -14,115 +14,33 @@ tokens one step late, so the device never waits for Python.
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import time
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate import paged
-from deepseek_jax.generate.decode import Sampling, SamplingArrays, sampling_probs
+from deepseek_jax.generate import speculative as spec
+from deepseek_jax.generate.decode import Sampling
+from deepseek_jax.generate.steps import (Params, decode_slots, init_slots, prefill_chunk,
+                                         speculate_slots)
 from deepseek_jax.layers import dtype_of
-from deepseek_jax.model import OutputHead, Transformer, head_variables
-
-
-class Slots(NamedTuple):
-  """Per-slot decoding state on the device ([S] each; stop ids [S, K], -1 padded)."""
-  tokens_S: jax.Array       # the last emitted token: the next input
-  positions_S: jax.Array    # the position it is fed at
-  done_S: jax.Array
-  remaining_S: jax.Array    # tokens the slot may still emit
-  seed_S: jax.Array
-  temperature_S: jax.Array
-  top_k_S: jax.Array
-  top_p_S: jax.Array
-  stop_SK: jax.Array
-
-
-class Params(NamedTuple):
-  """One request's parameters (scalars; stop ids [K])."""
-  length: jax.Array
-  max_new: jax.Array
-  seed: jax.Array
-  temperature: jax.Array
-  top_k: jax.Array
-  top_p: jax.Array
-  stop_K: jax.Array
-
-
-def init_slots(slots: int, stops: int) -> Slots:
-  z = jnp.zeros(slots, jnp.int32)
-  return Slots(z, z, jnp.ones(slots, bool), z, z, jnp.zeros(slots, jnp.float32), z,
-               jnp.ones(slots, jnp.float32), jnp.full((slots, stops), -1, jnp.int32))
-
-
-def _sample(logits_V, seed, position, temperature, top_k, top_p):
-  """The token for `position`: greedy at temperature 0, else drawn with a key of (seed, position)
-  only, so a request samples the same tokens whatever shares its batch."""
-  probs_V = sampling_probs(logits_V[None], SamplingArrays(temperature, top_k, top_p))[0]
-  key = jax.random.fold_in(jax.random.key(seed), position)
-  drawn = jax.random.categorical(key, jnp.log(probs_V))
-  return jnp.where(temperature > 0, drawn, jnp.argmax(logits_V)).astype(jnp.int32)
-
-
-def _settle(token_S, stop_SK, done_S, remaining_S):
-  """(count, done, remaining) after emitting `token_S` (count 0 once done)."""
-  count_S = jnp.where(done_S, 0, 1).astype(jnp.int32)
-  remaining_S = remaining_S - count_S
-  hit_S = jnp.any(token_S[:, None] == stop_SK, axis=1)
-  return count_S, done_S | hit_S | (remaining_S <= 0), remaining_S
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "group"), donate_argnames=("pools",))
-def decode_slots(cfg: ModelConfig, variables, pools, table_SM, st: Slots, group: int):
-  """One token for every slot at its own position; done slots emit nothing (count 0)."""
-  cache = paged.model_cache(pools, table_SM, group)
-  out = Transformer(cfg).apply(variables, st.tokens_S[:, None], st.positions_S[:, None],
-                               cache=cache)
-  next_S = jax.vmap(_sample)(out.logits_BTV[:, 0], st.seed_S, st.positions_S + 1,
-                             st.temperature_S, st.top_k_S, st.top_p_S)
-  count_S, done_S, remaining_S = _settle(next_S, st.stop_SK, st.done_S, st.remaining_S)
-  st = st._replace(tokens_S=jnp.where(count_S > 0, next_S, st.tokens_S),
-                   positions_S=st.positions_S + count_S, done_S=done_S, remaining_S=remaining_S)
-  return paged.pools_of(out.cache), st, (next_S, count_S, done_S)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "group"), donate_argnames=("pools",))
-def prefill_chunk(cfg: ModelConfig, variables, pools, table_1M, st: Slots, slot, tokens_1T, start,
-                  req: Params, group: int):
-  """Writes prompt positions [start, start + T) of one request; the chunk holding its last token
-  samples the first token and puts the request into `slot`."""
-  T = tokens_1T.shape[1]
-  pos_1T = start + jnp.arange(T, dtype=jnp.int32)[None]
-  out = Transformer(cfg).apply(variables, tokens_1T, pos_1T,
-                               cache=paged.model_cache(pools, table_1M, group), logits=False)
-  idx = req.length - 1 - start
-  last = idx < T
-  hidden_D = out.hidden_BTD[0, jnp.clip(idx, 0, T - 1)]
-  logits_V = OutputHead(cfg).apply(head_variables(variables), hidden_D[None])[0]
-  first = _sample(logits_V.astype(jnp.float32), req.seed, req.length, req.temperature,
-                  req.top_k, req.top_p)
-  count, done, remaining = _settle(first[None], req.stop_K[None], jnp.zeros(1, bool),
-                                   req.max_new[None])
-  row = Slots(first, req.length, done[0], remaining[0], req.seed, req.temperature, req.top_k,
-              req.top_p, req.stop_K)
-  st = jax.tree.map(lambda a, r: jnp.where(last, a.at[slot].set(r), a), st, row)
-  return paged.pools_of(out.cache), st, (first[None], jnp.where(last, count, 0), done)
 
 
 class Request:
   """A submitted request: `tokens` so far (stop token excluded), `finished`, `stopped`, the
-  times its tokens arrived (`token_times`, perf_counter); iterating it streams its tokens and
-  runs the engine while it waits."""
+  times its tokens arrived (`token_times`, perf_counter), MTP drafts `drafted`/`accepted`;
+  iterating it streams its tokens and runs the engine while it waits."""
 
   def __init__(self, engine: "Engine", rid: int, prompt: list[int], max_new_tokens: int,
-               sampling: Sampling, stop: Sequence[int], seed: int):
+               sampling: Sampling, stop: Sequence[int], seed: int, speculative: bool):
     self.engine, self.id, self.prompt = engine, rid, prompt
     self.max_new_tokens, self.sampling, self.stop, self.seed = max_new_tokens, sampling, stop, seed
+    self.speculative = speculative
+    self.drafted = self.accepted = 0   # speculative: drafts verified and accepted
     self.tokens: list[int] = []
     self.token_times: list[float] = []
     self.submitted = time.perf_counter()
@@ -150,11 +68,16 @@ class Request:
 class Engine:
   """Continuous batching over `slots` decode rows and a pool of `num_blocks` blocks of
   `block_size` tokens (default: enough for every slot at `max_seq_len`). `prefill_chunk`
-  prompt tokens are prefilled per step; `stops` is the most stop ids a request may give."""
+  prompt tokens are prefilled per step; `stops` is the most stop ids a request may give.
+  `speculative=True` lets requests ask for MTP speculation (the drafter's cache is a second pool
+  of one layer: (C + R) more per token); the cache is (C + R)·L per token otherwise."""
 
   def __init__(self, cfg: ModelConfig, variables, *, slots: int = 8, block_size: int = 16,
                num_blocks: int | None = None, max_seq_len: int | None = None,
-               prefill_chunk: int = 64, group: int = 8, stops: int = 8, cache_dtype=None):
+               prefill_chunk: int = 64, group: int = 8, stops: int = 8, cache_dtype=None,
+               speculative: bool = False):
+    if speculative:
+      spec.check_speculative(cfg)
     for name, value in (("slots", slots), ("block_size", block_size),
                         ("prefill_chunk", prefill_chunk), ("group", group), ("stops", stops)):
       if not (isinstance(value, int) and value >= 1):
@@ -169,8 +92,11 @@ class Engine:
     num_blocks = num_blocks or slots * self.max_blocks + 1
     self.blocks = paged.BlockPool(num_blocks, block_size)
     self.cache_dtype = cache_dtype or dtype_of(cfg.dtype)
+    self.speculative = speculative
     self.pools = paged.init_model_pools(cfg, num_blocks, block_size, self.cache_dtype)
-    self.state = init_slots(slots, stops)
+    self.pools["mtp"] = (paged.init_pools(cfg, num_blocks, block_size, self.cache_dtype, 0)
+                         if speculative else None)
+    self.state = init_slots(slots, stops, cfg.vocab_size if speculative else 0)
     self.queue: collections.deque[Request] = collections.deque()
     self.slot_of: list[Request | None] = [None] * slots
     self._ids = itertools.count()
@@ -188,8 +114,9 @@ class Engine:
 
   def submit(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop: Sequence[int] = (),
-             seed: int = 0) -> Request:
-    """Queues a request; returns its `Request` (iterate it to stream its tokens)."""
+             seed: int = 0, speculative: bool = False) -> Request:
+    """Queues a request; returns its `Request` (iterate it to stream its tokens). With
+    `speculative` the MTP module drafts a token per step (greedy output unchanged)."""
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
       raise ValueError("prompt_ids: must hold at least one token")
@@ -205,9 +132,12 @@ class Engine:
     if self.blocks.blocks_for(len(prompt) + max_new_tokens) > self.blocks.num_blocks - 1:
       raise ValueError(f"prompt + max_new_tokens ({len(prompt) + max_new_tokens} tokens) needs "
                        f"more blocks than the pool holds ({self.blocks.num_blocks - 1})")
+    if speculative and not self.speculative:
+      raise ValueError("speculative=True: this engine holds no drafter cache; build it with "
+                       "Engine(..., speculative=True)")
     req = Request(self, next(self._ids), prompt, max_new_tokens,
                   Sampling(temperature, top_k, top_p), tuple(sorted(set(int(s) for s in stop))),
-                  seed)
+                  seed, bool(speculative))
     self.queue.append(req)
     return req
 
@@ -259,37 +189,45 @@ class Engine:
     start, n = req.prefilled, len(req.prompt)
     end = min(start + self.chunk, n)
     self.blocks.ensure(req.id, end)
-    tokens = np.zeros((1, self.chunk), np.int32)
-    tokens[0, :end - start] = req.prompt[start:end]
+    tokens = np.zeros((1, self.chunk + 1), np.int32)
+    tokens[0, :min(end + 1, n) - start] = req.prompt[start:end + 1]
     stop_K = np.full(self.stops, -1, np.int32)
     stop_K[:len(req.stop)] = req.stop
     s = req.sampling
     params = Params(np.int32(n), np.int32(req.max_new_tokens), np.int32(req.seed),
-                    np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p), stop_K)
+                    np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p), stop_K,
+                    np.bool_(req.speculative))
     self.pools, self.state, emit = prefill_chunk(
         self.cfg, self.variables, self.pools, self._table([req]), self.state, np.int32(req.slot),
-        tokens, np.int32(start), params, self.group)
+        tokens[:, :-1], tokens[:, 1:], np.int32(start), params, self.group, req.speculative)
     req.prefilled, req.next_pos = end, n
     return [req], emit
 
   def _decode(self, running):
+    speculate = any(r is not None and r.speculative for r in running)
     for r in running:
-      if r is not None:   # blocks through the position this step writes (at most the budget's)
-        self.blocks.ensure(r.id, min(r.next_pos + 1, len(r.prompt) + r.max_new_tokens))
-        r.next_pos += 1
-    self.pools, self.state, emit = decode_slots(self.cfg, self.variables, self.pools,
-                                                self._table(running), self.state, self.group)
+      if r is not None:   # blocks through the positions this step may write (within the budget)
+        ahead = 2 if speculate and r.speculative else 1
+        self.blocks.ensure(r.id, min(r.next_pos + ahead, len(r.prompt) + r.max_new_tokens))
+        r.next_pos += ahead
+    step = speculate_slots if speculate else decode_slots
+    self.pools, self.state, emit = step(self.cfg, self.variables, self.pools,
+                                        self._table(running), self.state, self.group)
     return running, emit
 
   def _deliver(self, reqs, emit) -> None:
-    tokens, counts, dones = jax.device_get(emit)
+    tokens, counts, dones = jax.device_get(emit[:3])
+    accepted = jax.device_get(emit[3]) if len(emit) > 3 else np.full(len(reqs), -1)
     now = time.perf_counter()
-    for req, tok, count, done in zip(reqs, tokens, counts, dones):
+    for req, toks, count, done, acc in zip(reqs, tokens, counts, dones, accepted):
       if req is None or req.finished or not count:
         continue
-      if int(tok) in req.stop:
-        req.stopped = True
-      else:
+      if acc >= 0:
+        req.drafted, req.accepted = req.drafted + 1, req.accepted + int(acc)
+      for tok in toks[:count]:
+        if int(tok) in req.stop:
+          req.stopped = True
+          break
         req.tokens.append(int(tok))
         req.token_times.append(now)
       if done:

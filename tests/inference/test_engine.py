@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from deepseek_jax.generate import generate
-from deepseek_jax.generate.engine import Engine, decode_slots, prefill_chunk
+from deepseek_jax.generate.engine import Engine
+from deepseek_jax.generate.steps import decode_slots, prefill_chunk
 from deepseek_jax.model import Transformer
 from tests.helpers import init_model, small_config
 
