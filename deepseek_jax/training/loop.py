@@ -158,8 +158,8 @@ def describe_eval(step: int, ev: dict, unigram_bits: float | None) -> str:
 def advice(bad_kinds: dict, never_updated: bool) -> str:
   """What to change after a run of non-finite steps. `never_updated`: no update was ever applied
   (every step from the initial parameters failed), so the learning rate played no part."""
-  what = ("the gradient was non-finite while the loss was finite" if not bad_kinds["loss"] else
-          "the loss was non-finite")
+  what = ("The gradient was non-finite while the loss was finite" if not bad_kinds["loss"] else
+          "The loss was non-finite")
   if never_updated:
     return (f"{what} from the initial parameters, before any update: not the learning rate; "
             "check model.init_std (e.g. 0.006-0.02) and the data")

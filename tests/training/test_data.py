@@ -120,12 +120,14 @@ def test_hf_tokenizer_json(tmp_path):
 
 
 def test_out_of_vocabulary_ids_raise(stdlib_data):
-  with pytest.raises(ValueError, match="token id 300 lies outside the model vocabulary"):
+  # A user error (issue 17 case 9): ConfigError naming model.vocab_size, exit 2 from the commands.
+  with pytest.raises(ConfigError, match="model.vocab_size=256: batch 0: token id 300 lies outside "
+                                        "the model vocabulary"):
     data_lib.check_token_ids(np.asarray([[1, 300]]), 256, "batch 0")
-  with pytest.raises(ValueError, match="token id -1"):
+  with pytest.raises(ConfigError, match="token id -1"):
     data_lib.check_token_ids(np.asarray([[-1, 3]]), 256, "batch 0")
   stdlib_data.vocab_size = 100     # a model smaller than the corpus's ids
-  with pytest.raises(ValueError, match="training batch 5"):
+  with pytest.raises(ConfigError, match="training batch 5"):
     stdlib_data.train_batch(5)
   stdlib_data.vocab_size = 256
 
