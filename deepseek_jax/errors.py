@@ -92,7 +92,11 @@ def describe(e: BaseException) -> tuple[int, str]:
   code = os_errno(e)
   if code is not None:
     where = getattr(e, "filename", None)
-    return 1, f"{os_what(code)}{f' writing {where}' if where else ''} ({first_line(e)})"
+    if isinstance(e, OSError):
+      return 1, f"{os_what(code)}{f' writing {where}' if where else ''}"
+    return 1, f"{os_what(code)} ({first_line(e)})"
+  if isinstance(e, OSError) and e.strerror:
+    return 1, f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
   if isinstance(e, MemoryError):
     return 1, "out of host memory (try a smaller model or batch)"
   return 1, (f"unexpected {type(e).__name__}: {first_line(e)} (rerun with {DEBUG_FLAG} or "

@@ -239,6 +239,15 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, command: str) -> int:
     except errors.Fault as e:       # non-finite training, a checkpoint that cannot be written
       print(f"train: error: {e}", file=sys.stderr)
       return 1
+    except OSError as e:            # the workdir's other files (metrics, logs, exports)
+      code = errors.os_errno(e)
+      if code is None:
+        raise
+      good = ckpt_lib.step_dirs(workdir / ckpt_lib.CHECKPOINTS)
+      print(f"train: error: {errors.os_what(code)} while writing {e.filename or workdir}; "
+            + (f"the newest good checkpoint is {good[0].name} in {good[0].parent}" if good else
+               "no checkpoint of this run was written"), file=sys.stderr)
+      return 1
 
 
 def train(cfg: Config, workdir: pathlib.Path, resume: bool, data, b) -> int:

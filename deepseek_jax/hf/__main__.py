@@ -82,6 +82,8 @@ def main(argv=None, prog: str = "python -m deepseek_jax.hf") -> int:
     print(f"wrote {len(list(dst.iterdir()))} file(s) to {dst}")
     return 0
   except (CheckpointError, HFConfigError, ValueError, OSError) as e:
+    if isinstance(e, OSError) and errors.os_errno(e) is not None:
+      raise      # disk full, read-only DST: a fault (exit 1, `errors`), not bad input
     print(f"error: {e}", file=sys.stderr)
     return 2
 
