@@ -37,14 +37,14 @@ def logfmt_group() -> tuple[str, Callable[[], list[tuple]]] | None:
 
 
 def _rows_to_claims(rows) -> list[Claim]:
-  """(claim, paper value, project value, status[: reason]) rows as Claims; a status word outside
-  `claims.STATUSES` is kept in the note under 'new'."""
+  """(claim, paper value, project value, status[: reason][, more notes]) rows as Claims; a
+  status word outside `claims.STATUSES` is kept in the note under 'new'."""
   out = []
-  for quantity, paper, ours, status in rows:
+  for quantity, paper, ours, status, *more in rows:
     word, _, rest = str(status).partition(":")
     word = word.strip()
     known = word in claims.STATUSES
-    note = rest.strip() if known else str(status)
+    note = "; ".join([rest.strip() if known else str(status), *map(str, more)]).strip("; ")
     out.append(Claim(str(quantity), str(paper), str(ours), word if known else "new", note))
   return out
 

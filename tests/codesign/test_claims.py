@@ -118,11 +118,13 @@ def test_every_section_has_rows_with_known_statuses():
 def test_extra_group_hook_turns_rows_into_claims():
   rows = [("LogFMT-8 vs E4M3", "better", "better", "reproduced"),
           ("LogFMT-10 vs BF16", "close", "0.1% worse", "differs: a reason"),
-          ("odd", "a", "b", "???")]
+          ("odd", "a", "b", "???"), ("five", 1.0, 2.0, "explained: why", "more")]
   sections = paper_report.paper_sections(V2, V3, TOKENS, extra=[("LogFMT", lambda: rows)])
   title, _, cl = sections[-1]
-  assert title == "LogFMT" and [c.status for c in cl] == ["reproduced", "differs", "new"]
-  assert cl[1].note == "a reason" and cl[2].note == "???"
+  assert title == "LogFMT"
+  assert [c.status for c in cl] == ["reproduced", "differs", "new", "explained"]
+  assert cl[1].note == "a reason" and cl[2].note == "???" and cl[3].note == "why; more"
+  assert cl[3].paper == "1.0"
 
 
 @pytest.mark.parametrize("printed, half", [(4.39, 0.005), (7.5, 0.05), (9, 0.5), (1522, 0.5)])
