@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from deepseek_jax import gmm as gmm_lib
 from deepseek_jax import vma
 from deepseek_jax.fp8 import grouped
+from deepseek_jax.fp8.dot import swiglu, swiglu_cache, swiglu_dot
 from deepseek_jax.gmm import auto_block_size, num_blocks  # noqa: F401  (dispatch's API too)
 
 DotGeneral = Callable[..., jax.Array]
@@ -69,9 +70,9 @@ def dense_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
   gate_XE = jnp.zeros((X, E), weights_XK.dtype).at[
       jnp.arange(X)[:, None], experts_XK].add(weights_XK, mode="drop")   # id E: no expert
   proj = (((1,), (1,)), ((), ()))                         # XD,EDM->XEM
-  h_XEM = (jax.nn.silu(dots.gate_proj(x_XD, w_gate_EDM, proj))
-           * dots.up_proj(x_XD, w_up_EDM, proj))
-  y_EXD = dots.down_proj(h_XEM, w_down_EMD, (((2,), (1,)), ((1,), (0,))))   # XEM,EMD->EXD
+  gate_XEM, up_XEM = dots.gate_proj(x_XD, w_gate_EDM, proj), dots.up_proj(x_XD, w_up_EDM, proj)
+  y_EXD = swiglu_dot(dots.down_proj, gate_XEM, up_XEM, w_down_EMD,
+                     (((2,), (1,)), ((1,), (0,))))                      # XEM,EMD->EXD
   y_XD = jnp.einsum("EXD,XE->XD", y_EXD, gate_XE.astype(y_EXD.dtype),
                     preferred_element_type=jnp.float32)
   return y_XD.astype(x_XD.dtype)
@@ -124,9 +125,8 @@ def _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dot
   proj = (((1,), (0,)), ((), ()))                          # UD,DM->UM and UM,MD->UD
 
   def expert_block(x_UD, e):
-    h_UM = (jax.nn.silu(dots.gate_proj(x_UD, w_gate_EDM[e], proj))
-            * dots.up_proj(x_UD, w_up_EDM[e], proj))
-    return dots.down_proj(h_UM, w_down_EMD[e], proj)
+    return swiglu_dot(dots.down_proj, dots.gate_proj(x_UD, w_gate_EDM[e], proj),
+                      dots.up_proj(x_UD, w_up_EDM[e], proj), w_down_EMD[e], proj)
 
   # Without the policy the scan saves each block's weight slices for the backward pass, a
   # [blocks, D, M] copy of the weights per projection (3x the time on CPU and the memory of
@@ -145,15 +145,19 @@ class HighPrecision:
 
   The protocol `block_swiglu` expects of each projection (`fp8.grouped.ExpertNumerics` is the
   FP8 one): operand preparers mapping arrays to same-shaped arrays, `weight(w)`,
-  `dgrad_weight(w, w_fprop)`, `fprop_x(x)`, `dgrad_g(g)`, `cached_x(x, x_fprop)`, `wgrad_x(x)`,
-  `wgrad_g(g)`, and `dot(a, b)` (a @ b of two matrices). Here every preparer returns its
-  first argument.
+  `dgrad_weight(w, w_fprop)`, `fprop_x(x)`, `dgrad_g(g)`, `wgrad_x(cache)`, `wgrad_g(g)`;
+  `fprop_x_cached(x) -> (cache, fprop_x(x))`; `dot(a, b)` (a @ b of two matrices); and
+  `swiglu_cache` (a down projection's SwiGLU cache format, or None). Here all return x.
   """
+  swiglu_cache = None
 
   def _first(self, a, *_):
     return a
 
-  weight = dgrad_weight = fprop_x = dgrad_g = cached_x = wgrad_x = wgrad_g = _first
+  weight = dgrad_weight = fprop_x = dgrad_g = wgrad_x = wgrad_g = _first
+
+  def fprop_x_cached(self, x):
+    return x, x
 
   def dot(self, a, b):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())))
@@ -195,52 +199,60 @@ def block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD,
   added in place into an f32 `[E, ...]` accumulator; the autodiff of a per-block scan instead
   recomputes the preparation under remat and pads every block's gradient to the full stack.
   Numerically it is the per-block computation (row tiles are row-local and column tiles stay
-  inside one block); weight gradients accumulate in f32 over blocks.
+  inside one block); weight gradients accumulate in f32 over blocks. With the down projection's
+  `swiglu_cache` (V3 §3.3.3) gate and up are kept in FP8 and h recomputed in the backward.
   """
   return _block_fwd(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics)[0]
 
 
 def _block_fwd(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics):
   ng, nu, nd = numerics
-  dtype = x_WUD.dtype
+  dtype, fmt = x_WUD.dtype, nd.swiglu_cache
   wg, wu, wd = ng.weight(w_gate_EDM), nu.weight(w_up_EDM), nd.weight(w_down_EMD)
-  xg_WUD = ng.fprop_x(x_WUD)
-  xu_WUD = xg_WUD if nu == ng else nu.fprop_x(x_WUD)
+  xg_cache, xg_WUD = ng.fprop_x_cached(x_WUD)
+  xu_cache, xu_WUD = (xg_cache, xg_WUD) if nu == ng else nu.fprop_x_cached(x_WUD)
 
   def body(_, xs):
     xg_UD, xu_UD, e = xs
     gate_UM = ng.dot(xg_UD, wg[e]).astype(dtype)
     up_UM = nu.dot(xu_UD, wu[e]).astype(dtype)
-    h_1UM = (jax.nn.silu(gate_UM) * up_UM)[None]
-    hq_1UM = nd.fprop_x(h_1UM)
-    y_UD = nd.dot(hq_1UM[0], wd[e]).astype(dtype)
-    return None, (y_UD, gate_UM, up_UM, nd.cached_x(h_1UM, hq_1UM)[0])
+    h_1UM = swiglu(gate_UM, up_UM)[None]
+    if fmt is None:   # gate and up as they are, h as down's fprop caches it
+      h_cache, hq_1UM = nd.fprop_x_cached(h_1UM)
+      saved = (gate_UM, up_UM, h_cache)
+    else:             # gate and up in FP8 (1x128 tiles along M), h recomputed
+      hq_1UM = nd.fprop_x(h_1UM)
+      saved = (swiglu_cache(gate_UM[None], fmt), swiglu_cache(up_UM[None], fmt))
+    return None, (nd.dot(hq_1UM[0], wd[e]).astype(dtype), saved)
 
-  _, (y_WUD, gate_WUM, up_WUM, h_WUM) = jax.lax.scan(body, None, (xg_WUD, xu_WUD, expert_W))
-  xg_cache = ng.cached_x(x_WUD, xg_WUD)
-  xu_cache = xg_cache if nu == ng else nu.cached_x(x_WUD, xu_WUD)
-  res = (xg_cache, xu_cache, expert_W, (w_gate_EDM, w_up_EDM, w_down_EMD), (wg, wu, wd),
-         gate_WUM, up_WUM, h_WUM,
+  _, (y_WUD, saved_W) = jax.lax.scan(body, None, (xg_WUD, xu_WUD, expert_W))
+  res = (xg_cache, xu_cache, expert_W, (w_gate_EDM, w_up_EDM, w_down_EMD), (wg, wu, wd), saved_W,
          x_WUD[:0, 0, 0])   # empty; carries x's dtype and manual-axis type for dx
   return y_WUD, res
 
 
 def _block_bwd(numerics, res, dy_WUD):
   ng, nu, nd = numerics
-  xg_cache, xu_cache, expert_W, weights, prepared, gate_WUM, up_WUM, h_WUM, x_cotangent_ref = res
-  dtype = dy_WUD.dtype
+  xg_cache, xu_cache, expert_W, weights, prepared, saved_W, x_cotangent_ref = res
+  dtype, fmt = dy_WUD.dtype, nd.swiglu_cache
   wg, wu, wd = (n.dgrad_weight(w, p) for n, w, p in zip(numerics, weights, prepared))
-  dy_rows, dy_cols, h_cols = nd.dgrad_g(dy_WUD), nd.wgrad_g(dy_WUD), nd.wgrad_x(h_WUM)
+  dy_rows, dy_cols = nd.dgrad_g(dy_WUD), nd.wgrad_g(dy_WUD)
   xg_cols = ng.wgrad_x(xg_cache)
   xu_cols = xg_cols if nu == ng else nu.wgrad_x(xu_cache)
   t = lambda a: a.T  # noqa: E731
 
   def body(acc, xs):
     dwg, dwu, dwd = acc
-    dyr_UD, dyc_UD, hc_UM, xgc_UD, xuc_UD, gate_UM, up_UM, e = xs
+    dyr_UD, dyc_UD, xgc_UD, xuc_UD, saved, e = xs
+    if fmt is None:
+      gate_UM, up_UM, h_cache = saved
+    else:   # h recomputed from the FP8 copies of gate and up
+      gate_UM, up_UM = (q.dequantize()[0].astype(dtype) for q in saved)
+      h_cache = swiglu(gate_UM, up_UM)[None]
+    hc_UM = nd.wgrad_x(h_cache)[0]
     dwd = dwd.at[e].add(nd.dot(t(hc_UM), dyc_UD).astype(jnp.float32))
     dh_UM = nd.dot(dyr_UD, t(wd[e])).astype(dtype)
-    _, swiglu_vjp = jax.vjp(lambda a, b: jax.nn.silu(a) * b, gate_UM, up_UM)
+    _, swiglu_vjp = jax.vjp(swiglu, gate_UM, up_UM)
     dgate_1UM, dup_1UM = (a[None] for a in swiglu_vjp(dh_UM))
     dx_UD = (ng.dot(ng.dgrad_g(dgate_1UM)[0], t(wg[e])).astype(jnp.float32)
              + nu.dot(nu.dgrad_g(dup_1UM)[0], t(wu[e])).astype(jnp.float32))
@@ -248,9 +260,9 @@ def _block_bwd(numerics, res, dy_WUD):
     dwu = dwu.at[e].add(nu.dot(t(xuc_UD), nu.wgrad_g(dup_1UM)[0]).astype(jnp.float32))
     return (dwg, dwu, dwd), dx_UD.astype(dtype)
 
-  xs = (dy_rows, dy_cols, h_cols, xg_cols, xu_cols, gate_WUM, up_WUM, expert_W)
-  acc = tuple(vma.varying_like(jnp.zeros(w.shape, jnp.float32), xs + weights + (wg, wu, wd))
-              for w in weights)
+  xs = (dy_rows, dy_cols, xg_cols, xu_cols, saved_W, expert_W)
+  refs = jax.tree.leaves((xs, weights, (wg, wu, wd)))
+  acc = tuple(vma.varying_like(jnp.zeros(w.shape, jnp.float32), refs) for w in weights)
   (dwg, dwu, dwd), dx_WUD = jax.lax.scan(body, acc, xs, reverse=True)
   dws = tuple(vma.cotangent_like(d.astype(w.dtype), w) for d, w in zip((dwg, dwu, dwd), weights))
   return (vma.cotangent_like(dx_WUD, x_cotangent_ref), None) + dws

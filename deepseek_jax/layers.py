@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from deepseek_jax.fp8.dot import swiglu_dot
+
 Dtype = Any
 DotGeneral = Callable[..., jax.Array]
 
@@ -142,7 +144,7 @@ class Dense(nn.Module):
       dot = dot.bind(self.get_variable("fp8_state", "amax_history"))
     return dot
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def _operands(self, x: jax.Array):
     ins = tuple(self.in_features)
     if x.shape[x.ndim - len(ins):] != ins:
       raise ValueError(f"{module_path(self)}: input trailing shape {x.shape[x.ndim - len(ins):]} "
@@ -150,7 +152,16 @@ class Dense(nn.Module):
     contract = (tuple(range(x.ndim - len(ins), x.ndim)), tuple(range(len(ins))))
     kernel = self.kernel.astype(self.dtype)
     kernel = gathered(kernel, self.axes) if self.gather else kernel
-    return self.dot()(x.astype(self.dtype), kernel, (contract, ((), ())))
+    return x.astype(self.dtype), kernel, (contract, ((), ()))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.dot()(*self._operands(x))
+
+  def swiglu(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`self(silu(gate) * up)`; an FP8 dot whose spec has a SwiGLU cache keeps gate and up in FP8
+    for the backward and recomputes the product there (V3 report §3.3.3)."""
+    gate, kernel, dims = self._operands(gate)
+    return swiglu_dot(self.dot(), gate, up.astype(self.dtype), kernel, dims)
 
 
 class MLP(nn.Module):
@@ -159,7 +170,8 @@ class MLP(nn.Module):
   With `fuse_gate_up` gate and up are one matmul against the two kernels stacked at call time
   (parameters and checkpoints unchanged), unless the FP8 policy quantises either: scales are
   per tensor, tile or block, so a joint operand would not quantise as the two apart. Outputs
-  are tagged for remat policies: "mlp_wi" (gate and up), "mlp_wo" (down).
+  are tagged for remat policies: "mlp_wi" (gate and up), "mlp_wo" (down). The down projection
+  takes gate and up (`Dense.swiglu`): V3's recipe caches them in FP8 and recomputes the product.
   """
   d_model: int
   hidden: int
@@ -187,6 +199,6 @@ class MLP(nn.Module):
     else:
       gate_BTF = checkpoint_name(gate(x_BTD), "mlp_wi")
       up_BTF = checkpoint_name(up(x_BTD), "mlp_wi")
-    y_BTD = Dense((F,), (D,), (self.hidden_axis, "embed"), name="down_proj", **kw)(
-        nn.silu(gate_BTF) * up_BTF)
+    y_BTD = Dense((F,), (D,), (self.hidden_axis, "embed"), name="down_proj", **kw).swiglu(
+        gate_BTF, up_BTF)
     return checkpoint_name(y_BTD, "mlp_wo")

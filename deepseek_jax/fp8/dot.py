@@ -3,6 +3,7 @@
 A drop-in for `jax.lax.dot_general` at the seam of `layers.Dense`. Operands are canonicalised to
 `[batch, rows, k] x [batch, k, cols]`; fprop (y = x w), dgrad (dx = g w^T) and wgrad (dw = x^T g)
 quantise their two operands each as a `GemmSpec`'s six slots say, and accumulate per its `Accum`.
+`fp8_swiglu_dot_general` multiplies silu(gate) * up, caching gate and up in FP8 (V3 §3.3.3).
 """
 
 from __future__ import annotations
@@ -57,14 +58,18 @@ class GemmSpec:
   cache: str = "fp8"                # backward reads x from fprop's FP8 copy ('fp8') or x ('hp')
   cache_fmt: Format | None = None   # cache x in this format (1x128, pow2) instead of fprop's copy
   backend: str = "emulate"
+  # x = silu(gate) * up (a SwiGLU's down projection): cache gate and up in this format (1x128,
+  # pow2) and recompute x in the backward instead of caching x (V3 §3.3.3); None: cache x.
+  swiglu_cache: Format | None = None
 
   def __post_init__(self):
     for s in SLOTS:
       v = getattr(self, s)
       if v is not None and not isinstance(v, Operand):
         raise ValueError(f"GemmSpec.{s}={v!r}: must be an Operand or None (high precision)")
-    if self.cache_fmt is not None and not isinstance(self.cache_fmt, Format):
-      raise ValueError(f"GemmSpec.cache_fmt={self.cache_fmt!r}: must be a Format or None")
+    for name in ("cache_fmt", "swiglu_cache"):
+      if getattr(self, name) is not None and not isinstance(getattr(self, name), Format):
+        raise ValueError(f"GemmSpec.{name}={getattr(self, name)!r}: must be a Format or None")
     if self.cache not in ("fp8", "hp"):
       raise ValueError(f"GemmSpec.cache={self.cache!r}: must be 'fp8' or 'hp'")
     if self.backend not in BACKENDS:
@@ -73,6 +78,9 @@ class GemmSpec:
     if len(hist) > 1:
       raise ValueError(f"GemmSpec: delayed slots disagree on history length {sorted(hist)}; "
                        "one site keeps one history")
+    if hist and self.swiglu_cache is not None:
+      raise ValueError("GemmSpec: swiglu_cache with delayed scaling: the SwiGLU path carries no "
+                       "amax history; use current scaling")
 
   def operands(self):
     return [getattr(self, s) for s in SLOTS if getattr(self, s) is not None]
@@ -203,6 +211,40 @@ def _fp8_gemm(x, w, state, st: _Static):
 
 _fp8_gemm.defvjp(_fwd, _bwd)
 
+# The SwiGLU input cache's tiles: 1x128 along the down projection's contraction, pow2 scales.
+SWIGLU_SCALING = Scaling("tile")
+
+
+def swiglu_cache(a, fmt: Format) -> QArray:
+  """`[batch, rows, k]` gate or up quantised for the SwiGLU cache (FP8 bytes and scales)."""
+  return quantize(a, fmt, SWIGLU_SCALING, 2)
+
+
+def swiglu(gate, up):
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up, w, st: _Static):
+  y, (_, w_res, _, _) = _fwd(swiglu(gate, up), w, None, st)
+  fmt = st.spec.swiglu_cache
+  return y, (swiglu_cache(gate, fmt), swiglu_cache(up, fmt), w_res)
+
+
+def _swiglu_bwd(st: _Static, res, g):
+  q_gate, q_up, w_res = res
+  gate, up = (q.dequantize().astype(st.x_dtype) for q in (q_gate, q_up))
+  x, swiglu_vjp = jax.vjp(swiglu, gate, up)   # x recomputed from the cached FP8 inputs
+  dx, dw, _ = _bwd(st, (x, w_res, None, None), g)
+  return (*swiglu_vjp(dx), dw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _swiglu_gemm(gate, up, w, st: _Static):
+  return _swiglu_fwd(gate, up, w, st)[0]
+
+
+_swiglu_gemm.defvjp(_swiglu_fwd, _swiglu_bwd)
+
 
 def _canonical_dims(lhs_ndim, rhs_ndim, dimension_numbers):
   try:
@@ -220,6 +262,26 @@ def _canonical_dims(lhs_ndim, rhs_ndim, dimension_numbers):
   return lc, rc, lb, rb, lf, rf
 
 
+def _canonical(lhs, rhs, dimension_numbers, preferred_element_type, spec: GemmSpec):
+  """(to_x3, w3, st, out_shape): `to_x3` maps lhs-shaped arrays to `[batch, rows, k]`, `w3` is
+  rhs as `[batch, k, cols]`, `out_shape` the product's shape."""
+  lc, rc, lb, rb, lf, rf = _canonical_dims(lhs.ndim, rhs.ndim, dimension_numbers)
+  if [lhs.shape[d] for d in lc] != [rhs.shape[d] for d in rc] or \
+     [lhs.shape[d] for d in lb] != [rhs.shape[d] for d in rb]:
+    raise ValueError(f"fp8_dot_general: shapes {lhs.shape} x {rhs.shape} do not match on "
+                     f"dimension_numbers={dimension_numbers}")
+  size = lambda a, ds: math.prod(a.shape[d] for d in ds)  # noqa: E731
+  # [batch, rows, k] x [batch, k, cols]: batch, free and contracting dims each flattened to one
+  to_x3 = lambda a: jnp.transpose(a, lb + lf + lc).reshape(  # noqa: E731
+      size(lhs, lb), size(lhs, lf), size(lhs, lc))
+  w3 = jnp.transpose(rhs, rb + rc + rf).reshape(size(rhs, rb), size(rhs, rc), size(rhs, rf))
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
+  st = _Static(spec, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
+  out_shape = ([lhs.shape[d] for d in lb] + [lhs.shape[d] for d in lf] +
+               [rhs.shape[d] for d in rf])
+  return to_x3, w3, st, out_shape
+
+
 def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
                     spec: GemmSpec = GemmSpec(), fp8_state: jax.Array | None = None):
   """`lax.dot_general` with FP8 numerics per `spec` (fprop, dgrad and wgrad).
@@ -232,26 +294,29 @@ def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   the gradients the inputs' dtypes.
   """
   del precision
-  lc, rc, lb, rb, lf, rf = _canonical_dims(lhs.ndim, rhs.ndim, dimension_numbers)
-  if [lhs.shape[d] for d in lc] != [rhs.shape[d] for d in rc] or \
-     [lhs.shape[d] for d in lb] != [rhs.shape[d] for d in rb]:
-    raise ValueError(f"fp8_dot_general: shapes {lhs.shape} x {rhs.shape} do not match on "
-                     f"dimension_numbers={dimension_numbers}")
+  to_x3, w3, st, out_shape = _canonical(lhs, rhs, dimension_numbers, preferred_element_type, spec)
   if not spec.delayed:
     fp8_state = None
   elif fp8_state is not None and fp8_state.shape != (spec.history, len(delayed.COLUMNS)):
     raise ValueError(f"fp8_dot_general: fp8_state shape {fp8_state.shape} != "
                      f"({spec.history}, {len(delayed.COLUMNS)}) (see fp8.delayed.init_state)")
-  size = lambda a, ds: math.prod(a.shape[d] for d in ds)
-  # [batch, rows, k] x [batch, k, cols]: batch, free and contracting dims each flattened to one
-  x3 = jnp.transpose(lhs, lb + lf + lc).reshape(size(lhs, lb), size(lhs, lf), size(lhs, lc))
-  w3 = jnp.transpose(rhs, rb + rc + rf).reshape(size(rhs, rb), size(rhs, rc), size(rhs, rf))
-  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
-  st = _Static(spec, out_dtype, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
-  y3 = _fp8_gemm(x3, w3, fp8_state, st)
-  out_shape = ([lhs.shape[d] for d in lb] + [lhs.shape[d] for d in lf] +
-               [rhs.shape[d] for d in rf])
-  return y3.reshape(out_shape)
+  return _fp8_gemm(to_x3(lhs), w3, fp8_state, st).reshape(out_shape)
+
+
+def fp8_swiglu_dot_general(gate, up, rhs, dimension_numbers, precision=None,
+                           preferred_element_type=None, *, spec: GemmSpec = GemmSpec()):
+  """`fp8_dot_general(silu(gate) * up, rhs, ...)`, forward bitwise; with `spec.swiglu_cache` the
+  backward reads gate and up from FP8 copies (1x128 tiles) and recomputes the product instead of
+  keeping gate, up and the product (V3 §3.3.3: SwiGLU inputs cached in FP8, output recomputed)."""
+  if gate.shape != up.shape or gate.dtype != up.dtype:
+    raise ValueError(f"fp8_swiglu_dot_general: gate {gate.shape} {gate.dtype} and up {up.shape} "
+                     f"{up.dtype} must match")
+  if spec.swiglu_cache is None:
+    return fp8_dot_general(swiglu(gate, up), rhs, dimension_numbers, precision,
+                           preferred_element_type, spec=spec)
+  to_x3, w3, st, out_shape = _canonical(gate, rhs, dimension_numbers, preferred_element_type,
+                                        spec)
+  return _swiglu_gemm(to_x3(gate), to_x3(up), w3, st).reshape(out_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +333,11 @@ class Fp8Dot:
     return fp8_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                            spec=self.spec, fp8_state=fp8_state)
 
+  def swiglu(self, gate, up, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """This dot of silu(gate) * up, through the spec's SwiGLU cache (`fp8_swiglu_dot_general`)."""
+    return fp8_swiglu_dot_general(gate, up, rhs, dimension_numbers, precision,
+                                  preferred_element_type, spec=self.spec)
+
   def bind(self, fp8_state: jax.Array):
     """This dot with its delayed-scaling state bound (what `Dense` calls)."""
     return functools.partial(self.__call__, fp8_state=fp8_state)
@@ -277,3 +347,12 @@ class Fp8Dot:
     if not self.spec.delayed:
       return None
     return functools.partial(delayed.init_state, self.spec.history)
+
+
+def swiglu_dot(dot, gate, up, rhs, dimension_numbers):
+  """`dot(silu(gate) * up, rhs, dimension_numbers)` for any dot_general callable; one with a
+  `swiglu` method (`Fp8Dot`) runs that instead, which may cache gate and up in FP8."""
+  method = getattr(dot, "swiglu", None)
+  if method is not None:
+    return method(gate, up, rhs, dimension_numbers)
+  return dot(swiglu(gate, up), rhs, dimension_numbers)

@@ -2,17 +2,17 @@
 
 `ExpertNumerics(spec)` prepares the operands of the block path's expert projections once per array
 (f32 values on the FP8 grid, not once per block and use) and accumulates per the spec, reproducing
-`fp8_dot_general` block by block; `supports(spec)` says which specs qualify.
+`fp8_dot_general` block by block; `supports(spec)` says which specs qualify. What the backward
+keeps of an activation is FP8 bytes and scales (a `QArray`), never f32 copies of FP8 values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-
 from deepseek_jax.fp8.accumulate import gemm
 from deepseek_jax.fp8.dot import Fp8Dot, GemmSpec, operand_values
-from deepseek_jax.fp8.scaling import Scaling, fake_quantize, unquantized
+from deepseek_jax.fp8.scaling import QArray, Scaling, quantize, quantize_with_values, unquantized
 
 
 def supports(spec: GemmSpec) -> bool:
@@ -59,21 +59,30 @@ class ExpertNumerics:
     """Weights as dgrad uses them (`g . w^T`, contracting d_out); fprop's copy when reusable."""
     return w_fprop if self.spec.reuse_weight else operand_values(w, self.spec.dgrad_w, 2)
 
+  @property
+  def swiglu_cache(self):
+    """The format gate and up are cached in when this projection is a SwiGLU's down (or None)."""
+    return self.spec.swiglu_cache
+
   def fprop_x(self, x):
     return operand_values(x, self.spec.fprop_x, 2)
 
   def dgrad_g(self, g):
     return operand_values(g, self.spec.dgrad_g, 2)
 
-  def cached_x(self, x, x_fprop):
-    """What the backward keeps of x for wgrad (cf. `fp8_dot_general`'s `cache`)."""
+  def fprop_x_cached(self, x):
+    """(cache, values): what the backward keeps of x for wgrad, as `fp8_dot_general`'s `cache`
+    says (fprop's FP8 bytes and scales, an E5M6 copy, or x), and fprop's f32 values of x."""
     spec = self.spec
     if spec.cache == "fp8" and spec.cache_fmt is not None:
-      return fake_quantize(x, spec.cache_fmt, Scaling("tile"), 2)
-    return x_fprop if (spec.cache == "fp8" and spec.fprop_x is not None) else x
+      return quantize(x, spec.cache_fmt, Scaling("tile"), 2), self.fprop_x(x)
+    if spec.cache == "fp8" and spec.fprop_x is not None:
+      return quantize_with_values(x, spec.fprop_x.fmt, spec.fprop_x.scaling, 2)
+    return x, self.fprop_x(x)
 
   def wgrad_x(self, x_cached):
-    return operand_values(x_cached, self.spec.wgrad_x, 1)
+    x = x_cached.dequantize() if isinstance(x_cached, QArray) else x_cached
+    return operand_values(x, self.spec.wgrad_x, 1)
 
   def wgrad_g(self, g):
     return operand_values(g, self.spec.wgrad_g, 1)
