@@ -19,6 +19,9 @@ class FP8Config:
              "tensor_delayed", "rowwise")
   recipe: str = _f("none", "one of " + ", ".join(RECIPES))
   overrides: tuple[str, ...] = _f((), "'path_glob=recipe' per layer path")
+  BACKENDS = ("emulate", "native")
+  backend: str = _f("emulate", "emulate: FP8 values in f32 GEMMs (any backend); native: float8 "
+                    "operands to dot_general (FP8 GEMMs where the backend has them)")
 
   ACCUMULATORS = ("recipe", "f32", "promote", "hopper", "limited")
   accumulator: str = _f("recipe", "GEMM accumulation: recipe (the recipe's own), f32, promote (f32 "
@@ -34,6 +37,8 @@ class FP8Config:
     _check(self.recipe in self.RECIPES, "fp8.recipe", self.recipe,
            f"must be one of {list(self.RECIPES)}")
     self._check_accumulator()
+    _check(self.backend in self.BACKENDS, "fp8.backend", self.backend,
+           f"must be one of {list(self.BACKENDS)}")
     for o in self.overrides:
       _check(isinstance(o, str) and o.count("=") == 1, "fp8.overrides", o,
              "each entry must read 'path_pattern=recipe'")

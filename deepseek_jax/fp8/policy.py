@@ -40,6 +40,7 @@ def _rowwise() -> GemmSpec:
 
 # name               operands                                                    accumulation
 # deepseek_v3        E4M3; x, g 1x128 tiles, w 128x128 blocks; pow2; FP8 x cache promote/128
+#                    (SwiGLU inputs cached in E4M3, the product recomputed: §3.3.3)
 # deepseek_v3_fused  as deepseek_v3 (one f32 dot of the dequantised operands)    f32
 # deepseek_v3_hopper as deepseek_v3                                              H100 FMA, promote/128
 # tensor_current     per-tensor current, E4M3 x/w, E5M2 g (TE "HYBRID")          f32
@@ -49,9 +50,10 @@ def _rowwise() -> GemmSpec:
 # (tested within 4e-6 of the |x|.|w| bound) at about 60% of its cost on CPU.
 RECIPES: dict[str, GemmSpec | None] = {
     "none": None,
-    "deepseek_v3": GemmSpec(accum=promote(128)),
-    "deepseek_v3_fused": GemmSpec(accum=F32),
-    "deepseek_v3_hopper": GemmSpec(accum=hopper(13, round_toward_zero=True, promote=128)),
+    "deepseek_v3": GemmSpec(accum=promote(128), swiglu_cache=E4M3),
+    "deepseek_v3_fused": GemmSpec(accum=F32, swiglu_cache=E4M3),
+    "deepseek_v3_hopper": GemmSpec(accum=hopper(13, round_toward_zero=True, promote=128),
+                                   swiglu_cache=E4M3),
     "tensor_current": _per_tensor("current"),
     "tensor_delayed": _per_tensor("delayed"),
     "rowwise": _rowwise(),
@@ -107,13 +109,32 @@ def parse_override(item: str) -> tuple[str, GemmSpec | None]:
   return pattern.strip(), recipe(name.strip())
 
 
+# `fp8.backend` -> `GemmSpec.backend`: 'native' feeds the FP8 bytes to dot_general.
+BACKEND_OF = {"emulate": "emulate", "native": "fp8"}
+if tuple(BACKEND_OF) != FP8Config.BACKENDS:
+  raise ImportError(f"fp8 backends {tuple(BACKEND_OF)} != FP8Config.BACKENDS {FP8Config.BACKENDS}")
+
+
+def _with_backend(spec: GemmSpec | None, backend: str) -> GemmSpec | None:
+  if spec is None or spec.backend == BACKEND_OF[backend]:
+    return spec
+  if spec.accum.mode in ("limited", "hopper"):
+    raise ConfigError(f"fp8.backend={backend!r}: a recipe with the emulated Hopper accumulator "
+                      f"(accum {spec.accum.mode!r}) runs only with fp8.backend='emulate'")
+  return dataclasses.replace(spec, backend=BACKEND_OF[backend])
+
+
 def make_policy(name: str = "deepseek_v3", overrides=(),
-                keep_high_precision=HIGH_PRECISION_PATTERNS) -> Policy:
-  """The policy of recipe `name` with user `overrides` first, then the high-precision layers."""
+                keep_high_precision=HIGH_PRECISION_PATTERNS, backend: str = "emulate") -> Policy:
+  """The policy of recipe `name` with user `overrides` first, then the high-precision layers;
+  every spec runs on `backend` ('emulate' or 'native', as `fp8.backend`)."""
+  if backend not in BACKEND_OF:
+    raise ConfigError(f"fp8.backend={backend!r}: must be one of {list(BACKEND_OF)}")
   rules = tuple(parse_override(o) for o in overrides)
   rules += tuple((p, None) for p in keep_high_precision)
   rules += RECIPE_RULES.get(name, ())
-  return Policy(rules=rules, default=recipe(name))
+  rules = tuple((p, _with_backend(s, backend)) for p, s in rules)
+  return Policy(rules=rules, default=_with_backend(recipe(name), backend))
 
 
 def accum_from_config(fp8_cfg: FP8Config) -> Accum | None:
@@ -140,8 +161,8 @@ def with_accum(policy: Policy, accum: Accum | None) -> Policy:
 
 
 def policy_from_config(fp8_cfg: FP8Config) -> Policy | None:
-  """The policy for `fp8.recipe` / `fp8.overrides` / `fp8.accumulator*`; None when nothing
-  is quantised."""
-  policy = make_policy(fp8_cfg.recipe, fp8_cfg.overrides)
+  """The policy for `fp8.recipe` / `fp8.overrides` / `fp8.backend` / `fp8.accumulator*`; None
+  when nothing is quantised."""
+  policy = make_policy(fp8_cfg.recipe, fp8_cfg.overrides, backend=fp8_cfg.backend)
   policy = with_accum(policy, accum_from_config(fp8_cfg))
   return policy if policy.enabled else None
