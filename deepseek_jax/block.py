@@ -95,7 +95,7 @@ class BlockStack(nn.Module):
     kw = dict(cfg=cfg, fp8_policy=self.fp8_policy, moe=self.moe, absorb=self.absorb,
               experts=self.experts)
     if cfg.scan_layers:
-      axes = {"params": 0, "router_state": 0, "fp8_state": 0, "intermediates": 0}
+      axes = {"params": 0, "router_state": 0, "fp8_state": 0, "intermediates": 0, "absorbed": 0}
       scanned = nn.scan(block_cls, variable_axes=axes, split_rngs={"params": True},
                         in_axes=(nn.broadcast, 0) if cache is not None else (nn.broadcast,) * 4,
                         length=self.n,

@@ -1,15 +1,16 @@
 """Multi-head Latent Attention (V3 report §2.1.1; V2 report §2.1.2-2.1.3).
 
 The cache holds one latent c_KV [C] and one rope key k_R [R] shared by all heads, per token per
-layer. Two paths compute the same function: expanded (training, prefill: K and V per head) and
-absorbed (decode: W_UK folded into the query, W_UV into the output, attention on the latent). Both
-attend through `attention.attention` (blockwise or fused kernels: no [B, N, T, S] at long context).
+layer. Two paths compute the same function: expanded (training: K and V per head, through
+`attention.attention`) and absorbed (everything with a cache: W_UK folded into the query, W_UV into
+the output, attention on the latent read in blocks with an online softmax, as FlashMLA does).
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,20 +21,38 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Dense, RMSNorm, dtype_of
 from deepseek_jax.rope import apply_rope, softmax_scale
 
+F32 = jnp.float32
+_MASKED = -1e30
+ABSORBED = "absorbed"   # the collection of decode-layout weights (`absorbed_weights`)
+
 
 class LatentCache(NamedTuple):
-  """Per-layer latent cache: kv_norm(c_KV) [B, S, C] and rope(k_R) [B, S, R]."""
+  """Per-layer latent cache: kv_norm(c_KV) [B, S, C] and rope(k_R) [B, S, R] (or [L, B, S, .]
+  stacks). `write_and_attend` is the absorbed decode on it (the same hook as the paged cache)."""
   latent_BSC: jax.Array
   rope_BSR: jax.Array
+
+  def write_and_attend(self, latent_BTC, rope_BTR, q_lat_BTNC, q_rope_BTNR, positions_BT, layer,
+                       scale):
+    start_B = positions_BT[:, 0].astype(jnp.int32)
+    cache = LatentCache(_write(self.latent_BSC, latent_BTC, start_B, layer),
+                        _write(self.rope_BSR, rope_BTR, start_B, layer))
+    return cache, latent_attention(q_lat_BTNC, q_rope_BTNR, cache, positions_BT, layer, scale)
+
+
+FP8_LATENT = jnp.float8_e4m3fn   # FlashMLA's FP8 cache: the latent in e4m3, the rope key in bf16
+_FP8_MAX = float(jnp.finfo(FP8_LATENT).max)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, layers: int | None = None,
                dtype=None) -> LatentCache:
-  """Zeroed cache for `layers` stacked layers (default cfg.num_layers): [L, B, S, C] and [L, B, S, R]."""
+  """Zeroed cache for `layers` stacked layers (default cfg.num_layers): [L, B, S, C] and
+  [L, B, S, R] in `dtype` (default the compute dtype; `FP8_LATENT` keeps k_R in bf16)."""
   L = cfg.num_layers if layers is None else layers
-  dt = dtype or dtype_of(cfg.dtype)
+  dt = jnp.dtype(dtype or dtype_of(cfg.dtype))
+  rope_dt = jnp.bfloat16 if dt == FP8_LATENT else dt
   return LatentCache(jnp.zeros((L, batch, max_len, cfg.kv_lora_rank), dt),
-                     jnp.zeros((L, batch, max_len, cfg.qk_rope_head_dim), dt))
+                     jnp.zeros((L, batch, max_len, cfg.qk_rope_head_dim), rope_dt))
 
 
 UNROLL_ROWS = 16   # cache writes: one update per row unrolled up to this batch, else a loop
@@ -48,6 +67,8 @@ def _write(cache: jax.Array, new: jax.Array, start_B: jax.Array, layer=None) -> 
   becomes a scatter, and a per-layer slice passed through a scan's xs/ys is copied whole: at
   context 8192 both cost ~4x the attention itself (measured on XLA:CPU).
   """
+  if cache.dtype == FP8_LATENT:   # e4m3 has no inf: saturate rather than overflow to NaN
+    new = jnp.clip(new, -_FP8_MAX, _FP8_MAX)
   new = new.astype(cache.dtype)
   lead = () if layer is None else (layer,)
   zero = jnp.zeros((), jnp.int32)
@@ -63,6 +84,81 @@ def _write(cache: jax.Array, new: jax.Array, start_B: jax.Array, layer=None) -> 
       cache = row(b, cache)
     return cache
   return jax.lax.fori_loop(0, B, row, cache)
+
+
+# Cache slots per step of the decode attention's online softmax: small enough that a block
+# (B x 512 x (C + R) values) stays in cache between its two uses (scores, then values) and the
+# loop stops near the longest row's length; large enough that the loop overhead stays small.
+# 512 was the fastest of 256..4096 for tiny.yaml at context 8192 (bench/results/DECODE.md).
+LATENT_BLOCK = 512
+
+
+def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, layer, scale,
+                     block: int = LATENT_BLOCK):
+  """softmax(scale (q_lat . c_KV + q_rope . k_R)) . c_KV over each query's slots <= its position
+  (FlashMLA's decode on the absorbed query): the cache is read in place in blocks of `block`
+  slots with an online softmax, only up to the block of the furthest query, from a `[B, S, .]`
+  cache or layer `layer` of a `[L, B, S, .]` stack (never a copy of the layer). The T x N query
+  rows of a batch row share each block read. -> [B, T, N, C] in the query's dtype."""
+  B, T, N, C = q_lat_BTNC.shape
+  dt = q_lat_BTNC.dtype
+  S = cache.latent_BSC.shape[-2]
+  bk = min(block, S)
+  n_blocks = jnp.minimum(jnp.max(positions_BT).astype(jnp.int32) // bk + 1, -(-S // bk))
+  q_lat_BMC = (q_lat_BTNC * scale).reshape(B, T * N, C)   # M = T x N query rows
+  q_rope_BMR = (q_rope_BTNR * scale).astype(dt).reshape(B, T * N, -1)
+  pos_BM1 = jnp.repeat(positions_BT.astype(jnp.int32), N, axis=1)[:, :, None]
+
+  def read(x, start):   # [B, bk, width] at slots [start, start + bk), cast for the dots
+    lead = () if layer is None else (layer,)
+    zero = jnp.zeros((), jnp.int32)
+    size = (1,) * len(lead) + (B, bk, x.shape[-1])
+    blk = jax.lax.dynamic_slice(x, lead + (zero, start, zero), size)
+    return blk.reshape(B, bk, x.shape[-1]).astype(dt)
+
+  def body(j, carry):
+    m_BM, l_BM, acc_BMC = carry
+    start = jnp.minimum(j * bk, S - bk)   # the last block ends at S; its overlap is masked
+    lat_BSC, rope_BSR = read(cache.latent_BSC, start), read(cache.rope_BSR, start)
+    s_BMS = (jnp.einsum("BMC,BSC->BMS", q_lat_BMC, lat_BSC, preferred_element_type=F32)
+             + jnp.einsum("BMR,BSR->BMS", q_rope_BMR, rope_BSR, preferred_element_type=F32))
+    slot_11S = (start + jnp.arange(bk, dtype=jnp.int32))[None, None, :]
+    visible_BMS = (slot_11S <= pos_BM1) & (slot_11S >= j * bk)
+    # Finite: block 0 always holds a visible slot (slot 0), so m is finite from then on and a
+    # masked slot's exp underflows to exactly 0.
+    s_BMS = jnp.where(visible_BMS, s_BMS, _MASKED)
+    m_new_BM = jnp.maximum(m_BM, jnp.max(s_BMS, axis=-1))
+    p_BMS = jnp.exp(s_BMS - m_new_BM[..., None])
+    rescale_BM = jnp.exp(m_BM - m_new_BM)
+    pv_BMC = jnp.einsum("BMS,BSC->BMC", p_BMS.astype(dt), lat_BSC, preferred_element_type=F32)
+    return (m_new_BM, l_BM * rescale_BM + jnp.sum(p_BMS, axis=-1),
+            acc_BMC * rescale_BM[..., None] + pv_BMC)
+
+  init = (jnp.full((B, T * N), _MASKED, F32), jnp.zeros((B, T * N), F32),
+          jnp.zeros((B, T * N, C), F32))
+  _, l_BM, acc_BMC = jax.lax.fori_loop(0, n_blocks, body, init)
+  return (acc_BMC / l_BM[..., None]).astype(dt).reshape(B, T, N, C)
+
+
+def split_kv_b(kernel, H: int):
+  """kv_b_proj's kernel [..., C, N, H + J] as the absorbed decode's W_UK [..., N, H, C] (the
+  query's map into the latent) and W_UV [..., N, C, J] (the latent output's map to the values)."""
+  w_uk_NHC = jnp.moveaxis(kernel[..., :H], -3, -1)
+  w_uv_NCJ = jnp.swapaxes(kernel[..., H:], -3, -2)
+  return w_uk_NHC, w_uv_NCJ
+
+
+def absorbed_weights(cfg: ModelConfig, variables: dict) -> dict:
+  """`variables` with the `absorbed` collection added: every MLA's W_UK and W_UV split out of
+  kv_b_proj in the compute dtype (stacked layers keep their layer axis), so that decoding reads
+  them as they are instead of slicing and casting kv_b_proj in every step."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get("params", {})))
+  out = {}
+  for path, kernel in flat.items():
+    if path[-2:] == ("kv_b_proj", "kernel"):
+      w_uk, w_uv = split_kv_b(kernel.astype(dtype_of(cfg.dtype)), cfg.qk_nope_head_dim)
+      out[path[:-2] + ("w_uk_NHC",)], out[path[:-2] + ("w_uv_NCJ",)] = w_uk, w_uv
+  return dict(variables, **{ABSORBED: flax.traverse_util.unflatten_dict(out)})
 
 
 class MLA(nn.Module):
@@ -119,29 +215,27 @@ class MLA(nn.Module):
     k_nope_BSNH, v_BSNJ = kv[..., :H], kv[..., H:]
     return self._attend((q_nope_BTNH, q_rope_BTNR), (k_nope_BSNH, rope_BSR), v_BSNJ, **mask)
 
-  def _absorbed(self, q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR, **mask):
-    """W_UK folded into the query and W_UV into the output: attention reads the latent directly
-    (one key and value shared by all heads, read in blocks of `attention_block` at long context)."""
-    H = self.cfg.qk_nope_head_dim
-    w = self.kv_b_proj.kernel.astype(latent_BSC.dtype)   # [C, N, H + J]
-    w_uk_CNH, w_uv_CNJ = w[..., :H], w[..., H:]
-    q_lat_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w_uk_CNH)
-    out_lat_BTNC = self._attend((q_lat_BTNC, q_rope_BTNR), (latent_BSC, rope_BSR), latent_BSC,
-                                **mask)
-    return jnp.einsum("BTNC,CNJ->BTNJ", out_lat_BTNC, w_uv_CNJ)
+  def _absorbed_weights(self):
+    """W_UK [N, H, C] and W_UV [N, C, J] in the compute dtype: the `absorbed` collection's when
+    the caller laid them out once (`absorbed_weights`), else split from kv_b_proj here."""
+    if self.has_variable(ABSORBED, "w_uk_NHC"):
+      w_uk_NHC, w_uv_NCJ = (self.get_variable(ABSORBED, n) for n in ("w_uk_NHC", "w_uv_NCJ"))
+    else:
+      w_uk_NHC, w_uv_NCJ = split_kv_b(self.kv_b_proj.kernel, self.cfg.qk_nope_head_dim)
+    dt = dtype_of(self.cfg.dtype)
+    return w_uk_NHC.astype(dt), w_uv_NCJ.astype(dt)
 
   def _self_reading(self, q_nope_BTNH, q_rope_BTNR, latent_BTC, rope_BTR, positions_BT, cache,
                     layer):
-    """Absorbed attention through a cache object that writes and reads its own latents, e.g.
-    `generate.paged.PagedLatentCache` (blocks gathered through a block table):
-    `cache.write_and_attend(latent_BTC, rope_BTR, q_lat_BTNC, q_rope_BTNR, positions_BT, layer,
-    scale) -> (cache, out_lat_BTNC)`."""
-    H = self.cfg.qk_nope_head_dim
-    w = self.kv_b_proj.kernel.astype(cache.dtype)   # [C, N, H + J]
-    q_lat_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w[..., :H])
+    """Absorbed decode: W_UK folded into the query and W_UV into the output, the attention on
+    the latent through the cache's own `write_and_attend(latent_BTC, rope_BTR, q_lat_BTNC,
+    q_rope_BTNR, positions_BT, layer, scale) -> (cache, out_lat_BTNC)`: `LatentCache` (blocks
+    read in place) or e.g. `generate.paged.PagedLatentCache` (blocks through a block table)."""
+    w_uk_NHC, w_uv_NCJ = self._absorbed_weights()
+    q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, w_uk_NHC)
     cache, out_lat_BTNC = cache.write_and_attend(latent_BTC, rope_BTR, q_lat_BTNC, q_rope_BTNR,
                                                  positions_BT, layer, softmax_scale(self.cfg))
-    out_BTNJ = jnp.einsum("BTNC,CNJ->BTNJ", out_lat_BTNC, w[..., H:])
+    out_BTNJ = jnp.einsum("BTNC,NCJ->BTNJ", out_lat_BTNC.astype(w_uv_NCJ.dtype), w_uv_NCJ)
     return self.o_proj(checkpoint_name(out_BTNJ, "attention_out")), cache
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
@@ -162,9 +256,10 @@ class MLA(nn.Module):
     if segments_BT is not None:
       raise ValueError("segments_BT: document segments apply to the training/prefill path "
                        "(cache=None) only; decode with one document per row")
-    if hasattr(cache, "write_and_attend"):   # a cache that stores and reads itself (paged)
+    if self.absorb:
       return self._self_reading(q_nope_BTNH, q_rope_BTNR, latent_BTC, rope_BTR, positions_BT,
                                 cache, layer)
+    # The decode baseline: K and V expanded from every cached slot in every step.
     start_B = positions_BT[:, 0].astype(jnp.int32)
     cache = LatentCache(_write(cache.latent_BSC, latent_BTC, start_B, layer),
                         _write(cache.rope_BSR, rope_BTR, start_B, layer))
@@ -174,7 +269,7 @@ class MLA(nn.Module):
                               for a in cache)
     B, S = latent_BSC.shape[:2]
     slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=positions_BT.dtype)[None], (B, S))
-    attend = self._absorbed if self.absorb else self._expanded
-    out_BTNJ = attend(q_nope_BTNH, q_rope_BTNR, latent_BSC, rope_BSR,
-                      q_positions_BT=positions_BT, kv_positions_BS=slots_BS)
+    out_BTNJ = self._expanded(q_nope_BTNH, q_rope_BTNR, latent_BSC.astype(q_nope_BTNH.dtype),
+                              rope_BSR.astype(q_nope_BTNH.dtype), q_positions_BT=positions_BT,
+                              kv_positions_BS=slots_BS)
     return self.o_proj(checkpoint_name(out_BTNJ, "attention_out")), cache
