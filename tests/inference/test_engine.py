@@ -1,25 +1,34 @@
 """The continuous-batching engine: a stream of requests arriving mid-run gives every request the
-tokens it gets alone (and that contiguous `generate` gives it), per-request stops, budgets and
-sampling, streaming, blocks all returned, each program compiled once, one-line input errors."""
+tokens it gets alone (and that contiguous `generate` gives it), per-request stops, budgets,
+sampling and MTP speculation, streaming, blocks all returned, each program compiled once,
+one-line input errors; the serve command."""
 
 from __future__ import annotations
+
+import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from deepseek_jax.generate import generate
+from deepseek_jax.generate import serve
 from deepseek_jax.generate.engine import Engine
+from deepseek_jax.generate.load import load_for_inference
 from deepseek_jax.generate.steps import decode_slots, prefill_chunk
+from deepseek_jax.hf import save_hf
 from deepseek_jax.model import Transformer
 from tests.helpers import init_model, small_config
+from tests.inference.test_generate import _drafting_model
 
-SHAPES = dict(slots=3, block_size=4, prefill_chunk=16, group=2, max_seq_len=64)
+SHAPES = dict(slots=3, block_size=4, prefill_chunk=16, group=8, max_seq_len=64)
 
 
 @pytest.fixture(scope="module")
 def model():
-  cfg = small_config(num_layers=3, first_k_dense_replace=1)
+  # as a HF checkpoint of it loads (the serve test reuses the compiled steps)
+  cfg = small_config(num_layers=3, first_k_dense_replace=1, num_mtp_layers=1,
+                     moe_dispatch="dropless", dtype="float32")
   return cfg, init_model(Transformer(cfg), jnp.zeros((1, 4), jnp.int32))
 
 
@@ -104,3 +113,53 @@ def test_bad_requests_are_one_line_errors(model, kw, match):
   assert not engine.queue
   with pytest.raises(ValueError, match="slots=0"):
     Engine(cfg, variables, slots=0)
+
+
+def test_speculation_per_request_keeps_greedy_tokens(model):
+  """Speculating and plain requests share the steps: every greedy output equals plain decoding,
+  drafts are verified only for the requests that asked, and some are accepted (a model whose
+  MTP module nearly predicts the main model: tests/inference/test_generate.py)."""
+  cfg, variables = model
+  variables = _drafting_model(variables, 0.05)
+  prompts, news = _stream(seed=3, n=4)
+  engine = Engine(cfg, variables, speculative=True, **SHAPES)
+  reqs = [engine.submit(p, n, speculative=i % 2 == 0) for i, (p, n) in
+          enumerate(zip(prompts, news))]
+  engine.run()
+  plain = Engine(cfg, variables, **SHAPES)   # == generate: the first test
+  want = [plain.submit(p, n) for p, n in zip(prompts, news)]
+  plain.run()
+  for i, (r, w, n) in enumerate(zip(reqs, want, news)):
+    assert r.tokens == w.tokens and len(r.tokens) == n
+    assert (r.drafted > 0) == (i % 2 == 0 and n > 1)
+  assert sum(r.accepted for r in reqs) > 0 and engine.blocks.in_use == 0
+  with pytest.raises(ValueError, match="speculative=True"):
+    Engine(cfg, variables, **SHAPES).submit([1], 2, speculative=True)
+
+
+def test_serve_command(model, tmp_path, capsys):
+  """Prompts from a file (jsonl with per-line parameters) stream out as JSON lines; a bad line
+  is one error line and exit 2."""
+  cfg, variables = model
+  save_hf(tmp_path / "ckpt", cfg, variables)
+  prompts, _ = _stream(seed=4, n=2)
+  lines = [json.dumps({"prompt": " ".join(map(str, p)), "max_new_tokens": 3 + i})
+           for i, p in enumerate(prompts)]
+  (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+  args = ["--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"),
+          "--format", "jsonl", "--tokenizer", "ids", "--ignore-eos", "--slots", "3",
+          "--block-size", "4", "--prefill-chunk", "16", "--max-seq-len", "64"]
+  assert serve.main(args) == 0
+  events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  done = {e["id"]: e for e in events if e.get("done")}
+  assert sorted(done) == [0, 1] and [done[i]["tokens"] for i in (0, 1)] == [3, 4]
+  loaded = load_for_inference(tmp_path / "ckpt")[:2]
+  assert loaded[0] == cfg   # so serve ran the steps the tests above compiled
+  for i in (0, 1):
+    text = "".join(e["text"] for e in events if e["id"] == i and "text" in e)
+    want = Engine(*loaded, **SHAPES).submit(prompts[i], 3 + i).result()
+    assert [int(t) for t in text.split()] == want
+  (tmp_path / "bad.jsonl").write_text(lines[0] + "\n" + '{"prompt": "1", "top_k": 1.5}\n')
+  assert serve.main(args[:2] + ["--prompts", str(tmp_path / "bad.jsonl")] + args[4:]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: --prompts line 2: top_k=1.5 must be int"]
