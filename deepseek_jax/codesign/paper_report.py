@@ -36,15 +36,22 @@ def logfmt_group() -> tuple[str, Callable[[], list[tuple]]] | None:
                                   fn)
 
 
+# Status words other row groups use, as `claims.STATUSES` (their text stays in the note).
+ALIASES = {"not reproduced": "differs", "partly": "differs", "derived": "new"}
+
+
 def _rows_to_claims(rows) -> list[Claim]:
   """(claim, paper value, project value, status[: reason][, more notes]) rows as Claims; a
   status word outside `claims.STATUSES` is kept in the note under 'new'."""
   out = []
   for quantity, paper, ours, status, *more in rows:
-    word, _, rest = str(status).partition(":")
-    word = word.strip()
-    known = word in claims.STATUSES
-    note = "; ".join([rest.strip() if known else str(status), *map(str, more)]).strip("; ")
+    text = str(status).strip()
+    word = next((w for w in (*claims.STATUSES, *ALIASES) if text.startswith(w)), None)
+    known = word is not None
+    rest = text[len(word):].lstrip(" :") if known else text
+    if word in ALIASES:
+      word, rest = ALIASES[word], text
+    note = "; ".join([rest, *map(str, more)]).strip("; ")
     out.append(Claim(str(quantity), str(paper), str(ours), word if known else "new", note))
   return out
 

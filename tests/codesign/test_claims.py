@@ -118,11 +118,14 @@ def test_every_section_has_rows_with_known_statuses():
 def test_extra_group_hook_turns_rows_into_claims():
   rows = [("LogFMT-8 vs E4M3", "better", "better", "reproduced"),
           ("LogFMT-10 vs BF16", "close", "0.1% worse", "differs: a reason"),
-          ("odd", "a", "b", "???"), ("five", 1.0, 2.0, "explained: why", "more")]
+          ("odd", "a", "b", "???"), ("five", 1.0, 2.0, "explained: why", "more"),
+          ("p", "a", "b", "partly (1/3 data sets)"), ("q", "a", "b", "reproduced (3/3)")]
   sections = paper_report.paper_sections(V2, V3, TOKENS, extra=[("LogFMT", lambda: rows)])
   title, _, cl = sections[-1]
   assert title == "LogFMT"
-  assert [c.status for c in cl] == ["reproduced", "differs", "new", "explained"]
+  assert [c.status for c in cl] == ["reproduced", "differs", "new", "explained", "differs",
+                                    "reproduced"]
+  assert cl[4].note == "partly (1/3 data sets)" and cl[5].note == "(3/3)"
   assert cl[1].note == "a reason" and cl[2].note == "???" and cl[3].note == "why; more"
   assert cl[3].paper == "1.0"
 

@@ -78,6 +78,15 @@ def test_logfmt_flag_is_one_line_when_unavailable(capsys):
   assert err.count("\n") == 1 and "--logfmt" in err
 
 
+def test_logfmt_flag_adds_the_wires_rows_when_available(capsys):
+  from deepseek_jax.codesign import paper_report
+  if paper_report.logfmt_group() is None:
+    pytest.skip("lab.wires.logfmt_claim is not there yet")
+  assert main(["--paper-only", "--logfmt"]) == 0
+  out = capsys.readouterr().out
+  assert "== LogFMT" in out and "LogFMT-8" in out
+
+
 def test_plot_into_a_file_is_a_user_error(tmp_path, capsys):
   f = tmp_path / "file"
   f.write_text("x")
