@@ -19,6 +19,7 @@ import pathlib
 import sys
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,8 +118,8 @@ def main(argv=None) -> int:
     source = args.checkpoint
   else:
     cfg = load_config(args.config).model
-    variables = jax.jit(Transformer(cfg).init)(jax.random.key(args.seed),
-                                               jnp.zeros((1, 8), jnp.int32))
+    variables = flax.core.meta.unbox(jax.jit(Transformer(cfg).init)(
+        jax.random.key(args.seed), jnp.zeros((1, 8), jnp.int32)))
     source = f"{args.config} (random init, seed {args.seed})"
   variables = jax.device_put(variables)
   prompts, news, arrivals = stream(cfg, args.requests, args.seed, args.prompt_len,

@@ -18,6 +18,7 @@ import itertools
 import time
 from typing import Sequence
 
+import flax
 import jax
 import numpy as np
 
@@ -28,6 +29,7 @@ from deepseek_jax.generate.decode import Sampling
 from deepseek_jax.generate.steps import (Params, decode_slots, init_slots, prefill_chunk,
                                          speculate_slots)
 from deepseek_jax.layers import dtype_of
+from deepseek_jax.mla import ABSORBED, absorbed_weights
 
 
 class Request:
@@ -86,7 +88,10 @@ class Engine:
     if not 1 <= self.max_seq_len <= cfg.max_position_embeddings:
       raise ValueError(f"max_seq_len={self.max_seq_len}: must lie in [1, "
                        f"max_position_embeddings={cfg.max_position_embeddings}]")
-    self.cfg, self.variables = cfg, variables
+    # decode-layout W_UK / W_UV laid out once (mla.absorbed_weights), not in every step
+    variables = flax.core.meta.unbox(variables)
+    self.cfg, self.variables = cfg, (variables if ABSORBED in variables
+                                     else absorbed_weights(cfg, variables))
     self.slots, self.chunk, self.group, self.stops = slots, prefill_chunk, group, stops
     self.max_blocks = -(-self.max_seq_len // block_size)
     num_blocks = num_blocks or slots * self.max_blocks + 1
