@@ -291,3 +291,29 @@ def test_hopper_reproduces_the_h200_measurement():
   print("H200", measured, "model", err)
   assert abs(err["hopper"] / measured - 1) < 0.05
   assert err["limited"] > 2 * measured
+
+
+def test_accumulator_from_the_config():
+  """`fp8.accumulator*` replaces every FP8 spec's accumulation; `deepseek_v3_hopper` is the
+  bit-accurate model; bad values are one-line ConfigErrors naming the field."""
+  from deepseek_jax.config import ConfigError, FP8Config
+  from deepseek_jax.fp8.policy import RECIPES, policy_from_config
+  assert RECIPES["deepseek_v3_hopper"].accum == acc.hopper(13, True, 128)
+  cfg = FP8Config(recipe="deepseek_v3", accumulator="hopper", accumulator_bits=16,
+                  accumulator_promote=0, accumulator_rounding="rne")
+  policy = policy_from_config(cfg)
+  want = acc.hopper(16, False, None)
+  assert policy.default.accum == want and policy.spec_for("blocks/attn/o_proj").accum == want
+  assert policy.spec_for("lm_head") is None
+  assert policy_from_config(FP8Config(recipe="deepseek_v3")).default.accum == acc.promote(128)
+  for kw, field in [(dict(accumulator="fp16"), "fp8.accumulator="),
+                    (dict(accumulator_bits=24), "fp8.accumulator_bits=24"),
+                    (dict(accumulator="hopper", accumulator_promote=100),
+                     "fp8.accumulator_promote"),
+                    (dict(accumulator="promote", accumulator_promote=0), "fp8.accumulator_promote"),
+                    (dict(accumulator_rounding="up"), "fp8.accumulator_rounding"),
+                    (dict(accumulator="hopper", accumulator_bits=23, accumulator_block=128,
+                          accumulator_promote=0), "fp8.accumulator_block=128")]:
+    with pytest.raises(ConfigError, match=field) as e:
+      FP8Config(**kw)
+    assert "\n" not in str(e.value)
