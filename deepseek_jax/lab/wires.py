@@ -141,6 +141,9 @@ def _table(header, rows) -> list[str]:
 
 def run(argv, prog: str, log=print) -> list[str]:
   args = build_parser(prog).parse_args(argv)
+  if args.batch % DEVICES:
+    raise ConfigError(f"--batch {args.batch}: must be a multiple of {DEVICES} (the batch is "
+                      "split over the expert-parallel devices)")
   plot_dir = pathlib.Path(args.plot) if args.plot else None
   if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
     raise ConfigError(f"--plot {args.plot!r}: exists and is not a directory")
