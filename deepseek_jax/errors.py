@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import sys
+import threading
 import traceback
 from typing import Callable, NoReturn
 
@@ -103,6 +104,13 @@ def describe(e: BaseException) -> tuple[int, str]:
              f"{DEBUG_ENV}=1 for the traceback)")
 
 
+def show_traceback() -> None:
+  """Prints the exception being handled when the user asked for tracebacks (for commands that
+  tell an error themselves, in one line, and return its code)."""
+  if debug_requested():
+    traceback.print_exc()
+
+
 class _Background(logging.Filter):
   """Drops what orbax (its threads report a failed save with tracebacks through absl logging)
   and asyncio ("exception was never retrieved", "Event loop is closed") log at ERROR: the command
@@ -111,23 +119,56 @@ class _Background(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR:
       return True
-    return not ("orbax" in record.pathname or record.name == "asyncio")
+    if record.name == "asyncio" or any(p in record.pathname for p in _BACKGROUND_CODE):
+      return False
+    return not (record.exc_info and _from_background(record.exc_info[2]))
 
 
 _FILTER = _Background()
+# Where the background noise comes from: a failed restore or save leaves orbax's threads and event
+# loops to fail again later ("Event loop is closed", futures whose exception nobody retrieved).
+_BACKGROUND_CODE = ("/orbax/", "/asyncio/", "/concurrent/futures/", "/tensorstore/",
+                    "/array_serialization/")
+
+
+def _from_background(tb) -> bool:
+  while tb is not None:
+    if any(part in tb.tb_frame.f_code.co_filename for part in _BACKGROUND_CODE):
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _thread_hook(args) -> None:
+  if not _from_background(args.exc_traceback):
+    _DEFAULT_HOOKS[0](args)
+
+
+def _unraisable_hook(args) -> None:
+  if not _from_background(args.exc_traceback):
+    _DEFAULT_HOOKS[1](args)
+
+
+_DEFAULT_HOOKS = (threading.excepthook, sys.unraisablehook)
 
 
 def quiet_background() -> None:
+  """Drops what background threads, event loops and collected futures of orbax report about a
+  failure (the command tells it in one line); everything else is printed as usual."""
   for name in ("absl", "asyncio"):
     logger = logging.getLogger(name)
     if _FILTER not in logger.filters:
       logger.addFilter(_FILTER)
+  threading.excepthook = _thread_hook
+  sys.unraisablehook = _unraisable_hook
 
 
 def call(main: Callable[..., int], argv=None, prog: str | None = None) -> int:
   """Runs `main(argv, prog=prog)` under the one error path; returns the exit code."""
   argv = sys.argv[1:] if argv is None else list(argv)
   debug = debug_requested(argv)
+  if DEBUG_FLAG in argv:       # what the command tells itself (`show_traceback`) sees it too
+    os.environ[DEBUG_ENV] = "1"
   argv = [a for a in argv if a != DEBUG_FLAG]
   if not debug:
     quiet_background()

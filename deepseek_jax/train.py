@@ -237,12 +237,14 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, command: str) -> int:
       print(f"train: error: {e}", file=sys.stderr)
       return 2
     except errors.Fault as e:       # non-finite training, a checkpoint that cannot be written
+      errors.show_traceback()
       print(f"train: error: {e}", file=sys.stderr)
       return 1
     except OSError as e:            # the workdir's other files (metrics, logs, exports)
       code = errors.os_errno(e)
       if code is None:
         raise
+      errors.show_traceback()
       good = ckpt_lib.step_dirs(workdir / ckpt_lib.CHECKPOINTS)
       print(f"train: error: {errors.os_what(code)} while writing {e.filename or workdir}; "
             + (f"the newest good checkpoint is {good[0].name} in {good[0].parent}" if good else

@@ -32,6 +32,7 @@ import yaml
 from deepseek_jax import errors, training
 from deepseek_jax import train as trainer
 from deepseek_jax.config import Config, config_to_dict
+from deepseek_jax.generate import __main__ as gen_cli
 from deepseek_jax.hf import __main__ as hf_cli
 from deepseek_jax.hf import load_hf
 
@@ -146,6 +147,16 @@ def run_captured(main, argv, prog) -> tuple[int, str, str]:
     return code, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
 
 
+def command(name: str, src: pathlib.Path, work: pathlib.Path):
+  """(main, argv, prog) of `name` (info, convert, generate) reading `src`."""
+  if name == "info":
+    return hf_cli.main, ["info", str(src)], "info"
+  if name == "generate":     # token ids in and out: no tokenizer needed
+    return gen_cli.main, ["--checkpoint", str(src), "--prompt", "1,2,3", "--tokenizer", "ids",
+                          "--max-new-tokens", "2"], "generate"
+  return hf_cli.main, ["convert", str(src), str(work / "out")], "convert"
+
+
 def prepare_case(case: dict, base: pathlib.Path, work: pathlib.Path):
   """(main, argv, prog, the inputs that must not change, a description) of one case."""
   rng = random.Random(case["seed"])
@@ -174,16 +185,14 @@ def prepare_case(case: dict, base: pathlib.Path, work: pathlib.Path):
         corrupt_safetensors_header(target, rng, op)
       else:
         corrupt_bytes(target, rng, op)
-    if case["command"] == "info":
-      return hf_cli.main, ["info", str(hf)], "info", [hf]
-    return hf_cli.main, ["convert", str(hf), str(work / "out")], "convert", [hf]
+    return (*command(case["command"], hf, work), [hf])
   if kind == "checkpoint":
     run = work / "run"
     steps = sorted((run / "checkpoints").iterdir(), key=lambda p: int(p.name))
     step = steps[-1] if rng.random() < 0.8 else steps[0]
     files = sorted(p for p in step.rglob("*") if p.is_file())
     corrupt_bytes(rng.choice(files), rng, op)
-    return hf_cli.main, ["convert", str(run), str(work / "out")], "convert", [run]
+    return (*command(case["command"], run, work), [run])
   raise ValueError(kind)
 
 

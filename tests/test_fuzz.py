@@ -2,7 +2,8 @@
 safetensors header or file, and a train.py checkpoint's files.
 
 Every case must end in one of: success (exit 0), exit 2 with one line, exit 1 with one line
-(notes that a checkpoint step was unreadable and an older one used may precede it) and never a
+(notes that a checkpoint step was unreadable and an older one used may precede it; a corrupt input
+reported as an "unexpected" internal error fails too) and never a
 Python traceback, a hang (the driver's per-case alarm) or a changed byte in any input file (the
 commands here write only their output directory). The cases run in one process
 (`tests/fault_driver.py`, jax imported once); the default run takes one case per (input, kind of
@@ -11,6 +12,7 @@ corruption), `-m slow` runs FUZZ_CASES (default 200) random ones.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
@@ -30,6 +32,9 @@ OPS = {
 }
 COMMANDS = {"yaml": ["train"], "config_json": ["info", "convert"], "safetensors": ["convert"],
             "checkpoint": ["convert"]}
+# -m slow also generates (it compiles the decode step: seconds per new shape).
+SLOW_COMMANDS = {"yaml": ["train"], "config_json": ["info", "convert", "generate"],
+                 "safetensors": ["convert", "generate"], "checkpoint": ["convert", "generate"]}
 NOTES = ("is unreadable", ": note:")
 
 
@@ -47,7 +52,7 @@ def random_cases(n: int, seed: int) -> list[dict]:
   for _ in range(n):
     kind = rng.choice(sorted(OPS))
     out.append({"kind": kind, "op": rng.choice(OPS[kind]), "seed": rng.randrange(2 ** 31),
-                "command": rng.choice(COMMANDS[kind])})
+                "command": rng.choice(SLOW_COMMANDS[kind])})
   return out
 
 
@@ -79,7 +84,16 @@ def verdict(r: dict) -> str | None:
     lines = [ln for ln in err.splitlines() if ln.strip() and not any(n in ln for n in NOTES)]
     if len(lines) != 1 or "error:" not in lines[0]:
       return f"exit {r['code']} with {len(lines)} lines"
+    if "error: unexpected " in lines[0]:    # a corrupt input is bad input, not an internal error
+      return "bad input reported as an unexpected error"
   return None
+
+
+def summary(results: list[dict]) -> str:
+  codes = collections.Counter(r["code"] for r in results)
+  per = collections.Counter((r["kind"], r["command"]) for r in results)
+  return (f"exit codes {dict(sorted(codes.items(), key=str))}; cases per (input, command) "
+          f"{dict(sorted(per.items()))}")
 
 
 def check(results: list[dict]) -> None:
@@ -96,14 +110,16 @@ def test_verdict_rejects_what_it_should():
   assert verdict({**ok, "changed": ["hf/config.json"]}).startswith("changed")
   assert verdict({**ok, "stderr": "train: error: x\nmore\n"}) == "exit 2 with 2 lines"
   assert verdict({**ok, "code": 0, "stderr": "load: checkpoint step 7 is unreadable\n"}) is None
+  assert verdict({**ok, "code": 1, "stderr": "convert: error: unexpected TypeError: x\n"}) == (
+      "bad input reported as an unexpected error")
 
 
 def test_fuzz_table(tmp_path):
   """Every (input, corruption) pair once; prints the size and time (FAULTS.md quotes them)."""
   t0 = time.perf_counter()
   results = run_driver(table_cases(), tmp_path, timeout=900)
-  print(f"\nfuzz table: {len(results)} cases in {time.perf_counter() - t0:.1f}s; exit codes "
-        f"{sorted({r['code'] for r in results if r['code'] is not None})}")
+  print(f"\nfuzz table: {len(results)} cases in {time.perf_counter() - t0:.1f}s; "
+        f"{summary(results)}")
   assert len(results) == sum(map(len, OPS.values()))
   check(results)
 
@@ -114,5 +130,6 @@ def test_fuzz_random(tmp_path):
   t0 = time.perf_counter()
   results = run_driver(random_cases(n, seed=int(os.environ.get("FUZZ_SEED", "17"))), tmp_path,
                        timeout=60 * 60)
-  print(f"\nfuzz random: {len(results)} cases in {time.perf_counter() - t0:.1f}s")
+  print(f"\nfuzz random: {len(results)} cases in {time.perf_counter() - t0:.1f}s; "
+        f"{summary(results)}")
   check(results)

@@ -44,6 +44,10 @@ def _refuse_pickle(path: pathlib.Path) -> None:
       "save_pretrained(..., safe_serialization=True)")
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
 class SafetensorsFile:
   """One memory-mapped .safetensors file; `get(name)` returns a read-only view."""
 
@@ -61,15 +65,26 @@ class SafetensorsFile:
         header = json.loads(f.read(n))
       except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{self.path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{self.path}: not a safetensors file (header is not a JSON object)")
     self.metadata = header.pop("__metadata__", None) or {}
     self._start, data_len = 8 + n, size - 8 - n
     self._entries = {}
     for name, e in header.items():
-      dtype = DTYPES.get(e.get("dtype"))
+      if not isinstance(e, dict):
+        raise CheckpointError(f"{self.path}: tensor {name!r}: header entry {e!r} is not an object")
+      dtype = DTYPES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
       if dtype is None:
         raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype "
                               f"{e.get('dtype')!r}")
-      shape, (lo, hi) = tuple(e["shape"]), e["data_offsets"]
+      shape, offsets = e.get("shape"), e.get("data_offsets")
+      if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise CheckpointError(f"{self.path}: tensor {name!r} has shape {shape!r} (a list of "
+                              "sizes >= 0 expected)")
+      if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise CheckpointError(f"{self.path}: tensor {name!r} has data_offsets {offsets!r} (two "
+                              "integers expected)")
+      shape, (lo, hi) = tuple(shape), offsets
       if not 0 <= lo <= hi <= data_len or hi - lo != math.prod(shape) * dtype.itemsize:
         raise CheckpointError(f"{self.path}: tensor {name!r} has inconsistent offsets "
                               "(truncated file?)")
