@@ -45,7 +45,8 @@ def stream(cfg, n: int, seed: int, prompt_range, new_range, mean_gap: float):
 
 def engine_kw(args, max_len: int) -> dict:
   return dict(slots=args.slots, block_size=args.block_size, prefill_chunk=args.prefill_chunk,
-              max_seq_len=-(-max_len // args.block_size) * args.block_size)
+              max_seq_len=-(-max_len // args.block_size) * args.block_size,
+              num_blocks=args.num_blocks)
 
 
 def serve_engine(cfg, variables, prompts, news, arrivals, kw):
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
   ap.add_argument("--slots", type=int, default=8, help="engine slots = static batch size")
   ap.add_argument("--block-size", type=int, default=16)
   ap.add_argument("--prefill-chunk", type=int, default=64)
+  ap.add_argument("--num-blocks", type=int, default=None,
+                  help="the engine's pool (default: every slot at the longest request)")
   ap.add_argument("--prompt-len", type=int, nargs=2, default=(8, 160), metavar=("MIN", "MAX"))
   ap.add_argument("--new-tokens", type=int, nargs=2, default=(4, 128), metavar=("MIN", "MAX"))
   ap.add_argument("--mean-gap", type=float, default=0.02, help="mean seconds between arrivals")

@@ -3,12 +3,12 @@
   python -m deepseek_jax.generate.serve --checkpoint DIR --prompts FILE|- [--max-new-tokens 128]
       [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--tokenizer auto|bytes|ids|PATH]
       [--stop-id N ...] [--ignore-eos] [--slots 8] [--block-size 16] [--prefill-chunk 64]
-      [--max-seq-len N] [--format text|jsonl] [model.attention_impl=... ...]
+      [--max-seq-len N] [--speculative] [--format text|jsonl] [model.attention_impl=... ...]
 
 One request per non-empty line of FILE, or of stdin (`-`), where lines are submitted as they
 arrive while earlier requests decode. `--format jsonl`: each line is an object with "prompt" and
-optionally "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_ids" (the flags are
-the defaults). Output, one JSON object per line as tokens arrive: {"id", "text"} pieces, then
+optionally "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_ids", "speculative"
+(the flags are the defaults; speculation needs --speculative, which builds the drafter's cache). Output, one JSON object per line as tokens arrive: {"id", "text"} pieces, then
 {"id", "done": true, "tokens", "stopped", "ttft_s", "tpot_s"}; a summary goes to stderr. Bad
 input (a flag, a line, a checkpoint) prints one line to stderr and exits with 2.
 """
@@ -28,7 +28,7 @@ from deepseek_jax.generate.load import load_for_inference, tokenizer_for
 from deepseek_jax.hf import CheckpointError, HFConfigError
 
 FIELDS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
-          "stop_ids": list}
+          "stop_ids": list, "speculative": bool}
 
 
 def _parser(prog: str):
@@ -53,6 +53,8 @@ def _parser(prog: str):
   cli.add_flag(ap, "--prefill-chunk", type=int, default=64, help="prompt tokens per step")
   cli.add_flag(ap, "--max-seq-len", type=int, default=None,
                help="longest prompt + output (default: the model's max_position_embeddings)")
+  ap.add_argument("--speculative", action="store_true",
+                  help="MTP self-speculative decoding (per line in jsonl; the default here)")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   ap.add_argument("overrides", nargs="*", metavar="model.field=value",
                   help="how the loaded model computes (the keys listed below)")
@@ -103,9 +105,12 @@ def _request(n: int, line: str, fmt: str, tok, defaults: dict) -> tuple[list[int
         raise ValueError(f"--prompts line {n}: unknown field {key!r} (known: prompt, "
                          f"{', '.join(FIELDS)})")
       want = FIELDS[key]
-      ok = (isinstance(value, list) and all(isinstance(v, int) for v in value)) if want is list \
-          else isinstance(value, (int, float) if want is float else int) \
-          and not isinstance(value, bool)
+      if want is list:
+        ok = isinstance(value, list) and all(type(v) is int for v in value)
+      elif want is bool:
+        ok = isinstance(value, bool)
+      else:
+        ok = isinstance(value, (int, float) if want is float else int) and type(value) is not bool
       if not ok:
         raise ValueError(f"--prompts line {n}: {key}={value!r} must be {want.__name__}")
       kw["stop" if key == "stop_ids" else key] = (
@@ -136,9 +141,11 @@ def main(argv=None, prog: str = "python -m deepseek_jax.generate.serve") -> int:
     if not args.ignore_eos and eos is not None:
       stops += eos if isinstance(eos, list) else [eos]
     engine = Engine(cfg, variables, slots=args.slots, block_size=args.block_size,
-                    prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len)
+                    prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len,
+                    speculative=args.speculative)
     defaults = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=sorted(set(stops)))
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=sorted(set(stops)),
+                    speculative=args.speculative)
     lines = _lines(args.prompts)
     live, ended, t0, total = [], False, time.perf_counter(), 0
     while not ended or live:
@@ -152,6 +159,9 @@ def main(argv=None, prog: str = "python -m deepseek_jax.generate.serve") -> int:
           break
         n, line = item
         ids, kw = _request(n, line, args.format, tok, defaults)
+        if kw["speculative"] and not args.speculative:
+          raise ValueError(f"--prompts line {n}: speculative=true needs --speculative (the "
+                           "engine then holds the drafter's cache)")
         try:
           req = engine.submit(ids, **kw)
         except ValueError as e:
