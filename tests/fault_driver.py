@@ -47,20 +47,25 @@ class Hang(BaseException):
   """A case ran past CASE_LIMIT_S (not an Exception: the error path must not catch it)."""
 
 
-def make_run(root: pathlib.Path) -> pathlib.Path:
-  """A train.py workdir with checkpoints 5 and 7 of the v3_tiny weights (as train.py saves)."""
+def make_state(step: int):
+  """(model config, a TrainState of the v3_tiny weights with Adam moments at `step`)."""
   cfg, variables = load_hf(HF_FIXTURE)
   params = variables["params"]
   zero = jnp.zeros((), jnp.int32)
+  return cfg, training.TrainState(
+      step=jnp.asarray(step, jnp.int32), params=params, opt_state=optax.adam(1e-3).init(params),
+      router_state=variables["router_state"], fp8_state={}, rng=jax.random.PRNGKey(0),
+      data_position=zero, bad_streak=zero, bad_total=zero)
+
+
+def make_run(root: pathlib.Path) -> pathlib.Path:
+  """A train.py workdir with checkpoints 5 and 7 of the v3_tiny weights (as train.py saves)."""
   workdir = root / "run"
+  cfg, _ = make_state(0)
   ckpt = training.Checkpointer(workdir, keep=3, async_save=False,
                                config=config_to_dict(Config(model=cfg)))
   for step in (5, 7):
-    state = training.TrainState(
-        step=jnp.asarray(step, jnp.int32), params=params, opt_state=optax.adam(1e-3).init(params),
-        router_state=variables["router_state"], fp8_state={}, rng=jax.random.PRNGKey(0),
-        data_position=zero, bad_streak=zero, bad_total=zero)
-    assert ckpt.save(state, force=True)
+    assert ckpt.save(make_state(step)[1], force=True)
   ckpt.close()
   return workdir
 

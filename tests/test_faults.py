@@ -266,6 +266,25 @@ def test_generate_and_convert_fall_back_without_touching_the_run(tmp_path, capsy
   assert fault_driver.hashes(run) == before               # nothing moved aside or rewritten
 
 
+def test_resume_falls_back_even_where_the_corrupt_step_cannot_be_moved(tmp_path, monkeypatch,
+                                                                      capsys):
+  run = fault_driver.make_run(tmp_path)
+  (run / "checkpoints" / "7" / "meta" / "metadata").write_bytes(b"\xff")
+  cfg, state = fault_driver.make_state(0)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), state)
+  ckpt = ckpt_lib.Checkpointer(run, keep=3, async_save=False,
+                               config=ckpt_lib.config_to_dict(ckpt_lib.Config(model=cfg)))
+
+  def read_only(*_):
+    raise OSError(errno.EROFS, "Read-only file system")
+  monkeypatch.setattr(ckpt_lib.shutil, "move", read_only)
+  assert int(ckpt.restore(abstract).step) == 5
+  err = capsys.readouterr().err
+  assert "checkpoint step 7 is unreadable" in err and "left in place (Read-only file system)" in err
+  ckpt.close()
+
+
 # --- case 17: the advice after non-finite steps ----------------------------------------------
 
 def test_non_finite_advice_tells_gradient_from_loss():

@@ -7,6 +7,7 @@ Used by `deepseek-jax convert` and by training every `train.export_every` steps.
 
 from __future__ import annotations
 
+import errno
 import json
 import pathlib
 import shutil
@@ -37,8 +38,13 @@ def export_hf(dst, model_cfg: ModelConfig, variables, *, tokenizer_dir=None, ext
   if dst.exists() and not dst.is_dir():
     raise ValueError(f"{dst}: exists and is not a directory")
   extra = dict(extra or {})
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+  try:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise      # a fault: the caller's error path tells it (exit 1)
+    raise ValueError(f"{dst}: cannot create it here ({e.strerror})") from None
   try:
     save_hf(tmp, model_cfg, variables, extra_config=extra, **save_kw)
     for name in TOKENIZER_FILES:

@@ -362,8 +362,10 @@ class Checkpointer:
       except ConfigError:
         raise
       except Exception as e:  # noqa: BLE001 (any unreadable checkpoint falls back the same way)
-        dest = self._move_aside(step)
+        try:
+          where = f"moved to {self._move_aside(step)}"
+        except OSError as moving:     # a read-only directory: leave it, and still fall back
+          where = f"left in place ({moving.strerror or type(moving).__name__})"
         _warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:120] if str(e) else ''}); moved to {dest}, "
-              "falling back to the previous one")
+              f"{errors.first_line(e, 120)}); {where}, falling back to the previous one")
     return None

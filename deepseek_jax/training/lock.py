@@ -58,8 +58,11 @@ class WorkdirLock:
 
   def acquire(self) -> "WorkdirLock":
     self._created = not self.workdir.exists()
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise UserError(f"--workdir {self.workdir}: cannot write there ({e.strerror})") from None
     try:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
