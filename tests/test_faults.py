@@ -293,3 +293,22 @@ def test_non_finite_advice_tells_gradient_from_loss():
   assert "model.init_std" in fresh and "lower train.learning_rate" not in fresh
   later = loop_lib.advice({"loss": 2, "gradient": 0}, never_updated=False)
   assert "loss was non-finite" in later and "lower train.learning_rate" in later
+
+
+def test_without_flock_the_pid_decides(tmp_path, monkeypatch, capsys):
+  import fcntl  # noqa: PLC0415
+
+  def no_flock(*_):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_flock)
+  workdir = tmp_path / "nfs"
+  workdir.mkdir()
+  (workdir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                             "time": 0, "command": "me"}))
+  with pytest.raises(errors.UserError, match=f"in use by process {os.getpid()}"):
+    WorkdirLock(workdir).acquire()
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (workdir / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+  with WorkdirLock(workdir):
+    assert "no longer running" in capsys.readouterr().err

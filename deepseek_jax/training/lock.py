@@ -10,6 +10,7 @@ before it wrote anything) is removed again on release.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -31,6 +32,15 @@ def pid_alive(pid: int) -> bool:
   except PermissionError:    # exists, owned by someone else
     return True
   return True
+
+
+def _alive(record: dict) -> bool:
+  """Whether the record's process still runs (on this host; another host's cannot be checked and
+  counts as alive)."""
+  pid = record.get("pid")
+  if record.get("host") != socket.gethostname():
+    return bool(record)
+  return isinstance(pid, int) and pid_alive(pid)
 
 
 def _describe(record: dict) -> str:
@@ -65,7 +75,12 @@ class WorkdirLock:
       raise UserError(f"--workdir {self.workdir}: cannot write there ({e.strerror})") from None
     try:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+      held = False
+    except OSError as e:
+      # A filesystem without flock (some network mounts): the record's pid decides alone.
+      old = self._read() if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS) else None
+      held = old is None or _alive(old)
+    if held:
       holder = self._read()
       os.close(self._fd)
       self._fd = None
@@ -73,9 +88,7 @@ class WorkdirLock:
                       f"to finish, stop it, or pick another --workdir (lock: {self.path})") from None
     old = self._read()
     if old:
-      pid, host = old.get("pid"), old.get("host")
-      alive = isinstance(pid, int) and host == socket.gethostname() and pid_alive(pid)
-      state = "still running but not holding it" if alive else "no longer running"
+      state = "still running but not holding it" if _alive(old) else "no longer running"
       print(f"train: note: taking over the stale lock of {self.workdir} left by "
             f"{_describe(old)}, {state}", file=sys.stderr, flush=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
@@ -96,7 +109,10 @@ class WorkdirLock:
     except OSError:
       pass
     finally:
-      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      try:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+      except OSError:
+        pass          # never held (a filesystem without flock); closing releases anyway
       os.close(self._fd)
       self._fd = None
 
