@@ -74,33 +74,29 @@ def model():
 
 
 def test_paged_decoding_equals_contiguous(model, P=4, group=2):
-  """Prefill a ragged batch in two chunks, then greedy decode 12 steps through both caches: the
-  same tokens at every step and logits within float32 rounding (blocks of 4 read two at a time:
-  the online softmax crosses groups; other sizes: the hypothesis test above)."""
+  """Feed a ragged batch token by token (prompts, then 12 greedy tokens) through both caches:
+  the same tokens at every step and logits within float32 rounding (blocks of 4 read two at a
+  time: the online softmax crosses groups; other sizes and multi-token writes: the hypothesis
+  test above and the engine's tests). One shape, so two compiles."""
   cfg, variables = model
   rs = np.random.RandomState(P)
   lengths, steps, S = np.array([13, 5]), 12, 64
   B, MB = len(lengths), S // P
-  prompt = rs.randint(0, cfg.vocab_size, (B, 16)).astype(np.int32)
-  table = np.zeros((B, MB), np.int32)
-  table[:] = rs.permutation(np.arange(1, B * MB + 1)).reshape(B, MB)   # scattered blocks
-  pools = paged.init_model_pools(cfg, B * MB + 1, P)
-  contiguous = init_model_cache(cfg, B, S)
+  prompt = rs.randint(0, cfg.vocab_size, (B, 13)).astype(np.int32)
+  table = rs.permutation(np.arange(1, B * MB + 1)).reshape(B, MB).astype(np.int32)
   model_fn = jax.jit(lambda v, t, p, c: Transformer(cfg).apply(v, t, p, cache=c))
   logits = {}
   for name in ("paged", "contiguous"):
-    cache = paged.model_cache(pools, table, group) if name == "paged" else contiguous
-    for start in (0, 8):
-      pos = np.broadcast_to(start + np.arange(8)[None], (B, 8)).astype(np.int32)
-      out = model_fn(variables, prompt[:, start:start + 8], pos, cache)
-      cache = out.cache
-    last = out.logits_BTV[np.arange(B), lengths - 1 - 8]
-    tok, pos, seen = jnp.argmax(last, -1), jnp.asarray(lengths), []
-    for _ in range(steps):
-      out = model_fn(variables, tok[:, None], pos[:, None], cache)
+    cache = (paged.model_cache(paged.init_model_pools(cfg, B * MB + 1, P), table, group)
+             if name == "paged" else init_model_cache(cfg, B, S))
+    tok, pos, seen = jnp.asarray(prompt[:, 0]), np.zeros(B, np.int32), []
+    for _ in range(max(lengths) + steps - 1):
+      out = model_fn(variables, tok[:, None], jnp.asarray(pos)[:, None], cache)
       cache, pos = out.cache, pos + 1
+      nxt = jnp.argmax(out.logits_BTV[:, 0], -1)
+      in_prompt = pos < lengths   # rows still reading their prompt take its next token
+      tok = jnp.where(in_prompt, prompt[np.arange(B), np.minimum(pos, 12)], nxt)
       seen.append(out.logits_BTV[:, 0])
-      tok = jnp.argmax(out.logits_BTV[:, 0], -1)
     logits[name] = np.stack(seen)
   np.testing.assert_array_equal(logits["paged"].argmax(-1), logits["contiguous"].argmax(-1))
   np.testing.assert_allclose(logits["paged"], logits["contiguous"], rtol=1e-4, atol=1e-5)
