@@ -43,6 +43,7 @@ def test_predictions_have_the_models_properties():
   assert rows["N(0,1)", 4096]["hopper"][0] < rows["N(0,1)", 4096]["limited"][0]
 
 
+@pytest.mark.slow   # two train-step compilations: over 15 minutes on a loaded 2-core machine
 def test_study_on_a_small_model_starts_alike_and_trains():
   """Two runs from one initialisation on the same batches: the first step's loss differs only by
   the accumulator's error, and both train."""
