@@ -223,7 +223,7 @@ def _probe(accum):
   return np.asarray(y[0, :, 0], np.float64)
 
 
-@pytest.mark.parametrize("bits", [11, 12, 13, 14, 16, 22, 23])
+@pytest.mark.parametrize("bits", [11, 13, 16, 23])
 def test_probe_c_2_11_plus_one(bits):
   """The Hopper model cuts both products to 2^(11 - bits): it returns 2^11 + 1 exactly when
   j <= bits - 11 and less otherwise; the old model (exact block sums) returns 2^11 + 1 at every
