@@ -66,7 +66,8 @@ class PagedLatentCache:
 
   def attend(self, q_lat_BTNC, q_rope_BTNR, positions_BT, layer, scale) -> jax.Array:
     """softmax(scale (q_lat . c_KV + q_rope . k_R)) . c_KV over the row's positions <= each
-    query's, read in groups of `group` blocks: -> [B, T, N, C] in the cache dtype."""
+    query's, read in groups of `group` blocks and computed in the query's dtype (a bf16 cache
+    under f32 compute is widened block by block): -> [B, T, N, C] in the query's dtype."""
     P, G = self.block_size, self.group
     B, T, N, C = q_lat_BTNC.shape
     MB = self.table_BM.shape[1]
@@ -74,14 +75,14 @@ class PagedLatentCache:
     table_BM = jnp.pad(self.table_BM, ((0, 0), (0, n_groups * G - MB)), constant_values=SCRATCH)
     q_pos_BT = positions_BT.astype(jnp.int32)
     used = jnp.clip(jnp.max(q_pos_BT) // (G * P) + 1, 0, n_groups)   # groups any query sees
-    q_lat = q_lat_BTNC.astype(self.dtype)
-    q_rope = q_rope_BTNR.astype(self.dtype)
+    dt = q_lat_BTNC.dtype
+    q_lat, q_rope = q_lat_BTNC, q_rope_BTNR.astype(dt)
 
     def body(g, carry):
       m_BNT, l_BNT, acc_BNTC = carry
       blocks_BG = jax.lax.dynamic_slice_in_dim(table_BM, g * G, G, axis=1)
-      lat_BSC = self.latent_pool[self._where(layer, blocks_BG)].reshape(B, G * P, C)
-      rope_BSR = self.rope_pool[self._where(layer, blocks_BG)].reshape(B, G * P, -1)
+      lat_BSC = self.latent_pool[self._where(layer, blocks_BG)].reshape(B, G * P, C).astype(dt)
+      rope_BSR = self.rope_pool[self._where(layer, blocks_BG)].reshape(B, G * P, -1).astype(dt)
       s_BNTS = scale * (jnp.einsum("BTNC,BSC->BNTS", q_lat, lat_BSC,
                                    preferred_element_type=jnp.float32)
                         + jnp.einsum("BTNR,BSR->BNTS", q_rope, rope_BSR,
@@ -93,14 +94,14 @@ class PagedLatentCache:
       p_BNTS = jnp.exp(s_BNTS - m_new[..., None])
       alpha = jnp.exp(m_BNT - m_new)
       acc_BNTC = alpha[..., None] * acc_BNTC + jnp.einsum(
-          "BNTS,BSC->BNTC", p_BNTS.astype(self.dtype), lat_BSC, preferred_element_type=jnp.float32)
+          "BNTS,BSC->BNTC", p_BNTS.astype(dt), lat_BSC, preferred_element_type=jnp.float32)
       return m_new, alpha * l_BNT + jnp.sum(p_BNTS, axis=-1), acc_BNTC
 
     init = (jnp.full((B, N, T), _MASKED, jnp.float32), jnp.zeros((B, N, T), jnp.float32),
             jnp.zeros((B, N, T, C), jnp.float32))
     _, l_BNT, acc_BNTC = jax.lax.fori_loop(0, used, body, init)
     out_BNTC = acc_BNTC / jnp.maximum(l_BNT, 1e-30)[..., None]
-    return jnp.transpose(out_BNTC, (0, 2, 1, 3)).astype(self.dtype)
+    return jnp.transpose(out_BNTC, (0, 2, 1, 3)).astype(dt)
 
 
 def init_pools(cfg: ModelConfig, num_blocks: int, block_size: int, dtype=None,
