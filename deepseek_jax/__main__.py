@@ -21,6 +21,7 @@ COMMANDS = {
     "info": ("deepseek_jax.hf.__main__", ("info",), "a HF checkpoint's config and parameters"),
     "codesign": ("deepseek_jax.codesign.__main__", (), "the paper's tables and a memory plan"),
     "aot": ("deepseek_jax.aot.__main__", (), "compile for a GPU/TPU that is not here"),
+    "serve": ("deepseek_jax.generate.serve", (), "serve prompts (a file or stdin) with continuous batching"),
     "lab": ("deepseek_jax.lab.__main__", (), "what-if studies: accumulator, wires, bandwidth, topology"),
     "prepare": ("deepseek_jax.training.prepare", (), "tokenise a corpus into ArrayRecord once"),
 }

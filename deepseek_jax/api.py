@@ -31,6 +31,7 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate.decode import Sampling, generate as _generate
+from deepseek_jax.generate.engine import Engine
 from deepseek_jax.generate.load import load_for_inference, tokenizer_for
 from deepseek_jax.hf import CheckpointError
 from deepseek_jax.model import Transformer
@@ -188,6 +189,9 @@ class LM:
     self._no_tokenizer = no_tokenizer or f"{source}: no tokenizer; pass token ids"
     eos = self.info.get("eos_token_id", None if tokenizer is None else tokenizer.eos_id)
     self.eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+
+  def engine(self, **options) -> Engine:  # continuous batching on the paged latent cache
+    return Engine(self.config, self.variables, **options)
 
   def __repr__(self) -> str:
     tok = "none (token ids)" if self.tokenizer is None else self.tokenizer.name

@@ -105,6 +105,14 @@ def test_greedy_equals_the_decode_loop_ids_and_text(lm):
   assert lm.generate("def f(x):", max_new_tokens=12) == ByteTokenizer().decoder()(want)
 
 
+def test_the_engine_streams_what_generate_returns(lm):
+  prompts = [list(b"def f(x):"), list(b"import numpy")]
+  engine = lm.engine(slots=2, block_size=8, prefill_chunk=16)
+  requests = [engine.submit(p, max_new_tokens=9, stop=lm.eos_ids) for p in prompts]
+  for p, r in zip(prompts, requests):
+    assert list(r) == lm.generate(p, max_new_tokens=9)
+
+
 def test_a_batch_equals_its_prompts_one_by_one(lm):
   prompts = ["import np\n", "x"]  # B = 2 and 16 prompt positions, as elsewhere: one compilation
   batch = lm.generate(prompts, max_new_tokens=10)

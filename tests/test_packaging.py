@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEY_IN_HELP = {"train": "model.num_layers=61", "generate": "model.attention_impl=auto",
                "eval": "model.attention_impl=auto", "convert": None, "info": None,
                "codesign": "mesh.expert=1", "aot": "train.batch_size=8",
-               "prepare": "train.seq_len=128", "lab": None}
+               "prepare": "train.seq_len=128", "lab": None, "serve": None}
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
