@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepseek_jax.config import Config
+from deepseek_jax.mla import ABSORBED, absorbed_weights
 from deepseek_jax.model import Transformer, init_model_cache
 from deepseek_jax.training.build import build
 from deepseek_jax.training.state import variables_of
@@ -39,12 +40,18 @@ def train_program(cfg: Config, devices) -> Program:
 
 
 def decode_program(cfg: Config, devices, batch: int, context: int) -> Program:
-  """One decode step: `batch` rows, one new token each, attending to a `context`-slot latent cache
-  (donated and updated in place), weights sharded as in training."""
+  """One decode step as `generate.decode_loop` runs it: `batch` rows, one new token each, at the
+  last position of a `context`-slot latent cache (donated, updated in place, read in blocks by
+  `mla.latent_attention`), weights sharded as in training, W_UK / W_UV pre-laid."""
   b = build(dataclasses.replace(cfg, train=dataclasses.replace(
       cfg.train, batch_size=max(batch, 1), grad_accum=1)), devices)
   m = b.cfg.model
   variables = variables_of(b.abstract)
+  # W_UK / W_UV in decode layout, as generation lays them out once per call (replicated here).
+  replicated = NamedSharding(b.mesh, P())
+  absorbed = jax.eval_shape(lambda v: absorbed_weights(m, v)[ABSORBED], variables)
+  variables = dict(variables, **{ABSORBED: jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), absorbed)})
   row_axes = b.batch_sh.spec[0] if len(b.batch_sh.spec) else None
   cache_sh = NamedSharding(b.mesh, P(None, row_axes))
   cache = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cache_sh),

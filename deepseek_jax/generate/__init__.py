@@ -3,9 +3,10 @@ decoding (`speculative`), weights from either kind of checkpoint (`load`), and t
 `python -m deepseek_jax.generate` command."""
 
 from deepseek_jax.generate.decode import (Carry, Emit, Generation, Sampling, SamplingArrays,
-                                          decode_step, generate, sample, sampling_probs,
-                                          speculative_step)
+                                          Tokens, decode_loop, decode_step, generate, sample,
+                                          sampling_probs, speculative_step)
 from deepseek_jax.generate.load import load_for_inference, load_trained
 
-__all__ = ["Carry", "Emit", "Generation", "Sampling", "SamplingArrays", "decode_step", "generate",
-           "load_for_inference", "load_trained", "sample", "sampling_probs", "speculative_step"]
+__all__ = ["Carry", "Emit", "Generation", "Sampling", "SamplingArrays", "Tokens", "decode_loop",
+           "decode_step", "generate", "load_for_inference", "load_trained", "sample",
+           "sampling_probs", "speculative_step"]

@@ -3,13 +3,15 @@
 Prefill writes each prompt's latents [c_KV ; k_R] into a cache indexed by absolute position, in
 chunks of up to `prefill_chunk` tokens (each chunk is one multi-token cached call, so long prompts
 never build a [T, T] score matrix). Decoding then feeds one token per row at the row's own position,
-so prompts of different lengths share one batch, through one compiled step (no recompilation per
-token). Sampling parameters are traced arrays (greedy when temperature is 0, else temperature, top-k
-and top-p on the tempered logits), so changing them does not recompile either. Stop tokens and
-per-row budgets are applied on device, where finished rows freeze.
+so prompts of different lengths share one batch. Sampling parameters are traced arrays (greedy when
+temperature is 0, else temperature, top-k and top-p on the tempered logits), so changing them does
+not recompile. Stop tokens and per-row budgets are applied on device, where finished rows freeze.
 
-The host loop keeps one step in flight: it dispatches step n+1 before reading step n's tokens, so
-streaming costs no idle device time; the only waste is one step after the last row finishes.
+The decode steps run in one compiled on-device loop (`decode_loop`: a `lax.while_loop` over the
+step, the cache donated and updated in place, emitted tokens appended to a buffer), with no host
+round-trip between steps: the whole generation is one call, or with `on_tokens` one call per
+`stream_every` steps, the next call in flight while the host reads the last one's tokens. W_UK
+and W_UV are laid out for decoding once per call (`mla.absorbed_weights`), not in every step.
 With `speculative=True` each step is an MTP draft-and-verify step (`speculative`).
 """
 
@@ -26,6 +28,7 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate import speculative as spec
+from deepseek_jax.mla import absorbed_weights
 from deepseek_jax.model import Transformer, init_model_cache
 
 
@@ -119,6 +122,7 @@ def _prefill_chunk(cfg: ModelConfig, variables, cache, carry: Carry, tokens_BT, 
                    lengths_B, sampling: SamplingArrays, speculative: bool):
   """Writes one prompt chunk into the cache; rows whose prompt ends in it sample their first
   token (and, speculating, run the drafter over the chunk and draft the second)."""
+  variables = absorbed_weights(cfg, variables)
   B, T = tokens_BT.shape
   pos_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
   out = Transformer(cfg).apply(variables, tokens_BT, pos_BT, cache=cache["main"])
@@ -142,19 +146,41 @@ def _prefill_chunk(cfg: ModelConfig, variables, cache, carry: Carry, tokens_BT, 
   return cache, carry
 
 
+class Tokens(NamedTuple):
+  """What the decode loop emitted so far: row b's tokens are tokens_BW[b, :count_B[b]] (a stop
+  token, if any, last)."""
+  tokens_BW: jax.Array
+  count_B: jax.Array
+  steps: jax.Array         # decode steps run (after the prefill)
+  drafted: jax.Array       # speculative: drafts verified
+  accepted: jax.Array      # speculative: drafts accepted
+
+
+def _append(out: Tokens, emit: "Emit", steps: int = 1) -> Tokens:
+  B, s = emit.tokens_Bs.shape
+  W = out.tokens_BW.shape[1]
+  i_1s = jnp.arange(s, dtype=jnp.int32)[None, :]
+  col_Bs = jnp.where(i_1s < emit.count_B[:, None], out.count_B[:, None] + i_1s, W)  # W: dropped
+  tokens_BW = out.tokens_BW.at[jnp.arange(B)[:, None], col_Bs].set(emit.tokens_Bs, mode="drop")
+  return Tokens(tokens_BW, out.count_B + emit.count_B, out.steps + steps,
+                out.drafted + jnp.sum(emit.drafted_B, dtype=jnp.int32),
+                out.accepted + jnp.sum(emit.accepted_B, dtype=jnp.int32))
+
+
 @jax.jit
-def _first_emit(carry: Carry, stop_S):
+def _first_emit(carry: Carry, stop_S, tokens_BW):
+  """The prefill's sampled token as the first emitted one; -> (carry, Tokens)."""
   ones_B = jnp.ones_like(carry.remaining_B)
   count_B, done_B, remaining_B = _settle(carry.tokens_B[:, None], ones_B, carry, stop_S)
   zeros_B = jnp.zeros_like(count_B)
-  return (carry._replace(done_B=done_B, remaining_B=remaining_B),
-          Emit(carry.tokens_B[:, None], count_B, done_B, zeros_B, zeros_B.astype(bool)))
+  zero = jnp.zeros((), jnp.int32)
+  out = _append(Tokens(tokens_BW, zeros_B, zero, zero, zero),
+                Emit(carry.tokens_B[:, None], count_B, done_B, zeros_B, zeros_B.astype(bool)), 0)
+  return carry._replace(done_B=done_B, remaining_B=remaining_B), out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "absorb"), donate_argnames=("cache",))
-def decode_step(cfg: ModelConfig, variables, cache, carry: Carry, sampling: SamplingArrays,
+def _plain_step(cfg: ModelConfig, variables, cache, carry: Carry, sampling: SamplingArrays,
                 stop_S, absorb: bool = True):
-  """One token per row at its own position. `absorb=False` expands K/V per step (the baseline)."""
   out = Transformer(cfg, absorb=absorb).apply(variables, carry.tokens_B[:, None],
                                               carry.positions_B[:, None], cache=cache["main"])
   rng, key = jax.random.split(carry.rng)
@@ -168,10 +194,8 @@ def decode_step(cfg: ModelConfig, variables, cache, carry: Carry, sampling: Samp
                                                   zeros_B.astype(bool))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def speculative_step(cfg: ModelConfig, variables, cache, carry: Carry, sampling: SamplingArrays,
-                     stop_S):
-  """Verify the pending draft, emit 1-2 tokens per row, draft the next one."""
+def _speculative_step(cfg: ModelConfig, variables, cache, carry: Carry, sampling: SamplingArrays,
+                      stop_S):
   rng, k_verify, k_draft = jax.random.split(carry.rng, 3)
   probs_fn = functools.partial(sampling_probs, s=sampling)
   main, emitted_B2, accepted_B, hidden_B2D, pos_B2 = spec.verify(
@@ -188,6 +212,42 @@ def speculative_step(cfg: ModelConfig, variables, cache, carry: Carry, sampling:
               remaining_B, rng, draft_B, q_BV)
   emit = Emit(emitted_B2, count_B, done_B, jnp.where(active_B, a_B, 0), active_B)
   return {"main": main, "mtp": mtp}, new, emit
+
+
+decode_step = jax.jit(_plain_step, static_argnames=("cfg", "absorb"), donate_argnames=("cache",))
+decode_step.__doc__ = """One token per row at its own position -> (cache, carry, Emit).
+`absorb=False` expands K/V per step (the baseline). `generate` runs `decode_loop` instead."""
+speculative_step = jax.jit(_speculative_step, static_argnames=("cfg",),
+                           donate_argnames=("cache",))
+speculative_step.__doc__ = """Verify the pending draft, emit 1-2 tokens per row, draft the next
+one -> (cache, carry, Emit)."""
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "speculative", "absorb"),
+                   donate_argnames=("cache",))
+def decode_loop(cfg: ModelConfig, variables, cache, carry: Carry, out: Tokens,
+                sampling: SamplingArrays, stop_S, max_steps, speculative: bool = False,
+                absorb: bool = True):
+  """Decode steps in one on-device `while_loop` until every row is done or `max_steps` (traced:
+  no recompile) steps ran; the cache is donated and updated in place, the tokens appended to
+  `out`. -> (cache, carry, out). `absorb=False` (plain steps only) expands K/V per step."""
+  variables = absorbed_weights(cfg, variables)
+  if speculative:
+    step = functools.partial(_speculative_step, cfg, variables)
+  else:
+    step = functools.partial(_plain_step, cfg, variables, absorb=absorb)
+
+  def cond(state):
+    _, carry, _, i = state
+    return (i < max_steps) & ~jnp.all(carry.done_B)
+
+  def body(state):
+    cache, carry, out, i = state
+    cache, carry, emit = step(cache, carry, sampling, stop_S)
+    return cache, carry, _append(out, emit), i + 1
+
+  cache, carry, out, _ = jax.lax.while_loop(cond, body, (cache, carry, out, jnp.int32(0)))
+  return cache, carry, out
 
 
 class Generation(NamedTuple):
@@ -211,16 +271,22 @@ def _round_up(n: int, m: int) -> int:
 def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (), seed: int = 0,
              speculative: bool = False, prefill_chunk: int = 512, pad_id: int = 0,
-             on_tokens: Callable[[int, list[int]], None] | None = None) -> Generation:
+             on_tokens: Callable[[int, list[int]], None] | None = None, cache_dtype=None,
+             stream_every: int = 8) -> Generation:
   """Generates up to `max_new_tokens` per prompt (prompts may differ in length).
 
-  `on_tokens(row, tokens)` is called as tokens arrive (stop tokens excluded). With `speculative`
-  the MTP module drafts and the model verifies; greedy output is identical to plain decoding.
+  `on_tokens(row, tokens)` is called as tokens arrive (stop tokens excluded), every
+  `stream_every` decode steps; without it the whole decode is one on-device loop. With
+  `speculative` the MTP module drafts and the model verifies; greedy output is identical to plain
+  decoding. `cache_dtype`: the latent cache's (default the compute dtype; `mla.FP8_LATENT` for an
+  e4m3 latent beside a bf16 rope key).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt must hold at least one token")
   if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
     raise ValueError(f"max_new_tokens={max_new_tokens}: must be a positive integer")
+  if not (isinstance(stream_every, int) and stream_every >= 1):
+    raise ValueError(f"stream_every={stream_every}: must be a positive integer")
   flat = [t for p in prompts for t in p]
   if min(flat) < 0 or max(flat) >= cfg.vocab_size:
     raise ValueError(f"prompt token ids must lie in [0, vocab_size={cfg.vocab_size})")
@@ -237,7 +303,7 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], max_
   tokens = np.full((B, P_pad + 1), pad_id, np.int32)
   for b, p in enumerate(prompts):
     tokens[b, :len(p)] = p
-  cache = {"main": init_model_cache(cfg, B, S),
+  cache = {"main": init_model_cache(cfg, B, S, cache_dtype),
            "mtp": spec.init_draft_cache(cfg, B, S) if speculative else None}
   V = cfg.vocab_size if speculative else 0
   carry = Carry(jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32), jnp.zeros(B, bool),
@@ -253,34 +319,40 @@ def generate(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], max_
     cache, carry = _prefill_chunk(cfg, variables, cache, carry, tokens[:, start:start + chunk],
                                   tokens[:, start + 1:start + chunk + 1], jnp.int32(start), len_B,
                                   s_arr, speculative)
-  carry, emit = _first_emit(carry, stop_S)
-  jax.block_until_ready(emit)
+  carry, out = _first_emit(carry, stop_S, jnp.zeros((B, S), jnp.int32))
+  jax.block_until_ready(out)
   t1 = time.perf_counter()
-  step = (functools.partial(speculative_step, cfg) if speculative
-          else functools.partial(decode_step, cfg))
-  out: list[list[int]] = [[] for _ in range(B)]
-  stopped, finished = [False] * B, [False] * B
-  steps = drafted = accepted = 0
-  stop_set = set(int(t) for t in stop_tokens)
-  while True:
-    if not all(finished) and steps < max_new_tokens - 1:
-      cache, carry, nxt = step(variables, cache, carry, s_arr, stop_S)  # in flight while we read
-      steps += 1
-    else:
-      nxt = None
-    e = jax.device_get(emit)
-    drafted += int(e.drafted_B.sum())
-    accepted += int(e.accepted_B.sum())
+  loop = functools.partial(decode_loop, cfg, variables, sampling=s_arr, stop_S=stop_S,
+                           speculative=speculative)
+  rows: list[list[int]] = [[] for _ in range(B)]
+  stopped, sent = [False] * B, [0] * B
+  stop_set = set(stops)
+
+  def deliver(out: Tokens, done_B) -> bool:
+    """Hands each row's new tokens over (a final stop token dropped); True when all are done."""
+    tokens_BW, count_B, done_B = jax.device_get((out.tokens_BW, out.count_B, done_B))
     for b in range(B):
-      new = [int(t) for t in e.tokens_Bs[b, :e.count_B[b]]]
+      new = [int(t) for t in tokens_BW[b, sent[b]:count_B[b]]]
+      sent[b] = int(count_B[b])
       if new and new[-1] in stop_set:
         new, stopped[b] = new[:-1], True
       if new:
-        out[b].extend(new)
+        rows[b].extend(new)
         if on_tokens is not None:
           on_tokens(b, new)
-      finished[b] = bool(e.done_B[b])
-    if all(finished) or nxt is None:
-      break
-    emit = nxt
-  return Generation(out, stopped, steps, drafted, accepted, t1 - t0, time.perf_counter() - t1)
+    return bool(np.all(done_B))
+
+  if on_tokens is None:
+    cache, carry, out = loop(cache, carry, out, max_steps=jnp.int32(S))
+    deliver(out, carry.done_B)
+  else:
+    # One call in flight while the host reads the one before; the call after the last row
+    # finished runs no step.
+    while True:
+      cache, next_carry, next_out = loop(cache, carry, out, max_steps=jnp.int32(stream_every))
+      if deliver(out, carry.done_B):
+        break
+      carry, out = next_carry, next_out
+  steps, drafted, accepted = (int(x) for x in jax.device_get((out.steps, out.drafted,
+                                                               out.accepted)))
+  return Generation(rows, stopped, steps, drafted, accepted, t1 - t0, time.perf_counter() - t1)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from deepseek_jax.generate import __main__ as generate_cli
-from deepseek_jax.generate import Sampling, decode_step, generate, speculative_step
+from deepseek_jax.generate import Sampling, decode_loop, generate
 from tests.inference.conftest import fixture_dir, reference
 
 
@@ -29,14 +29,14 @@ def test_greedy_matches_transformers_generate_on_ragged_batch(v3):
   assert generate(cfg, variables, _prompts(ref), 10, prefill_chunk=2).tokens == want
 
 
-def test_one_compiled_step_for_any_length_sampling_or_stops(v3):
+def test_one_compiled_loop_for_any_length_sampling_or_stops(v3):
   cfg, variables = v3
   prompts = _prompts(reference("v3_tiny"))
   generate(cfg, variables, prompts, 10)
-  n = decode_step._cache_size()
+  n = decode_loop._cache_size()
   generate(cfg, variables, prompts, 17, Sampling(0.7, 5, 0.9), stop_tokens=[3, 4], seed=3)
   generate(cfg, variables, prompts, 3, Sampling(1.3, 0, 0.5), stop_tokens=[9])
-  assert decode_step._cache_size() == n
+  assert decode_loop._cache_size() == n
 
 
 def test_stop_tokens_and_budget(v3):
@@ -80,13 +80,15 @@ def _drafting_model(variables, eps: float):
 def test_speculative_greedy_is_identical_to_plain_greedy(v3):
   cfg, variables = v3
   prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42, 43, 44]]
+  compiled = []
   for eps, lo, hi in ((0.0, 1.0, 1.0), (0.3, 0.3, 0.95), (1.0, 0.0, 0.2)):
     model = _drafting_model(variables, eps) if eps < 1 else variables
     plain = generate(cfg, model, prompts, 24)
     fast = generate(cfg, model, prompts, 24, speculative=True, prefill_chunk=4)
     assert fast.tokens == plain.tokens, eps
     assert lo <= fast.acceptance <= hi, (eps, fast.acceptance)
-  assert speculative_step._cache_size() == 1
+    compiled.append(decode_loop._cache_size())
+  assert compiled[0] == compiled[-1]   # one loop each for plain and speculative steps
 
 
 def test_speculative_stops_and_budget_cut_inside_a_step(v3):
