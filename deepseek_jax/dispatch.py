@@ -223,7 +223,7 @@ def _block_fwd(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics):
     else:             # gate and up in FP8 (1x128 tiles along M), h recomputed
       hq_1UM = nd.fprop_x(h_1UM)
       saved = (swiglu_cache(gate_UM[None], fmt), swiglu_cache(up_UM[None], fmt))
-    return None, (nd.dot(hq_1UM[0], wd[e]).astype(dtype), saved)
+    return None, (nd.dot(hq_1UM[0], wd[e]).astype(dtype), tuple(map(grouped.loop_bytes, saved)))
 
   _, (y_WUD, saved_W) = jax.lax.scan(body, None, (xg_WUD, xu_WUD, expert_W))
   res = (xg_cache, xu_cache, expert_W, (w_gate_EDM, w_up_EDM, w_down_EMD), (wg, wu, wd), saved_W,
@@ -239,25 +239,25 @@ def _block_bwd(numerics, res, dy_WUD):
   dy_rows, dy_cols = nd.dgrad_g(dy_WUD), nd.wgrad_g(dy_WUD)
   xg_cols = ng.wgrad_x(xg_cache)
   xu_cols = xg_cols if nu == ng else nu.wgrad_x(xu_cache)
-  t = lambda a: a.T  # noqa: E731
 
   def body(acc, xs):
     dwg, dwu, dwd = acc
     dyr_UD, dyc_UD, xgc_UD, xuc_UD, saved, e = xs
+    saved = tuple(map(grouped.fp8_bytes, saved))
     if fmt is None:
       gate_UM, up_UM, h_cache = saved
     else:   # h recomputed from the FP8 copies of gate and up
       gate_UM, up_UM = (q.dequantize()[0].astype(dtype) for q in saved)
       h_cache = swiglu(gate_UM, up_UM)[None]
     hc_UM = nd.wgrad_x(h_cache)[0]
-    dwd = dwd.at[e].add(nd.dot(t(hc_UM), dyc_UD).astype(jnp.float32))
-    dh_UM = nd.dot(dyr_UD, t(wd[e])).astype(dtype)
+    dwd = dwd.at[e].add(nd.dot(hc_UM.T, dyc_UD).astype(jnp.float32))
+    dh_UM = nd.dot(dyr_UD, wd[e].T).astype(dtype)
     _, swiglu_vjp = jax.vjp(swiglu, gate_UM, up_UM)
     dgate_1UM, dup_1UM = (a[None] for a in swiglu_vjp(dh_UM))
-    dx_UD = (ng.dot(ng.dgrad_g(dgate_1UM)[0], t(wg[e])).astype(jnp.float32)
-             + nu.dot(nu.dgrad_g(dup_1UM)[0], t(wu[e])).astype(jnp.float32))
-    dwg = dwg.at[e].add(ng.dot(t(xgc_UD), ng.wgrad_g(dgate_1UM)[0]).astype(jnp.float32))
-    dwu = dwu.at[e].add(nu.dot(t(xuc_UD), nu.wgrad_g(dup_1UM)[0]).astype(jnp.float32))
+    dx_UD = (ng.dot(ng.dgrad_g(dgate_1UM)[0], wg[e].T).astype(jnp.float32)
+             + nu.dot(nu.dgrad_g(dup_1UM)[0], wu[e].T).astype(jnp.float32))
+    dwg = dwg.at[e].add(ng.dot(xgc_UD.T, ng.wgrad_g(dgate_1UM)[0]).astype(jnp.float32))
+    dwu = dwu.at[e].add(nu.dot(xuc_UD.T, nu.wgrad_g(dup_1UM)[0]).astype(jnp.float32))
     return (dwg, dwu, dwd), dx_UD.astype(dtype)
 
   xs = (dy_rows, dy_cols, xg_cols, xu_cols, saved_W, expert_W)

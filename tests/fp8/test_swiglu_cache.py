@@ -184,8 +184,9 @@ def test_block_path_caches_float8_bytes_with_bitwise_the_old_results(name, swigl
   acts = [a for a in residuals if hasattr(a, "dtype") and a.shape[-1] in (D, M)
           and a.size >= W * Ub * M]   # activations (weights are [E, ...], smaller here)
   acts = [a for a in acts if a.shape[0] == W]
-  f8 = [a for a in acts if a.dtype == jnp.float8_e4m3fn]
-  others = [a for a in acts if a.dtype != jnp.float8_e4m3fn]
+  # FP8 bytes: float8, or their uint8 bit patterns in scan buffers (`grouped.loop_bytes`)
+  f8 = [a for a in acts if a.dtype in (jnp.float8_e4m3fn, jnp.uint8)]
+  others = [a for a in acts if a.dtype not in (jnp.float8_e4m3fn, jnp.uint8)]
   if swiglu_cache:   # x, gate and up
     assert len(f8) == 3 and not others, [(a.shape, a.dtype) for a in acts]
   else:              # x and h; gate and up stay in the compute dtype
