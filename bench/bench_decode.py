@@ -1,16 +1,19 @@
 """Decode speed, measured side by side in one run (V3 report §2.1.1 MLA; ISCA '25 §2.1).
 
-1. Absorbed latent cache vs per-step K/V expansion: the same model and cache, one decode step
-   with W_UK / W_UV folded into the query and output (reads [c_KV ; k_R] directly) against one that
-   re-expands K and V for every cached token through kv_b_proj, at contexts 512, 2048 and 8192.
-2. Our `generate` against transformers' `generate` on the same Hugging Face checkpoint (greedy,
-   same prompts and lengths; torch runs single-threaded as the semantics doc recommends on shared
+1. Roofline: tiny.yaml at batch 8, context 8192: the bytes one decode step must move (the latent
+   cache up to the current length, its write, and the active weights, term by term) against the
+   memory bandwidth measured in the same process (a jitted sum over 512 MiB), interleaved with
+   the decode loop; the fraction of that roofline, per cache dtype (f32, bf16, FP8 latent).
+2. FP8 / bf16 latent cache error: logits against the f32 cache (same prompt, same steps).
+3. Absorbed latent cache vs per-step K/V expansion (batch 4, contexts 512, 2048, 8192).
+4. Our `generate` against transformers' `generate` on the same Hugging Face checkpoint (greedy,
+   same prompts and lengths; torch single-threaded as the semantics doc recommends on shared
    cores), both after a warm-up; the tokens must agree.
 
-  python bench/bench_decode.py                                 # part 1 only
-  python bench/bench_decode.py --hf-python /tmp/hfvenv/bin/python   # parts 1 and 2
+  python bench/bench_decode.py                                      # parts 1-3
+  python bench/bench_decode.py --hf-python /tmp/hfvenv/bin/python   # and part 4
 
-Prints one line per measurement and the ratios; absolute times on a shared CPU mean little.
+Every figure is the median of --repeats runs; absolute times on a shared CPU mean little.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deepseek_jax.config import load_config  # noqa: E402
-from deepseek_jax.generate import Carry, Sampling, decode_step, generate  # noqa: E402
+from deepseek_jax.generate import Carry, Sampling, Tokens, decode_loop, generate  # noqa: E402
 from deepseek_jax.hf import load_hf, save_hf  # noqa: E402
+from deepseek_jax.mla import FP8_LATENT  # noqa: E402
 from deepseek_jax.model import Transformer, init_model_cache  # noqa: E402
+
+CACHE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "fp8 latent": FP8_LATENT}
 
 HF_SCRIPT = r"""
 import json, sys, time, torch
@@ -53,36 +59,146 @@ with torch.no_grad():
   times = []
   for _ in range(repeats):
     t = time.perf_counter(); out = model.generate(ids, **kw); times.append(time.perf_counter() - t)
-print(json.dumps({"seconds": min(times), "tokens": out[:, P:].tolist()}))
+print(json.dumps({"seconds": sorted(times)[len(times) // 2], "tokens": out[:, P:].tolist()}))
 """
 
 
-def decode_rate(cfg, variables, batch: int, context: int, steps: int, absorb: bool) -> float:
-  """Tokens/s of `steps` decode steps with `context` tokens already in the cache."""
-  S = context + steps + 8
-  cache = {"main": init_model_cache(cfg, batch, S), "mtp": None}
+def _state(cfg, batch: int, context: int, steps: int, dtype=None):
+  """A cache of context + steps slots, every row at position `context` (the slots before hold
+  zeros: the cost of a step does not depend on their values)."""
+  S = -(-(context + steps + 2) // 64) * 64
+  cache = {"main": init_model_cache(cfg, batch, S, dtype), "mtp": None}
   carry = Carry(jnp.ones(batch, jnp.int32), jnp.full(batch, context, jnp.int32),
                 jnp.zeros(batch, bool), jnp.full(batch, 10**6, jnp.int32), jax.random.key(0),
                 jnp.zeros(batch, jnp.int32), jnp.zeros((batch, 0), jnp.float32))
+  zero = jnp.zeros((), jnp.int32)
+  out = Tokens(jnp.zeros((batch, S), jnp.int32), jnp.zeros(batch, jnp.int32), zero, zero, zero)
+  return cache, carry, out
+
+
+def loop_timer(cfg, variables, batch: int, context: int, steps: int, absorb=True, dtype=None):
+  """A function timing `steps` decode steps in one `decode_loop` call (compiled on creation)."""
   s, stop = Sampling().arrays(), jnp.full((8,), -1, jnp.int32)
-  for _ in range(2):  # compile + warm-up
-    cache, carry, emit = decode_step(cfg, variables, cache, carry, s, stop, absorb=absorb)
-  jax.block_until_ready(emit)
-  t = time.perf_counter()
-  for _ in range(steps):
-    cache, carry, emit = decode_step(cfg, variables, cache, carry, s, stop, absorb=absorb)
-  jax.block_until_ready(emit)
-  return batch * steps / (time.perf_counter() - t)
+  compiled = decode_loop.lower(cfg, variables, *_state(cfg, batch, context, steps, dtype), s, stop,
+                               jnp.int32(steps), absorb=absorb).compile()
+
+  def run() -> float:
+    state = jax.block_until_ready(_state(cfg, batch, context, steps, dtype))
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(variables, *state, s, stop, jnp.int32(steps)))
+    return (time.perf_counter() - t) / steps
+  return run
 
 
-def part_absorb(cfg, variables, batch: int, steps: int) -> None:
+def bandwidth_timer(mib: int = 512):
+  x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+
+  def run() -> float:
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    return x.nbytes / (time.perf_counter() - t)
+  return run
+
+
+def step_bytes(cfg, variables, batch: int, context: int, dtype=None) -> dict[str, float]:
+  """Bytes one decode step must move, term by term: each row reads its cache up to its
+  position (context + 1 slots) and writes one slot per layer; the weights of the main model are
+  read once (the MTP module does not run), the embedding only for the batch's rows, the routed
+  experts only those hit (expected count for uniform routing: E (1 - (1 - K/E)^B))."""
+  L, C, R = cfg.num_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+  c = init_model_cache(cfg, 1, 1, dtype)["moe" if cfg.num_moe_layers else "dense"]
+  per_slot = C * c.latent_BSC.dtype.itemsize + R * c.rope_BSR.dtype.itemsize
+  E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+  hit = E * (1 - (1 - K / E) ** batch) if E else 0
+  terms = {"latent cache read": L * batch * (context + 1) * per_slot,
+           "latent cache write": L * batch * per_slot}
+  weights = {"embedding rows": 0.0, "attention": 0.0, "dense FFN, shared experts, router, norms": 0.0,
+             f"routed experts ({hit:.1f} of {E} hit)": 0.0, "output head": 0.0}
+  for path, x in flax.traverse_util.flatten_dict(variables["params"]).items():
+    name = "/".join(path)
+    if path[0] == "mtp":
+      continue
+    n = x.size * x.dtype.itemsize
+    if path[0] == "embed_tokens":
+      weights["embedding rows"] += n * batch / x.shape[0]
+    elif "self_attn" in name:
+      weights["attention"] += n
+    elif "/experts/" in name:
+      weights[f"routed experts ({hit:.1f} of {E} hit)"] += n * hit / E
+    elif path[0] == "lm_head":
+      weights["output head"] += n
+    else:
+      weights["dense FFN, shared experts, router, norms"] += n
+  return dict(terms, **weights)
+
+
+def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats: int) -> None:
+  print(f"# roofline: batch {batch}, context {context}, {steps} steps per loop, median of "
+        f"{repeats} (each run: bandwidth, then each cache dtype, interleaved)")
+  bw = bandwidth_timer()
+  timers = {k: loop_timer(cfg, variables, batch, context, steps, dtype=d)
+            for k, d in CACHE_DTYPES.items()}
+  runs = {k: [] for k in ["bw", *timers]}
+  for _ in range(repeats):
+    runs["bw"].append(bw())
+    for k, run in timers.items():
+      runs[k].append(run())
+  bandwidth = float(np.median(runs["bw"]))
+  print(f"bandwidth (jitted sum over 512 MiB, this process): {bandwidth / 1e9:.1f} GB/s")
+  for k, d in CACHE_DTYPES.items():
+    terms = step_bytes(cfg, variables, batch, context, d)
+    total = sum(terms.values())
+    fractions = [total / bandwidth / t for t in runs[k]]
+    t = float(np.median(runs[k]))
+    print(f"cache {k}: {total / 1e6:.1f} MB per step = "
+          + " + ".join(f"{name} {v / 1e6:.2f}" for name, v in terms.items()))
+    print(f"  step {t * 1e3:.2f} ms ({batch / t:.0f} tok/s), roofline {total / bandwidth * 1e3:.2f} "
+          f"ms: {np.median(fractions):.0%} of the memory roofline (runs: "
+          + ", ".join(f"{f:.0%}" for f in fractions) + ")", flush=True)
+
+
+def part_cache_error(cfg, variables, steps: int = 32) -> None:
+  """Logits with a bf16 / FP8-latent cache against the f32 cache, teacher-forced on one random
+  sequence: the relative error max |d| / max |f32 logits| at the prompt's last token and over
+  `steps` decode steps, and how many greedy tokens agree."""
+  print(f"# latent cache dtype error (prompt 64, {steps} teacher-forced steps, batch 2)")
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 64 + steps)), jnp.int32)
+  model = Transformer(cfg)
+  step = jax.jit(lambda v, t, p, c: model.apply(v, t, positions_BT=p, cache=c))
+  logits = {}
+  for k, d in CACHE_DTYPES.items():
+    cache = init_model_cache(cfg, 2, 64 + steps, d)
+    pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32)[None], (2, 64))
+    out = step(variables, tokens[:, :64], pos, cache)
+    cache, got = out.cache, [out.logits_BTV[:, -1]]
+    for i in range(64, 64 + steps - 1):
+      out = step(variables, tokens[:, i:i + 1], jnp.full((2, 1), i, jnp.int32), cache)
+      cache = out.cache
+      got.append(out.logits_BTV[:, 0])
+    logits[k] = np.stack([np.asarray(g, np.float64) for g in got], 1)
+  ref = logits["f32"]
+  for k in ("bf16", "fp8 latent"):
+    err = np.max(np.abs(logits[k] - ref)) / np.max(np.abs(ref))
+    same = np.mean(np.argmax(logits[k], -1) == np.argmax(ref, -1))
+    print(f"cache {k}: logits relative error {err:.2e}, greedy token agreement {same:.0%}")
+
+
+def part_absorb(cfg, variables, batch: int, steps: int, repeats: int) -> None:
   print(f"# absorbed latent cache vs per-step K/V expansion (batch {batch}, {steps} steps, "
         f"C={cfg.kv_lora_rank} R={cfg.qk_rope_head_dim} N={cfg.num_heads} L={cfg.num_layers})")
   for context in (512, 2048, 8192):
-    absorbed = decode_rate(cfg, variables, batch, context, steps, absorb=True)
-    expanded = decode_rate(cfg, variables, batch, context, steps, absorb=False)
-    print(f"context {context:5d}: absorbed {absorbed:8.1f} tok/s, expanded {expanded:8.1f} tok/s, "
-          f"ratio {absorbed / expanded:5.2f}x", flush=True)
+    a = loop_timer(cfg, variables, batch, context, steps, absorb=True)
+    e = loop_timer(cfg, variables, batch, context, steps, absorb=False)
+    ta, te = [], []
+    for _ in range(repeats):
+      ta.append(a())
+      te.append(e())
+    ta, te = float(np.median(ta)), float(np.median(te))
+    print(f"context {context:5d}: absorbed {batch / ta:8.1f} tok/s, expanded {batch / te:8.1f} "
+          f"tok/s, ratio {te / ta:5.2f}x", flush=True)
 
 
 def part_hf(name: str, path: pathlib.Path, hf_python: str, prompts, new: int, repeats: int) -> None:
@@ -100,30 +216,38 @@ def part_hf(name: str, path: pathlib.Path, hf_python: str, prompts, new: int, re
     return
   theirs = json.loads(res.stdout.strip().splitlines()[-1])
   n = len(prompts) * new
-  a, b = n / min(times), n / theirs["seconds"]
+  a, b = n / float(np.median(times)), n / theirs["seconds"]
   same = ours.tokens == theirs["tokens"]
   print(f"{name}: ours {a:8.1f} tok/s, transformers generate {b:8.1f} tok/s, ratio {a / b:5.2f}x "
-        f"(batch {len(prompts)}, {new} new tokens, greedy tokens identical: {same})", flush=True)
+        f"(batch {len(prompts)}, {new} new tokens, medians of {repeats}, greedy tokens identical: "
+        f"{same})", flush=True)
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
-  ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--steps", type=int, default=16)
-  ap.add_argument("--hf-python", help="python of a venv with torch + transformers (part 2)")
+  ap.add_argument("--batch", type=int, default=8, help="rows of the roofline part")
+  ap.add_argument("--context", type=int, default=8192, help="context of the roofline part")
+  ap.add_argument("--steps", type=int, default=32, help="decode steps per timed loop")
+  ap.add_argument("--hf-python", help="python of a venv with torch + transformers (part 4)")
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--skip-absorb", action="store_true")
+  ap.add_argument("--parts", default="roofline,error,absorb",
+                  help="comma-separated subset of roofline, error, absorb (and hf with --hf-python)")
   args = ap.parse_args(argv)
+  parts = set(args.parts.split(",")) | ({"hf"} if args.hf_python else set())
   # Positions up to 8192 + steps: widen the table (the speed of a step does not depend on it).
   cfg = load_config(args.config, ["model.max_position_embeddings=16384"]).model
   variables = flax.core.meta.unbox(
       Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
-  if not args.skip_absorb:
-    part_absorb(cfg, variables, args.batch, args.steps)
-  if args.hf_python:
+  if "roofline" in parts:
+    part_roofline(cfg, variables, args.batch, args.context, args.steps, args.repeats)
+  if "error" in parts:
+    part_cache_error(cfg, variables)
+  if "absorb" in parts:
+    part_absorb(cfg, variables, 4, 16, args.repeats)
+  if "hf" in parts:
     print("# ours vs transformers generate (same checkpoint, greedy)")
     rng = np.random.default_rng(0)
     fixture = ROOT / "tests" / "fixtures" / "hf" / "v3_tiny"
