@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from deepseek_jax.fp8 import delayed
 from deepseek_jax.fp8.accumulate import BACKENDS, Accum, gemm, promote
 from deepseek_jax.fp8.formats import E4M3, Format
-from deepseek_jax.fp8.scaling import (BLOCK, QArray, Scaling, fake_quantize, quantize,
-                                     quantize_with_values, tensor_amax, unquantized)
+from deepseek_jax.fp8.scaling import (BLOCK, QArray, Scaling, fake_quantize, fp8_bytes,
+                                     loop_bytes, quantize, quantize_with_values, tensor_amax,
+                                     unquantized)
 
 SLOTS = ("fprop_x", "fprop_w", "dgrad_g", "dgrad_w", "wgrad_x", "wgrad_g")
 _COLUMN = {"fprop_x": 0, "wgrad_x": 0, "fprop_w": 1, "dgrad_w": 1, "dgrad_g": 2, "wgrad_g": 2}
@@ -227,12 +228,12 @@ def swiglu(gate, up):
 def _swiglu_fwd(gate, up, w, st: _Static):
   y, (_, w_res, _, _) = _fwd(swiglu(gate, up), w, None, st)
   fmt = st.spec.swiglu_cache
-  return y, (swiglu_cache(gate, fmt), swiglu_cache(up, fmt), w_res)
+  return y, (loop_bytes(swiglu_cache(gate, fmt)), loop_bytes(swiglu_cache(up, fmt)), w_res)
 
 
 def _swiglu_bwd(st: _Static, res, g):
   q_gate, q_up, w_res = res
-  gate, up = (q.dequantize().astype(st.x_dtype) for q in (q_gate, q_up))
+  gate, up = (fp8_bytes(q).dequantize().astype(st.x_dtype) for q in (q_gate, q_up))
   x, swiglu_vjp = jax.vjp(swiglu, gate, up)   # x recomputed from the cached FP8 inputs
   dx, dw, _ = _bwd(st, (x, w_res, None, None), g)
   return (*swiglu_vjp(dx), dw)

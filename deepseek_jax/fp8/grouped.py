@@ -10,27 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-
 from deepseek_jax.fp8.accumulate import gemm
 from deepseek_jax.fp8.dot import Fp8Dot, GemmSpec, operand_values
-from deepseek_jax.fp8.scaling import QArray, Scaling, quantize, quantize_with_values, unquantized
-
-
-def loop_bytes(a):
-  """A cache leaving a scan body: FP8 bytes as uint8 (XLA:CPU updates an f8 loop buffer through an
-  f16 copy of the whole buffer per step, measured 6x the block path's time), else unchanged."""
-  if isinstance(a, QArray) and a.data.dtype.itemsize == 1:
-    return dataclasses.replace(a, data=jax.lax.bitcast_convert_type(a.data, jnp.uint8))
-  return a
-
-
-def fp8_bytes(a):
-  """The inverse of `loop_bytes`."""
-  if isinstance(a, QArray) and a.data.dtype == jnp.uint8:
-    return dataclasses.replace(a, data=jax.lax.bitcast_convert_type(a.data, a.fmt.dtype))
-  return a
+from deepseek_jax.fp8.scaling import (QArray, Scaling, fp8_bytes, loop_bytes,  # noqa: F401
+                                     quantize, quantize_with_values, unquantized)
 
 
 def supports(spec: GemmSpec) -> bool:
