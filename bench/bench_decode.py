@@ -134,12 +134,13 @@ def step_bytes(cfg, variables, batch: int, context: int, dtype=None) -> dict[str
   return dict(terms, **weights)
 
 
-def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats: int) -> None:
+def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats: int,
+                  dtypes=tuple(CACHE_DTYPES)) -> None:
   print(f"# roofline: batch {batch}, context {context}, {steps} steps per loop, median of "
         f"{repeats} (each run: bandwidth, then each cache dtype, interleaved)")
   bw = bandwidth_timer()
-  timers = {k: loop_timer(cfg, variables, batch, context, steps, dtype=d)
-            for k, d in CACHE_DTYPES.items()}
+  timers = {k: loop_timer(cfg, variables, batch, context, steps, dtype=CACHE_DTYPES[k])
+            for k in dtypes}
   runs = {k: [] for k in ["bw", *timers]}
   for _ in range(repeats):
     runs["bw"].append(bw())
@@ -147,8 +148,8 @@ def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats:
       runs[k].append(run())
   bandwidth = float(np.median(runs["bw"]))
   print(f"bandwidth (jitted sum over 512 MiB, this process): {bandwidth / 1e9:.1f} GB/s")
-  for k, d in CACHE_DTYPES.items():
-    terms = step_bytes(cfg, variables, batch, context, d)
+  for k in dtypes:
+    terms = step_bytes(cfg, variables, batch, context, CACHE_DTYPES[k])
     total = sum(terms.values())
     fractions = [total / bandwidth / t for t in runs[k]]
     t = float(np.median(runs[k]))
@@ -232,6 +233,8 @@ def main(argv=None) -> int:
   ap.add_argument("--hf-python", help="python of a venv with torch + transformers (part 4)")
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--cache-dtypes", default=",".join(CACHE_DTYPES),
+                  help=f"comma-separated subset of {', '.join(CACHE_DTYPES)} (roofline part)")
   ap.add_argument("--parts", default="roofline,error,absorb",
                   help="comma-separated subset of roofline, error, absorb (and hf with --hf-python)")
   args = ap.parse_args(argv)
@@ -242,7 +245,8 @@ def main(argv=None) -> int:
       Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
   if "roofline" in parts:
-    part_roofline(cfg, variables, args.batch, args.context, args.steps, args.repeats)
+    part_roofline(cfg, variables, args.batch, args.context, args.steps, args.repeats,
+                  args.cache_dtypes.split(","))
   if "error" in parts:
     part_cache_error(cfg, variables)
   if "absorb" in parts:
