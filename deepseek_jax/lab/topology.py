@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from deepseek_jax.codesign import plots, topology
+from deepseek_jax.lab import study_main
 from deepseek_jax.codesign.__main__ import _Parser, _positive_int
 from deepseek_jax.config import ConfigError
 
@@ -164,16 +165,7 @@ def run(argv, prog: str) -> list[str]:
 
 
 def main(argv=None, prog: str = "python -m deepseek_jax.lab topology") -> int:
-  try:
-    lines = run(sys.argv[1:] if argv is None else list(argv), prog)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-    return 2
-  print("\n".join(lines))
-  return 0
+  return study_main(run, argv, prog)
 
 
 if __name__ == "__main__":

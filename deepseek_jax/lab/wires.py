@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.codesign import plots
+from deepseek_jax.lab import study_main
 from deepseek_jax.codesign.__main__ import _Parser, _positive_int
 from deepseek_jax.config import ConfigError, load_config
 from deepseek_jax.fp8 import comm
@@ -205,16 +206,7 @@ def main(argv=None, prog: str = "python -m deepseek_jax.lab wires") -> int:
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:   # before jax starts its backend
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip()
-  try:
-    lines = run(sys.argv[1:] if argv is None else list(argv), prog)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-    return 2
-  print("\n".join(lines))
-  return 0
+  return study_main(run, argv, prog)
 
 
 if __name__ == "__main__":
