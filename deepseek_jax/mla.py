@@ -94,18 +94,17 @@ def _write(cache: jax.Array, new: jax.Array, start_B: jax.Array, layer=None) -> 
 LATENT_BLOCK = 512
 
 
-def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, layer, scale,
-                     block: int = LATENT_BLOCK):
-  """softmax(scale (q_lat . c_KV + q_rope . k_R)) . c_KV over each query's slots <= its position
-  (FlashMLA's decode on the absorbed query): the cache is read in place in blocks of `block`
-  slots with an online softmax, only up to the block of the furthest query, from a `[B, S, .]`
-  cache or layer `layer` of a `[L, B, S, .]` stack (never a copy of the layer). The T x N query
-  rows of a batch row share each block read. -> [B, T, N, C] in the query's dtype."""
+def online_latent_attention(q_lat_BTNC, q_rope_BTNR, read_block, n_blocks, bk: int, positions_BT,
+                            scale):
+  """The absorbed decode's attention kernel, shared by the contiguous and the paged cache:
+  softmax(scale (q_lat . c_KV + q_rope . k_R)) . c_KV over each query's slots <= its position,
+  the cache read in `n_blocks` (traced) blocks of `bk` slots with an online softmax (FlashMLA's
+  decode structure). `read_block(j) -> (lat [B, bk, C], rope [B, bk, R], start)` gives block j's
+  slots [start, start + bk), start <= j bk (slots below j bk belong to the block before and are
+  masked). The T x N query rows of a batch row share each block read. -> [B, T, N, C] in the
+  query's dtype."""
   B, T, N, C = q_lat_BTNC.shape
   dt = q_lat_BTNC.dtype
-  S = cache.latent_BSC.shape[-2]
-  bk = min(block, S)
-  n_blocks = jnp.minimum(jnp.max(positions_BT).astype(jnp.int32) // bk + 1, -(-S // bk))
   # M = T x N query rows. Scores come out of c [bk, C] @ q [C, M] (a long-by-skinny product,
   # XLA:CPU's fast case) and are turned to [M, bk] for the softmax and p [M, bk] @ c [bk, C]:
   # 3x faster than [M, C] @ c^T on XLA:CPU (bench/results/DECODE.md).
@@ -113,23 +112,16 @@ def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, 
   q_rope_BRM = jnp.swapaxes((q_rope_BTNR * scale).astype(dt).reshape(B, T * N, -1), 1, 2)
   pos_BM1 = jnp.repeat(positions_BT.astype(jnp.int32), N, axis=1)[:, :, None]
 
-  def read(x, start):   # [B, bk, width] at slots [start, start + bk), cast for the dots
-    lead = () if layer is None else (layer,)
-    zero = jnp.zeros((), jnp.int32)
-    size = (1,) * len(lead) + (B, bk, x.shape[-1])
-    blk = jax.lax.dynamic_slice(x, lead + (zero, start, zero), size)
-    return blk.reshape(B, bk, x.shape[-1]).astype(dt)
-
   def body(j, carry):
     m_BM, l_BM, acc_BMC = carry
-    start = jnp.minimum(j * bk, S - bk)   # the last block ends at S; its overlap is masked
-    lat_BSC, rope_BSR = read(cache.latent_BSC, start), read(cache.rope_BSR, start)
+    lat_BSC, rope_BSR, start = read_block(j)
+    lat_BSC, rope_BSR = lat_BSC.astype(dt), rope_BSR.astype(dt)
     s_BSM = (jnp.einsum("BSC,BCM->BSM", lat_BSC, q_lat_BCM, preferred_element_type=F32)
              + jnp.einsum("BSR,BRM->BSM", rope_BSR, q_rope_BRM, preferred_element_type=F32))
     slot_11S = (start + jnp.arange(bk, dtype=jnp.int32))[None, None, :]
     visible_BMS = (slot_11S <= pos_BM1) & (slot_11S >= j * bk)
-    # Finite: block 0 always holds a visible slot (slot 0), so m is finite from then on and a
-    # masked slot's exp underflows to exactly 0.
+    # Finite: a masked slot's exp underflows to exactly 0 once a visible slot was seen (block
+    # 0 holds slot 0); a row that sees nothing stays finite (no NaN into the layers after).
     s_BMS = jnp.where(visible_BMS, jnp.swapaxes(s_BSM, 1, 2), _MASKED)
     m_new_BM = jnp.maximum(m_BM, jnp.max(s_BMS, axis=-1))
     p_BMS = jnp.exp(s_BMS - m_new_BM[..., None])
@@ -141,7 +133,32 @@ def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, 
   init = (jnp.full((B, T * N), _MASKED, F32), jnp.zeros((B, T * N), F32),
           jnp.zeros((B, T * N, C), F32))
   _, l_BM, acc_BMC = jax.lax.fori_loop(0, n_blocks, body, init)
-  return (acc_BMC / l_BM[..., None]).astype(dt).reshape(B, T, N, C)
+  out_BMC = acc_BMC / jnp.maximum(l_BM, 1e-30)[..., None]
+  return out_BMC.astype(dt).reshape(B, T, N, C)
+
+
+def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, layer, scale,
+                     block: int = LATENT_BLOCK):
+  """`online_latent_attention` on a contiguous `[B, S, .]` cache or layer `layer` of a
+  `[L, B, S, .]` stack, read in place (never a copy of the layer) up to the block of the
+  furthest query. -> [B, T, N, C] in the query's dtype."""
+  B = q_lat_BTNC.shape[0]
+  S = cache.latent_BSC.shape[-2]
+  bk = min(block, S)
+  n_blocks = jnp.minimum(jnp.max(positions_BT).astype(jnp.int32) // bk + 1, -(-S // bk))
+  lead = () if layer is None else (layer,)
+  zero = jnp.zeros((), jnp.int32)
+
+  def read(x, start):   # [B, bk, width] at slots [start, start + bk)
+    size = (1,) * len(lead) + (B, bk, x.shape[-1])
+    return jax.lax.dynamic_slice(x, lead + (zero, start, zero), size).reshape(B, bk, -1)
+
+  def read_block(j):
+    start = jnp.minimum(j * bk, S - bk)   # the last block ends at S; its overlap is masked
+    return read(cache.latent_BSC, start), read(cache.rope_BSR, start), start
+
+  return online_latent_attention(q_lat_BTNC, q_rope_BTNR, read_block, n_blocks, bk, positions_BT,
+                                 scale)
 
 
 def split_kv_b(kernel, H: int):

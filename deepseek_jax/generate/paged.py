@@ -4,9 +4,9 @@ The cache of every layer is a pool of fixed-size blocks, each holding `P` tokens
 (C + R values per token and layer, as the contiguous cache: (C + R)·L per token in all). A
 sequence owns a list of blocks, its row of the block table; block 0 is a scratch block that no
 sequence owns (unassigned table entries point at it, so writes past a row's blocks land there and
-its reads are masked). Attention reads a row's blocks in groups of `G` through the table, with an
-online softmax over the groups in use (the longest row's), never the whole pool nor a
-[B, max length] copy. `BlockPool` is the host-side allocator: blocks on demand, freed at finish.
+its reads are masked). Attention is the contiguous cache's kernel (`mla.online_latent_attention`)
+reading a row's blocks in groups of `G` through the table, over the groups in use (the longest
+row's), never the whole pool nor a [B, max length] copy. `BlockPool` is the host-side allocator: blocks on demand, freed at finish.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import dtype_of
+from deepseek_jax.mla import online_latent_attention
 
 SCRATCH = 0          # the block no sequence owns
-_MASKED = -1e30      # finite, so rows that see nothing stay finite (no NaN into the MoE)
 
 
 @flax.struct.dataclass
@@ -65,43 +65,24 @@ class PagedLatentCache:
                          rope_pool=self.rope_pool.at[at].set(rope_BTR.astype(self.dtype)))
 
   def attend(self, q_lat_BTNC, q_rope_BTNR, positions_BT, layer, scale) -> jax.Array:
-    """softmax(scale (q_lat . c_KV + q_rope . k_R)) . c_KV over the row's positions <= each
-    query's, read in groups of `group` blocks and computed in the query's dtype (a bf16 cache
-    under f32 compute is widened block by block): -> [B, T, N, C] in the query's dtype."""
+    """`mla.online_latent_attention` (the contiguous cache's kernel) over the row's positions
+    <= each query's, its blocks read in groups of `group` through the table, up to the group of
+    the furthest query: -> [B, T, N, C] in the query's dtype."""
     P, G = self.block_size, self.group
-    B, T, N, C = q_lat_BTNC.shape
+    B = q_lat_BTNC.shape[0]
     MB = self.table_BM.shape[1]
     n_groups = -(-MB // G)
     table_BM = jnp.pad(self.table_BM, ((0, 0), (0, n_groups * G - MB)), constant_values=SCRATCH)
-    q_pos_BT = positions_BT.astype(jnp.int32)
-    used = jnp.clip(jnp.max(q_pos_BT) // (G * P) + 1, 0, n_groups)   # groups any query sees
-    dt = q_lat_BTNC.dtype
-    q_lat, q_rope = q_lat_BTNC, q_rope_BTNR.astype(dt)
+    used = jnp.clip(jnp.max(positions_BT).astype(jnp.int32) // (G * P) + 1, 0, n_groups)
 
-    def body(g, carry):
-      m_BNT, l_BNT, acc_BNTC = carry
+    def read_block(g):   # G blocks of P slots: positions [g G P, (g + 1) G P) of every row
       blocks_BG = jax.lax.dynamic_slice_in_dim(table_BM, g * G, G, axis=1)
-      lat_BSC = self.latent_pool[self._where(layer, blocks_BG)].reshape(B, G * P, C).astype(dt)
-      rope_BSR = self.rope_pool[self._where(layer, blocks_BG)].reshape(B, G * P, -1).astype(dt)
-      s_BNTS = scale * (jnp.einsum("BTNC,BSC->BNTS", q_lat, lat_BSC,
-                                   preferred_element_type=jnp.float32)
-                        + jnp.einsum("BTNR,BSR->BNTS", q_rope, rope_BSR,
-                                     preferred_element_type=jnp.float32))
-      kv_pos_S = g * G * P + jnp.arange(G * P, dtype=jnp.int32)
-      seen_BTS = kv_pos_S[None, None, :] <= q_pos_BT[:, :, None]
-      s_BNTS = jnp.where(seen_BTS[:, None], s_BNTS, _MASKED)
-      m_new = jnp.maximum(m_BNT, jnp.max(s_BNTS, axis=-1))
-      p_BNTS = jnp.exp(s_BNTS - m_new[..., None])
-      alpha = jnp.exp(m_BNT - m_new)
-      acc_BNTC = alpha[..., None] * acc_BNTC + jnp.einsum(
-          "BNTS,BSC->BNTC", p_BNTS.astype(dt), lat_BSC, preferred_element_type=jnp.float32)
-      return m_new, alpha * l_BNT + jnp.sum(p_BNTS, axis=-1), acc_BNTC
+      lat_BSC = self.latent_pool[self._where(layer, blocks_BG)].reshape(B, G * P, -1)
+      rope_BSR = self.rope_pool[self._where(layer, blocks_BG)].reshape(B, G * P, -1)
+      return lat_BSC, rope_BSR, g * G * P
 
-    init = (jnp.full((B, N, T), _MASKED, jnp.float32), jnp.zeros((B, N, T), jnp.float32),
-            jnp.zeros((B, N, T, C), jnp.float32))
-    _, l_BNT, acc_BNTC = jax.lax.fori_loop(0, used, body, init)
-    out_BNTC = acc_BNTC / jnp.maximum(l_BNT, 1e-30)[..., None]
-    return jnp.transpose(out_BNTC, (0, 2, 1, 3)).astype(dt)
+    return online_latent_attention(q_lat_BTNC, q_rope_BTNR, read_block, used, G * P,
+                                   positions_BT, scale)
 
 
 def init_pools(cfg: ModelConfig, num_blocks: int, block_size: int, dtype=None,
