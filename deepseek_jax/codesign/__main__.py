@@ -16,6 +16,7 @@ import math
 import pathlib
 import sys
 
+from deepseek_jax.cli_args import ArgParser, output_dir, positive_float, positive_int
 from deepseek_jax.codesign import kv_cache, memory, paper_report, plots, report
 from deepseek_jax.codesign.hardware import get_hardware
 from deepseek_jax.config import ConfigError, cli, load_config
@@ -25,64 +26,39 @@ DEFAULT_CONFIG = "deepseek_v3_671b"
 RUN_CONFIG = "deepseek_v3_h800_2048"   # V3's 2048-GPU run: the tokens per step of Table 4
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2 (argparse's default prints the usage too)
-    raise ConfigError(f"{self.prog}: {message}")
-
-
-def _positive_int(text: str) -> int:
-  try:
-    v = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if v <= 0:
-    raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-  return v
-
-
-def _positive_float(text: str) -> float:
-  try:
-    v = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not (math.isfinite(v) and v > 0):
-    raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
-  return v
-
-
 def _shape(text: str) -> tuple[int, int]:
   parts = text.split(",")
   if len(parts) != 2:
     raise argparse.ArgumentTypeError(f"{text!r} must read BATCH,SEQ (e.g. 2,64)")
-  return _positive_int(parts[0]), _positive_int(parts[1])
+  return positive_int(parts[0]), positive_int(parts[1])
 
 
-def build_parser(prog: str = "python -m deepseek_jax.codesign") -> _Parser:
-  p = _Parser(prog=prog, description="Reproduce the tables of 'Insights into DeepSeek-V3' and plan "
-                                     "memory, communication and speed for a config.",
-              epilog=cli.keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "python -m deepseek_jax.codesign") -> ArgParser:
+  p = ArgParser(prog=prog, description="Reproduce the tables of 'Insights into DeepSeek-V3' and "
+                                       "plan memory, communication and speed for a config.",
+                epilog=cli.keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", help="model YAML (default: configs/deepseek_v3_671b.yaml)")
   p.add_argument("overrides", nargs="*", metavar="section.field=value",
                  help="dotted config overrides, e.g. model.num_layers=4 (see below)")
   p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated
   p.add_argument("--hardware", default="h800",
                  help="preset: h800, h100, h200, gb200_nvl72, tpu_v5p")
-  cli.add_flag(p, "--seq-len", type=_positive_int,
+  cli.add_flag(p, "--seq-len", type=positive_int,
                  help="sequence length for this model's FLOPs and memory (default: train.seq_len)")
-  cli.add_flag(p, "--tokens-per-device", type=_positive_int, default=32,
+  cli.add_flag(p, "--tokens-per-device", type=positive_int, default=32,
                  help="decode tokens per device for the EP bound (32)")
-  cli.add_flag(p, "--ep-size", type=_positive_int, help="devices in the EP group "
+  cli.add_flag(p, "--ep-size", type=positive_int, help="devices in the EP group "
                  "(default: routed + shared experts, one per device)")
-  p.add_argument("--bandwidth", type=_positive_float, metavar="GB/s",
+  p.add_argument("--bandwidth", type=positive_float, metavar="GB/s",
                  help="all-to-all bandwidth per device for the EP bound "
                       "(default: the preset's tier)")
   p.add_argument("--mesh", help="axis=size,... e.g. data=2,fsdp=16,expert=64,tensor=1")
-  p.add_argument("--devices", type=_positive_int, default=2048,
+  p.add_argument("--devices", type=positive_int, default=2048,
                  help="devices for the automatic FSDP + EP mesh when --mesh is not given (2048)")
   p.add_argument("--rules", choices=("project", "planning"), default="project",
                  help="logical -> mesh rules: sharding/rules.py with the config's mesh.rules "
                       "(project) or codesign's shard-everything table (planning)")
-  cli.add_flag(p, "--micro-batch", type=_positive_int,
+  cli.add_flag(p, "--micro-batch", type=positive_int,
                  help="sequences per micro-step, all devices (default: one per batch shard)")
   cli.add_flag(p, "--bf16-moments", action="store_true", help="Adam moments in BF16 (V3 recipe)")
   cli.add_flag(p, "--no-zero1", action="store_true",
@@ -93,7 +69,7 @@ def build_parser(prog: str = "python -m deepseek_jax.codesign") -> _Parser:
                  help="skip the model's eval_shape (parameter check and memory plan)")
   p.add_argument("--roofline", type=_shape, metavar="B,T",
                  help="compile and time our train step on B x T tokens (small configs only)")
-  cli.add_flag(p, "--roofline-steps", type=_positive_int, default=3)
+  cli.add_flag(p, "--roofline-steps", type=positive_int, default=3)
   p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
   cli.add_flag(p, "--paper-only", action="store_true",
                  help="print only the paper's numbers (Tables 1-5, ratio, DualPipe, MTP, V2 vs "
@@ -135,9 +111,7 @@ def run(argv=None, prog: str = "python -m deepseek_jax.codesign") -> list[str]:
   rules = memory.project_rules(cfg.mesh) if args.rules == "project" else memory.PLANNING_RULES
   mesh = memory.parse_mesh(args.mesh) if args.mesh else memory.auto_mesh(m, args.devices, rules)
   memory.check_rules(rules, mesh)
-  plot_dir = pathlib.Path(args.plot) if args.plot else None
-  if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
-    raise ConfigError(f"--plot {args.plot!r}: exists and is not a directory")
+  plot_dir = output_dir("--plot", args.plot)
   v2, v3 = report.reference_model("deepseek_v2_236b"), report.reference_model(DEFAULT_CONFIG)
   bandwidth = None if args.bandwidth is None else args.bandwidth * 1e9
   moment_bytes = 2 if args.bf16_moments else 4

@@ -21,7 +21,8 @@ from deepseek_jax.codesign.kv_cache import KVRow
 from deepseek_jax.codesign.memory import MemoryPlan
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's pyplot on the Agg backend (no display); imported on first use."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -29,7 +30,7 @@ def _pyplot():
 
 
 def plot_kv_cache(rows: Sequence[KVRow], path) -> pathlib.Path:
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 3.6))
   names = [r.name for r in rows]
   kb = [r.kb for r in rows]
@@ -41,12 +42,12 @@ def plot_kv_cache(rows: Sequence[KVRow], path) -> pathlib.Path:
   ax.set_title("KV cache per token (Insights Table 1)")
   ax.set_ylim(0, max(kb) * 1.25)
   ax.tick_params(axis="x", labelsize=8)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_tpot_vs_bandwidth(path, hidden: int = 7000, experts_per_token: int = 9,
                            tokens_per_device: int = 32, num_layers: int = 61) -> pathlib.Path:
-  plt = _pyplot()
+  plt = pyplot()
   marks: dict[float, dict[str, list[str]]] = {}
   for hw in PRESETS.values():
     for tier, bw in (("scale-out", hw.scale_out_bandwidth), ("scale-up", hw.scale_up_bandwidth)):
@@ -70,12 +71,12 @@ def plot_tpot_vs_bandwidth(path, hidden: int = 7000, experts_per_token: int = 9,
   ax.set_title(f"EP communication bound on TPOT ({tokens_per_device} tok/device, "
                f"{experts_per_token} experts, hidden {hidden}, {num_layers} layers)", fontsize=8)
   ax.grid(True, which="both", alpha=0.3)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_memory_by_mesh(plans: Sequence[tuple[str, MemoryPlan]], path,
                         hbm_bytes: float | None = None, title: str = "") -> pathlib.Path:
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7.0, 4.0))
   labels = [label for label, _ in plans]
   bottom = np.zeros(len(plans))
@@ -98,7 +99,7 @@ def plot_memory_by_mesh(plans: Sequence[tuple[str, MemoryPlan]], path,
   ax.set_title(title or "Training memory per device by mesh", fontsize=9)
   ax.tick_params(axis="x", labelsize=7)
   ax.legend(fontsize=7)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_bandwidth_study(sweep: dict, points, path, tokens_per_device: int,
@@ -106,7 +107,7 @@ def plot_bandwidth_study(sweep: dict, points, path, tokens_per_device: int,
   """`lab bandwidth`: decode TPOT bound against bandwidth for several latencies (left) and the
   training step estimate against the EP bandwidth (right), knees dotted. `points`: one
   (fabric, decode GB/s, its TPOT in ms with its latency, training GB/s) per fabric."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.0, 4.4))
   bw = np.asarray(sweep["bandwidth_gbs"])
   for lat, ys in sweep["tpot_ms"].items():
@@ -136,7 +137,7 @@ def plot_bandwidth_study(sweep: dict, points, path, tokens_per_device: int,
   bx.set_title("Table 4's step moved to other fabrics (estimate); dotted: knees", fontsize=8)
   bx.grid(True, which="both", alpha=0.3)
   bx.legend(fontsize=7)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def _group(pairs) -> dict:
@@ -150,7 +151,7 @@ def _group(pairs) -> dict:
 def plot_topology_study(curves: dict, path, radix: int, marks=()) -> pathlib.Path:
   """`lab topology`: cost per endpoint against endpoints, one curve per topology (the saw teeth
   are whole switches added), `marks` = (label, endpoints, $ per endpoint) for Table 3's rows."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7.4, 4.4))
   for name, (ns, costs) in curves.items():
     ax.semilogx(ns, np.asarray(costs) / 1e3, label=name, lw=1)
@@ -165,10 +166,10 @@ def plot_topology_study(curves: dict, path, radix: int, marks=()) -> pathlib.Pat
   ax.set_ylim(0, 15)
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save(fig, path)
 
 
-def _save(fig, path) -> pathlib.Path:
+def save(fig, path) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()

@@ -5,21 +5,15 @@ Each study is one command, `python -m deepseek_jax.lab STUDY`, printing a table 
 
 from __future__ import annotations
 
-import sys
-
-from deepseek_jax.config.base import ConfigError
+from deepseek_jax import errors
 
 
 def study_main(run, argv, prog: str) -> int:
-  """A study's `main`: `run(argv, prog)` gives its lines; bad input or an unwritable plot path is
-  one line on stderr and exit 2."""
-  try:
-    lines = run(sys.argv[1:] if argv is None else list(argv), prog)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-    return 2
-  print("\n".join(lines))
-  return 0
+  """A study's `main`: `run(argv, prog)` gives its lines, printed; failures go through
+  `errors.call`: bad input is one line and exit 2, an OS fault (an unwritable --plot) one line
+  and exit 1."""
+
+  def body(argv, prog):
+    print("\n".join(run(argv, prog)))
+    return 0
+  return errors.call(body, argv, prog)

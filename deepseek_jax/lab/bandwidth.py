@@ -15,19 +15,16 @@ term meets the latency term, in training where the all-to-all fits under compute
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import pathlib
-import sys
 
 import numpy as np
 
+from deepseek_jax import errors
+from deepseek_jax.cli_args import ArgParser, float_list, output_dir, positive_int
 from deepseek_jax.codesign import plots, training_run
-from deepseek_jax.lab import study_main
-from deepseek_jax.codesign.__main__ import _Parser, _positive_float, _positive_int
 from deepseek_jax.codesign.ep import ep_tpot_bound
 from deepseek_jax.codesign.hardware import LATENCIES, get_hardware
-from deepseek_jax.config import ConfigError
+from deepseek_jax.lab import study_main
 
 LAYERS, MICRO_BATCHES, EXPERTS = 61, 2, 9     # V3 decode: 61 layers, dual micro-batch, 8+1 experts
 
@@ -132,12 +129,12 @@ def summary(s: dict, tokens: int, hidden: int) -> list[str]:
   ]
 
 
-def build_parser(prog: str) -> _Parser:
-  p = _Parser(prog=prog, description="EP decode bound and training step estimate against "
+def build_parser(prog: str) -> ArgParser:
+  p = ArgParser(prog=prog, description="EP decode bound and training step estimate against "
                                      "interconnect bandwidth and latency (estimates).")
-  p.add_argument("--tokens-per-device", type=_positive_int, default=32,
+  p.add_argument("--tokens-per-device", type=positive_int, default=32,
                  help="decode tokens per device in the EP bound (32, the paper's)")
-  p.add_argument("--hidden", type=_positive_int, default=7168,
+  p.add_argument("--hidden", type=positive_int, default=7168,
                  help="hidden size sent per token copy (7168, V3's d_model; the paper uses 7000)")
   p.add_argument("--latencies", default="0,1,3.33,3.7,10", metavar="US,...",
                  help="latencies per all-to-all in microseconds for the sweep (0,1,3.33,3.7,10)")
@@ -147,27 +144,11 @@ def build_parser(prog: str) -> _Parser:
   return p
 
 
-def _floats(flag: str, text: str, allow_zero: bool) -> list[float]:
-  out = []
-  for part in text.split(","):
-    try:
-      v = float(part)
-    except ValueError:
-      raise ConfigError(f"{flag} {text!r}: {part!r} is not a number") from None
-    if not (np.isfinite(v) and (v >= 0 if allow_zero else v > 0)):
-      raise ConfigError(f"{flag} {text!r}: {part!r} must be a finite number "
-                        + (">= 0" if allow_zero else "> 0"))
-    out.append(v)
-  return out
-
-
 def run(argv, prog: str) -> list[str]:
   args = build_parser(prog).parse_args(argv)
-  lats = _floats("--latencies", args.latencies, allow_zero=True)
-  bws = _floats("--bandwidths", args.bandwidths, allow_zero=False)
-  plot_dir = pathlib.Path(args.plot) if args.plot else None
-  if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
-    raise ConfigError(f"--plot {args.plot!r}: exists and is not a directory")
+  lats = float_list("--latencies", args.latencies, allow_zero=True)
+  bws = float_list("--bandwidths", args.bandwidths, allow_zero=False)
+  plot_dir = output_dir("--plot", args.plot)
   tok, hid = args.tokens_per_device, args.hidden
   lines = [f"# bandwidth and latency (estimates): V3 decode EP bound ({tok} tok/device, "
            f"{EXPERTS} experts, hidden {hid}, {LAYERS} layers x {MICRO_BATCHES} micro-batches) "
@@ -205,4 +186,4 @@ def main(argv=None, prog: str = "python -m deepseek_jax.lab bandwidth") -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.leave(main())

@@ -10,15 +10,13 @@ for. A second table moves the switch radix: how far each topology reaches and at
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import numpy as np
 
+from deepseek_jax import errors
+from deepseek_jax.cli_args import ArgParser, int_list, output_dir, positive_int
 from deepseek_jax.codesign import plots, topology
-from deepseek_jax.lab import study_main
-from deepseek_jax.codesign.__main__ import _Parser, _positive_int
 from deepseek_jax.config import ConfigError
+from deepseek_jax.lab import study_main
 
 NAMES = ("FT2", "MPFT", "FT3", "SF", "DF")
 
@@ -99,11 +97,11 @@ def summary(radix: int, planes: int) -> list[str]:
   ]
 
 
-def build_parser(prog: str) -> _Parser:
-  p = _Parser(prog=prog, description="Network cost per endpoint against scale for FT2, MPFT, FT3, "
+def build_parser(prog: str) -> ArgParser:
+  p = ArgParser(prog=prog, description="Network cost per endpoint against scale for FT2, MPFT, FT3, "
                                      "Slim Fly and Dragonfly (Insights Table 3 prices).")
-  p.add_argument("--radix", type=_positive_int, default=64, help="switch ports (64, the paper's)")
-  p.add_argument("--planes", type=_positive_int, default=8, help="MPFT planes (8: one per GPU)")
+  p.add_argument("--radix", type=positive_int, default=64, help="switch ports (64, the paper's)")
+  p.add_argument("--planes", type=positive_int, default=8, help="MPFT planes (8: one per GPU)")
   p.add_argument("--scales", default="512,1024,2048,4096,8192,16384,32768,65536,131072,262144",
                  metavar="N,...", help="endpoint counts for the table")
   p.add_argument("--radixes", default="32,64,128", metavar="K,...",
@@ -112,29 +110,14 @@ def build_parser(prog: str) -> _Parser:
   return p
 
 
-def _ints(flag: str, text: str) -> list[int]:
-  out = []
-  for part in text.split(","):
-    try:
-      v = int(part)
-    except ValueError:
-      raise ConfigError(f"{flag} {text!r}: {part!r} is not an integer") from None
-    if v <= 0:
-      raise ConfigError(f"{flag} {text!r}: {part!r} must be > 0")
-    out.append(v)
-  return out
-
-
 def run(argv, prog: str) -> list[str]:
   args = build_parser(prog).parse_args(argv)
-  scales = _ints("--scales", args.scales)
-  radixes = _ints("--radixes", args.radixes)
+  scales = int_list("--scales", args.scales)
+  radixes = int_list("--radixes", args.radixes)
   for k in [args.radix, *radixes]:
     if k < 8 or k % 2:
       raise ConfigError(f"radix {k}: must be an even integer >= 8 (the smallest Slim Fly)")
-  plot_dir = pathlib.Path(args.plot) if args.plot else None
-  if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
-    raise ConfigError(f"--plot {args.plot!r}: exists and is not a directory")
+  plot_dir = output_dir("--plot", args.plot)
   port, link = topology.prices_from_paper()
   lines = [f"# network cost per endpoint (k$) against scale, {args.radix}-port switches, "
            f"{port:,.0f} $/port + {link:,.0f} $/link (Table 3's prices); '-': out of reach",
@@ -169,4 +152,4 @@ def main(argv=None, prog: str = "python -m deepseek_jax.lab topology") -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.leave(main())

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import errors
+from deepseek_jax.cli_args import ArgParser, output_dir, positive_int
 from deepseek_jax.codesign import plots
-from deepseek_jax.lab import study_main
-from deepseek_jax.codesign.__main__ import _Parser, _positive_int
 from deepseek_jax.config import ConfigError, load_config
 from deepseek_jax.fp8 import comm
 from deepseek_jax.fp8.formats import E5M2
-from deepseek_jax.lab import accumulator
+from deepseek_jax.lab import accumulator, study_main
 
 CODECS = {"BF16": comm.BF16, "E4M3": comm.FP8_DISPATCH, "E5M2": comm.Codec("fp8", fmt=E5M2),
           "LogFMT-8": comm.LOGFMT8, "LogFMT-10": comm.LOGFMT10}
@@ -130,7 +129,7 @@ def study(steps: int, batch: int, seq: int, log=print) -> list:
     cfg = study_config(dispatch, combine, batch, seq, steps)
     r = accumulator.train_run(cfg, jax.devices()[:DEVICES], init)
     init = r.pop("init")
-    r["final"] = accumulator._final(r["ce"])
+    r["final"] = accumulator.final_ce(r["ce"])
     d = cfg.model.d_model
     out.append((label, dispatch, combine, r, wire_bytes(dispatch, d) + wire_bytes(combine, d)))
     log(f"  ran {label:<15s} in {r['seconds']:.0f}s: final CE {r['final']:.4f}")
@@ -147,9 +146,7 @@ def run(argv, prog: str, log=print) -> list[str]:
   if args.batch % DEVICES:
     raise ConfigError(f"--batch {args.batch}: must be a multiple of {DEVICES} (the batch is "
                       "split over the expert-parallel devices)")
-  plot_dir = pathlib.Path(args.plot) if args.plot else None
-  if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
-    raise ConfigError(f"--plot {args.plot!r}: exists and is not a directory")
+  plot_dir = output_dir("--plot", args.plot)
   table = codec_table()
   lines = ["== The LogFMT claim: round-trip SQNR (dB) of each wire on activation-like data "
            "(128 x 1024; 1x128 tiles) ==",
@@ -176,7 +173,7 @@ def run(argv, prog: str, log=print) -> list[str]:
 
 
 def plot(results, ref: float, path) -> pathlib.Path:
-  plt = plots._pyplot()
+  plt = plots.pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 3.8))
   for label, _, _, r, b in results:
     ax.plot([b], [r["final"] - ref], "o")
@@ -186,17 +183,17 @@ def plot(results, ref: float, path) -> pathlib.Path:
   ax.set_xlabel("bytes per token row on the wire, dispatch + combine")
   ax.set_ylabel("final cross-entropy - f32 wires (nats)")
   ax.set_title("tiny.yaml, experts over 8 devices: loss against wire bytes", fontsize=9)
-  return plots._save(fig, path)
+  return plots.save(fig, path)
 
 
-def build_parser(prog: str) -> _Parser:
-  p = _Parser(prog=prog, description="BF16, FP8, LogFMT-8/10 on the expert-parallel dispatch and "
+def build_parser(prog: str) -> ArgParser:
+  p = ArgParser(prog=prog, description="BF16, FP8, LogFMT-8/10 on the expert-parallel dispatch and "
                                      "combine: the LogFMT claim on codec error, then loss and "
                                      "wire bytes in training.")
-  p.add_argument("--steps", type=_positive_int, default=20, help="training steps per run (20)")
-  p.add_argument("--batch", type=_positive_int, default=8,
+  p.add_argument("--steps", type=positive_int, default=20, help="training steps per run (20)")
+  p.add_argument("--batch", type=positive_int, default=8,
                  help="sequences per step, a multiple of 8 (8)")
-  p.add_argument("--seq", type=_positive_int, default=32, help="tokens per sequence (32)")
+  p.add_argument("--seq", type=positive_int, default=32, help="tokens per sequence (32)")
   p.add_argument("--plot", metavar="DIR", help="write wires.png into DIR")
   p.add_argument("--claim-only", action="store_true", help="only the LogFMT claim (seconds)")
   return p
@@ -210,4 +207,4 @@ def main(argv=None, prog: str = "python -m deepseek_jax.lab wires") -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  errors.leave(main())

@@ -46,7 +46,7 @@ def test_main_table_and_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--radix", "7"], "radix 7"), (["--scales", "10,a"], "--scales"),
-    (["--radixes", "0"], "> 0"), (["--planes", "-2"], "--planes")])
+    (["--radixes", "0"], "'0' must be >= 1"), (["--planes", "-2"], "--planes")])
 def test_errors_are_one_line(argv, needle, capsys):
   assert study.main(argv) == 2
   err = capsys.readouterr().err
