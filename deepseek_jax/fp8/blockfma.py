@@ -19,6 +19,10 @@ import jax.numpy as jnp
 NEG = -(1 << 20)   # exponent of zero: below every real one, and sums of two stay in int32
 F_FLOOR = -100     # frames below 2^-100 are treated as 2^-100 (keeps 2^(bits - F) normal in f32)
 MAX_BITS = 23
+# Products per fused loop: XLA fuses GROUP unrolled terms into one loop over [B, R, C], a loop over
+# the groups runs them. 16 ran 1.5-2x faster than the whole 32-product block in one fusion and 3x
+# faster than 8 (XLA:CPU, [64, 32] x [32, 1024] chains, one process, min of 7; bitwise equal).
+GROUP = 16
 
 
 def exponent(x: jax.Array, emin: int | None = None) -> jax.Array:
@@ -65,22 +69,32 @@ def block_fma(a: jax.Array, b: jax.Array, c: jax.Array, bits: int = 13,
     raise ValueError(f"bits={bits!r}: must lie in [1, {MAX_BITS}]")
   if a.shape[2] > max_block(bits):
     raise ValueError(f"block of {a.shape[2]} products at {bits} bits: at most {max_block(bits)}")
-  ea, eb = exponent(a, emin_a), exponent(b, emin_b)
-  # One term at a time over the block (unrolled): XLA fuses the block into one loop over
-  # [B, R, C] (measured 3.6x faster on CPU than [B, R, k, C] arrays and reductions).
   k = a.shape[2]
-  frame = exponent(c)
-  for i in range(k):
-    frame = jnp.maximum(frame, ea[:, :, i, None] + eb[:, None, i, :])
-  frame = jnp.maximum(frame, F_FLOOR)
+  groups = -(-k // GROUP)
+  if groups * GROUP != k:   # zeros have no exponent and add nothing: the result is unchanged
+    a = jnp.pad(a, ((0, 0), (0, 0), (0, groups * GROUP - k)))
+    b = jnp.pad(b, ((0, 0), (0, groups * GROUP - k), (0, 0)))
+  ea, eb = exponent(a, emin_a), exponent(b, emin_b)
+  group = lambda x, g, axis: jax.lax.dynamic_slice_in_dim(x, g * GROUP, GROUP, axis)  # noqa: E731
+
+  def frame_of(g, frame):   # GROUP terms unrolled: XLA fuses them into one loop over [B, R, C]
+    ea_g, eb_g = group(ea, g, 2), group(eb, g, 1)
+    for i in range(GROUP):
+      frame = jnp.maximum(frame, ea_g[:, :, i, None] + eb_g[:, None, i, :])
+    return frame
+  frame = jnp.maximum(jax.lax.fori_loop(0, groups, frame_of, exponent(c)), F_FLOOR)
   up = pow2(bits - frame)                                   # 1 / unit, exact
   rnd = jnp.trunc if round_toward_zero else jnp.round
   exact_f32 = (k + 1) * 2 ** (bits + 2) <= 2 ** 24          # integer-valued f32 sums stay exact
+
+  def sum_of(g, s):         # integer-valued terms: exact in any order
+    a_g, b_g = group(a, g, 2), group(b, g, 1)
+    for i in range(GROUP):
+      t = rnd(a_g[:, :, i, None] * b_g[:, None, i, :] * up)
+      s = s + (t if exact_f32 else t.astype(jnp.int32))
+    return s
   s = rnd(c * up)
-  s = s if exact_f32 else s.astype(jnp.int32)
-  for i in range(k):
-    t = rnd(a[:, :, i, None] * b[:, None, i, :] * up)
-    s = s + (t if exact_f32 else t.astype(jnp.int32))
+  s = jax.lax.fori_loop(0, groups, sum_of, s if exact_f32 else s.astype(jnp.int32))
   s = keep_bits(s.astype(jnp.int32), bits, round_toward_zero)
   # |s| < 2^(bits + 8): exact in f32 once cut to bits + 1 significant bits; the unit 2^(F - bits)
   # is applied in two exact steps so that neither factor leaves f32's normal range.

@@ -209,6 +209,21 @@ def test_block_fma_bitwise_vs_numpy(k, bits_rz, spread, seed):
   np.testing.assert_array_equal(np.asarray(got[0], np.float64), want)
 
 
+@pytest.mark.parametrize("k", [7, 20, 48])
+def test_block_fma_any_block_length_bitwise_vs_numpy(k):
+  """Blocks that are not a whole number of the fused groups (`blockfma.GROUP`: zero padded) or
+  span several of them."""
+  assert k % blockfma.GROUP or k > blockfma.GROUP
+  rng = np.random.default_rng(k)
+  a, b = _fp8(rng, (4, k), 10), _fp8(rng, (k, 6), 10)
+  c = np.asarray(np.float32(rng.standard_normal((4, 6)) * 2.0 ** rng.integers(-4, 9, (4, 6))))
+  for bits in (13, 22):
+    want = _np_block_fma(a, b, c, bits, True, emin=-6)
+    got = blockfma.block_fma(jnp.asarray(a[None], jnp.float32), jnp.asarray(b[None], jnp.float32),
+                             jnp.asarray(c[None]), bits, True, -6, -6)
+    np.testing.assert_array_equal(np.asarray(got[0], np.float64), want)
+
+
 J = np.arange(1, 25)   # the probe's j, one output row each
 
 
