@@ -37,6 +37,9 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 FULL_COMPILE: dict = {}
 # (label, fp8.* overrides); the first is the reference.
 F32_RUN = ("f32", ["fp8.accumulator=f32"])
+# The noise floor: f32 accumulation in another order (f32 partial sums of 32 products), a change
+# of f32 round-off only. Short runs are chaotic: any change of rounding moves them this much.
+CONTROL_RUN = ("f32 /32", ["fp8.accumulator=promote", "fp8.accumulator_promote=32"])
 BITS = (13, 14, 16, 22)
 PROMOTE = (32, 64, 128)
 # One dense layer (first_k_dense_replace = 1) with a 4096-wide MLP: K = 4096 in down_proj's
@@ -48,9 +51,9 @@ LONG_K = ("model.num_layers=1", "model.num_mtp_layers=0", "model.attention_impl=
 
 
 def runs(bits=BITS, promote=PROMOTE, grid: bool = False) -> list[tuple[str, list[str]]]:
-  """The study's runs: f32, then each width without promotion, then 13 bits (or every width
-  with `grid`) at each promotion interval."""
-  out = [F32_RUN]
+  """The study's runs: f32, the f32 control (noise floor), then each width without promotion,
+  then 13 bits (or every width with `grid`) at each promotion interval."""
+  out = [F32_RUN, CONTROL_RUN]
   for b in bits:
     out.append((f"{b}b none", ["fp8.accumulator=hopper", f"fp8.accumulator_bits={b}",
                                "fp8.accumulator_promote=0"]))
@@ -134,15 +137,18 @@ def table_lines(results) -> list[str]:
   return lines
 
 
+def _bits(label: str) -> int | None:
+  """The accumulator width of a Hopper run's label ('13b none', '13b /128'), else None."""
+  return int(label.split("b")[0]) if label[0].isdigit() else None
+
+
 def _noise(results) -> tuple[str, float, float] | None:
-  """The widest never-promoted run (>= 20 bits: f32's round-off) as the noise floor: (label,
-  |mean gap|, |final gap|)."""
-  wide = [(int(lab.split("b")[0]), lab, r) for lab, _, r in results
-          if lab.endswith("none") and int(lab.split("b")[0]) >= 20]
-  if not wide:
-    return None
-  _, lab, r = max(wide, key=lambda t: t[0])
-  return lab, abs(r["mean_gap"]), abs(r["final_gap"])
+  """The f32 control (f32 round-off only) as the noise floor: (label, |mean gap|, |final
+  gap|)."""
+  for lab, _, r in results[1:]:
+    if lab == CONTROL_RUN[0]:
+      return lab, abs(r["mean_gap"]), abs(r["final_gap"])
+  return None
 
 
 def summary_lines(results) -> list[str]:
@@ -154,19 +160,19 @@ def summary_lines(results) -> list[str]:
            "mean gap: over all steps):"]
   if noise is not None:
     lab, mean_noise, final_noise = noise
-    lines.append(f"- Noise floor: {lab.split()[0]} (f32's round-off) moves the run by "
+    lines.append(f"- Noise floor: {lab} (f32 accumulation in another order) moves the run by "
                  f"{mean_noise:.4f} (mean) / {final_noise:.4f} (final): any change of rounding "
                  "sends a short run elsewhere by this much.")
     above = [lab for lab, r in gaps.items() if lab != noise[0]
              and abs(r["mean_gap"]) > 2 * max(mean_noise, 1e-4)]
     lines.append("- Beyond twice the noise floor (mean gap): "
                  + (", ".join(above) if above else "none") + ".")
-  none = {lab: r for lab, r in gaps.items() if lab.endswith("none")}
+  none = {lab: r for lab, r in gaps.items() if _bits(lab) and lab.endswith("none")}
   if none:
     lines.append("- Never promoted, step-0 gap by width: " + ", ".join(
         f"{lab.split()[0]} {r['step0']:+.5f}" for lab, r in none.items())
         + " (the forward error alone, without a trajectory's noise).")
-  promoted = {lab: r for lab, r in gaps.items() if "/" in lab}
+  promoted = {lab: r for lab, r in gaps.items() if _bits(lab) and "/" in lab}
   if promoted:
     lines.append("- Promoted to f32 (DeepGEMM's fix; what 'full-precision accumulation' in the "
                  "tensor core would make free), mean gap: " + ", ".join(
@@ -184,8 +190,8 @@ def plot(results, path, ffn: int = 4096) -> pathlib.Path:
   for ax in (left, right):
     ax.axhline(0, color="k", ls="--", lw=1, label="f32 accumulation")
     if noise is not None:
-      ax.axhspan(-noise[1], noise[1], color="0.85", label=f"noise floor ({noise[0]})")
-  none = sorted((int(lab.split("b")[0]), r) for lab, _, r in results if lab.endswith("none"))
+      ax.axhspan(-noise[1], noise[1], color="0.85", label=f"noise floor ({noise[0]}, mean)")
+  none = sorted((_bits(lab), r) for lab, _, r in results if _bits(lab) and lab.endswith("none"))
   if none:
     bits = [b for b, _ in none]
     left.plot(bits, [r["mean_gap"] for _, r in none], "o-", label="mean gap, all steps")
@@ -194,7 +200,7 @@ def plot(results, path, ffn: int = 4096) -> pathlib.Path:
   left.set_xlabel("accumulator fraction bits (never promoted)")
   left.set_ylabel("CE minus f32 accumulation (nats)")
   left.legend(fontsize=7)
-  for bits in sorted({int(lab.split("b")[0]) for lab, _, _ in results if "/" in lab}):
+  for bits in sorted({_bits(lab) for lab, _, _ in results if _bits(lab) and "/" in lab}):
     pts = sorted((int(lab.split("/")[1]), r["mean_gap"]) for lab, _, r in results
                  if "/" in lab and lab.startswith(f"{bits}b"))
     right.semilogx(*zip(*pts), "o-", base=2, label=f"{bits} bits, mean gap")

@@ -13,10 +13,10 @@ from tests.training.conftest import SMALL_MODEL
 
 def test_runs_and_their_accumulators():
   labelled = study.runs()
-  assert [lab for lab, _ in labelled] == ["f32", "13b none", "14b none", "16b none", "22b none",
-                                          "13b /32", "13b /64", "13b /128"]
-  assert len(study.runs(grid=True)) == 1 + 4 + 4 * 3
-  want = {"f32": acc.F32, "14b none": acc.hopper(14, True, None),
+  assert [lab for lab, _ in labelled] == ["f32", "f32 /32", "13b none", "14b none", "16b none",
+                                          "22b none", "13b /32", "13b /64", "13b /128"]
+  assert len(study.runs(grid=True)) == 2 + 4 + 4 * 3
+  want = {"f32": acc.F32, "f32 /32": acc.promote(32), "14b none": acc.hopper(14, True, None),
           "13b /64": acc.hopper(13, True, 64)}
   for label, overrides in labelled:
     if label in want:
@@ -56,14 +56,15 @@ def _fake(label, ce, ref=None):
 
 
 def test_table_text_and_plot_from_results(tmp_path):
-  """The 22-bit run is the noise floor; runs beyond twice it are named; the plot is written."""
+  """The f32 control is the noise floor; runs beyond twice it are named; the plot is written."""
   f32 = [5.0, 4.0, 3.0]
-  results = [_fake("f32", f32), _fake("13b none", [5.01, 4.1, 3.2], f32),
+  results = [_fake("f32", f32), _fake("f32 /32", [5.0, 4.0, 3.02], f32),
+             _fake("13b none", [5.01, 4.1, 3.2], f32),
              _fake("22b none", [5.0, 4.01, 3.01], f32), _fake("13b /128", [5.0, 4.0, 3.005], f32)]
   table = study.table_lines(results)
-  assert table[2].split()[:3] == ["13b", "none", "+0.01000"]
+  assert table[3].split()[:3] == ["13b", "none", "+0.01000"]
   text = "\n".join(study.summary_lines(results))
-  assert "Noise floor: 22b" in text and "0.0067 (mean)" in text
+  assert "Noise floor: f32 /32" in text and "0.0067 (mean)" in text
   assert "twice the noise floor (mean gap): 13b none." in text
   path = study.plot(results, tmp_path / "sub" / "accumulator.png", ffn=256)
   assert path.stat().st_size > 1000
