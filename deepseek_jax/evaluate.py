@@ -25,7 +25,7 @@ import numpy as np
 
 from deepseek_jax import errors
 from deepseek_jax.config import ModelConfig, cli
-from deepseek_jax.generate.load import load_for_inference, tokenizer_for
+from deepseek_jax.generate import load
 from deepseek_jax.model import Transformer
 from deepseek_jax.tokenizer import Tokenizer
 
@@ -90,31 +90,21 @@ def evaluate(cfg: ModelConfig, variables: dict, windows, weights, batch_size: in
 
 
 def main(argv=None, prog: str = "python -m deepseek_jax.evaluate") -> int:
-  ap = cli.parser(prog, "Loss, bits per byte and perplexity on a text file.",
-                  cli.INFERENCE_KEYS.__contains__,
-                  title="model keys a loaded checkpoint may change (model.field=value)")
-  ap.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True,
-                  help="a train.py workdir, one of its checkpoints/<step>, or a HF directory")
+  ap = load.parser(prog, "Loss, bits per byte and perplexity on a text file.")
   ap.add_argument("--data", required=True, help="a .txt file (one document) or .jsonl of {text}")
   cli.add_flag(ap, "--seq-len", type=int, default=128, help="tokens of context per sequence")
   cli.add_flag(ap, "--batch-size", type=int, default=8)
   cli.add_flag(ap, "--max-tokens", type=int, default=0, help="score only the first N (0: all)")
-  ap.add_argument("--tokenizer", default="auto",
-                  help="auto (the checkpoint's or the run's), bytes, or PATH/tokenizer.json")
-  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  ap.add_argument("overrides", nargs="*", metavar="model.field=value",
-                  help="how the loaded model computes (the keys listed below)")
-  args = ap.parse_intermixed_args(argv)
-  try:
+  load.add_tokenizer_flags(ap, stops=False)
+  args = load.finish_parser(ap).parse_intermixed_args(argv)
+  try:   # a bad key is told before the data is read (load_model checks it again)
     cli.check_overrides(args.overrides, cli.INFERENCE_KEYS.__contains__, "eval")
     if args.seq_len < 1 or args.batch_size < 1 or args.max_tokens < 0:
       raise ValueError("--seq-len and --batch-size must be >= 1, --max-tokens >= 0")
     if args.tokenizer == "ids":
       raise ValueError("--tokenizer ids: evaluation reads text; use auto, bytes or a path")
     docs = read_documents(pathlib.Path(args.data))
-    cfg, variables, _ = load_for_inference(args.checkpoint, args.dtype)
-    cfg = cli.model_overrides(cfg, args.overrides, "eval")
-    tok = tokenizer_for(args.tokenizer, args.checkpoint, cfg.vocab_size)
+    cfg, variables, _, tok = load.load_model(args, "eval")
     windows, weights = sequences(docs, tok, args.seq_len, args.max_tokens)
     if windows.max() >= cfg.vocab_size:
       raise ValueError(f"the tokenizer gives ids up to {windows.max()}, the model has "

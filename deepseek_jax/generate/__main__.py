@@ -19,56 +19,33 @@ loaded model computes (`config.cli.INFERENCE_KEYS`, listed by --help), never wha
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
 from deepseek_jax import errors
-from deepseek_jax.config import cli
+from deepseek_jax.generate import load
 from deepseek_jax.generate.decode import Sampling, generate
-from deepseek_jax.generate.load import load_for_inference, tokenizer_for
 from deepseek_jax.hf import CheckpointError, HFConfigError
 
 
-_tokenizer = tokenizer_for   # (tests and older callers)
+_tokenizer = load.tokenizer_for   # (tests and older callers)
 
 
 def main(argv=None, prog: str = "python -m deepseek_jax.generate") -> int:
-  ap = cli.parser(prog, "Generate text with a DeepSeek checkpoint.",
-                  cli.INFERENCE_KEYS.__contains__,
-                  title="model keys a loaded checkpoint may change (model.field=value)")
-  ap.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True,
-                  help="a train.py workdir, one of its checkpoints/<step>, or a HF directory")
+  ap = load.parser(prog, "Generate text with a DeepSeek checkpoint.")
   ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-  cli.add_flag(ap, "--max-new-tokens", type=int, default=128)
-  ap.add_argument("--temperature", type=float, default=0.0)
-  cli.add_flag(ap, "--top-k", type=int, default=0)
-  cli.add_flag(ap, "--top-p", type=float, default=1.0)
-  ap.add_argument("--seed", type=int, default=0)
+  load.add_sampling_flags(ap)
   ap.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-  ap.add_argument("--tokenizer", default="auto",
-                  help="auto (the checkpoint's or the run's), bytes, ids or PATH/tokenizer.json")
-  cli.add_flag(ap, "--stop-id", type=int, action="append", default=[])
-  cli.add_flag(ap, "--ignore-eos", action="store_true",
-                  help="do not stop at the checkpoint's eos_token_id or the tokenizer's EOS")
-  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  ap.add_argument("overrides", nargs="*", metavar="model.field=value",
-                  help="how the loaded model computes (the keys listed below)")
-  args = ap.parse_intermixed_args(argv)
+  load.add_tokenizer_flags(
+      ap, ignore_eos_help="do not stop at the checkpoint's eos_token_id or the tokenizer's EOS")
+  args = load.finish_parser(ap).parse_intermixed_args(argv)
   try:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    ckpt = pathlib.Path(args.checkpoint)
-    cli.check_overrides(args.overrides, cli.INFERENCE_KEYS.__contains__, "generate")
-    cfg, variables, info = load_for_inference(ckpt, args.dtype)
-    cfg = cli.model_overrides(cfg, args.overrides, "generate")
-    tok = _tokenizer(args.tokenizer, ckpt, cfg.vocab_size)
+    cfg, variables, info, tok = load.load_model(args, "generate")
     try:
       prompts = [tok.encode(p) for p in args.prompt]
     except ValueError as e:
       raise ValueError(f"--prompt {e}") from None
-    stops = list(args.stop_id)
-    eos = info.get("eos_token_id", tok.eos_id)
-    if not args.ignore_eos and eos is not None:
-      stops += eos if isinstance(eos, list) else [eos]
+    stops = load.stop_ids(args, info, tok)
     streams = [tok.decoder() for _ in prompts]
     texts = [""] * len(prompts)
 

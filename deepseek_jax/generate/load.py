@@ -7,11 +7,14 @@
 
 `load_for_inference(path, dtype) -> (ModelConfig, variables, info)`; `info` holds the source
 config.json fields worth keeping (token ids) for HF checkpoints and the training step otherwise.
-`tokenizer_for(arg, path, vocab)` picks the tokenizer of either kind (generate and evaluate).
+`tokenizer_for(arg, path, vocab)` picks the tokenizer of either kind. The commands that load a
+checkpoint (generate, serve, eval) share their flags (`parser`, `add_sampling_flags`,
+`add_tokenizer_flags`, `finish_parser`), `load_model` and `stop_ids`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import pathlib
@@ -20,7 +23,7 @@ import flax
 import jax
 
 from deepseek_jax import hf
-from deepseek_jax.config import ConfigError, ModelConfig
+from deepseek_jax.config import ConfigError, ModelConfig, cli
 from deepseek_jax.hf import CheckpointError
 from deepseek_jax.hf.convert import read_config
 from deepseek_jax.model import abstract_variables
@@ -99,3 +102,56 @@ def tokenizer_for(arg: str, ckpt: str | os.PathLike, vocab: int) -> Tokenizer:
   if not path.is_file():
     raise ValueError(f"--tokenizer {arg!r}: not 'auto', 'bytes', 'ids' or a tokenizer.json file")
   return HFTokenizer(path, "--tokenizer")
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+  """A command's parser with --checkpoint; the command adds its own flags, then `finish_parser`."""
+  ap = cli.parser(prog, description, cli.INFERENCE_KEYS.__contains__,
+                  title="model keys a loaded checkpoint may change (model.field=value)")
+  ap.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True,
+                  help="a train.py workdir, one of its checkpoints/<step>, or a HF directory")
+  return ap
+
+
+def add_sampling_flags(ap: argparse.ArgumentParser) -> None:
+  cli.add_flag(ap, "--max-new-tokens", type=int, default=128)
+  ap.add_argument("--temperature", type=float, default=0.0)
+  cli.add_flag(ap, "--top-k", type=int, default=0)
+  cli.add_flag(ap, "--top-p", type=float, default=1.0)
+  ap.add_argument("--seed", type=int, default=0)
+
+
+def add_tokenizer_flags(ap: argparse.ArgumentParser, stops: bool = True,
+                        ignore_eos_help: str | None = None) -> None:
+  """--tokenizer, and with `stops` --stop-id and --ignore-eos (read by `stop_ids`)."""
+  ap.add_argument("--tokenizer", default="auto", help=(
+      "auto (the checkpoint's or the run's), bytes, ids or PATH/tokenizer.json" if stops else
+      "auto (the checkpoint's or the run's), bytes, or PATH/tokenizer.json"))
+  if stops:
+    cli.add_flag(ap, "--stop-id", type=int, action="append", default=[])
+    cli.add_flag(ap, "--ignore-eos", action="store_true", help=ignore_eos_help)
+
+
+def finish_parser(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  ap.add_argument("overrides", nargs="*", metavar="model.field=value",
+                  help="how the loaded model computes (the keys listed below)")
+  return ap
+
+
+def load_model(args, command: str) -> tuple[ModelConfig, dict, dict, Tokenizer]:
+  """(config, variables, info, tokenizer) of `args.checkpoint`, with the model overrides applied;
+  `command` names the command in errors."""
+  cli.check_overrides(args.overrides, cli.INFERENCE_KEYS.__contains__, command)
+  cfg, variables, info = load_for_inference(args.checkpoint, args.dtype)
+  cfg = cli.model_overrides(cfg, args.overrides, command)
+  return cfg, variables, info, tokenizer_for(args.tokenizer, args.checkpoint, cfg.vocab_size)
+
+
+def stop_ids(args, info: dict, tok: Tokenizer) -> list[int]:
+  """--stop-id, plus the checkpoint's eos_token_id (else the tokenizer's EOS) unless --ignore-eos."""
+  stops = list(args.stop_id)
+  eos = info.get("eos_token_id", tok.eos_id)
+  if not args.ignore_eos and eos is not None:
+    stops += eos if isinstance(eos, list) else [eos]
+  return stops

@@ -23,8 +23,8 @@ import threading
 import time
 
 from deepseek_jax.config import cli
+from deepseek_jax.generate import load
 from deepseek_jax.generate.engine import Engine
-from deepseek_jax.generate.load import load_for_inference, tokenizer_for
 from deepseek_jax.hf import CheckpointError, HFConfigError
 
 FIELDS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
@@ -32,22 +32,11 @@ FIELDS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": fl
 
 
 def _parser(prog: str):
-  ap = cli.parser(prog, "Serve prompts through the continuous-batching engine.",
-                  cli.INFERENCE_KEYS.__contains__,
-                  title="model keys a loaded checkpoint may change (model.field=value)")
-  ap.add_argument("--checkpoint", "--workdir", dest="checkpoint", required=True,
-                  help="a train.py workdir, one of its checkpoints/<step>, or a HF directory")
+  ap = load.parser(prog, "Serve prompts through the continuous-batching engine.")
   ap.add_argument("--prompts", required=True, help="a file of prompts, one per line, or - (stdin)")
   ap.add_argument("--format", choices=("text", "jsonl"), default="text")
-  cli.add_flag(ap, "--max-new-tokens", type=int, default=128)
-  ap.add_argument("--temperature", type=float, default=0.0)
-  cli.add_flag(ap, "--top-k", type=int, default=0)
-  cli.add_flag(ap, "--top-p", type=float, default=1.0)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--tokenizer", default="auto",
-                  help="auto (the checkpoint's or the run's), bytes, ids or PATH/tokenizer.json")
-  cli.add_flag(ap, "--stop-id", type=int, action="append", default=[])
-  cli.add_flag(ap, "--ignore-eos", action="store_true")
+  load.add_sampling_flags(ap)
+  load.add_tokenizer_flags(ap)
   ap.add_argument("--slots", type=int, default=8, help="requests decoded together")
   cli.add_flag(ap, "--block-size", type=int, default=16, help="tokens per cache block")
   cli.add_flag(ap, "--prefill-chunk", type=int, default=64, help="prompt tokens per step")
@@ -55,10 +44,7 @@ def _parser(prog: str):
                help="longest prompt + output (default: the model's max_position_embeddings)")
   ap.add_argument("--speculative", action="store_true",
                   help="MTP self-speculative decoding (per line in jsonl; the default here)")
-  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  ap.add_argument("overrides", nargs="*", metavar="model.field=value",
-                  help="how the loaded model computes (the keys listed below)")
-  return ap
+  return load.finish_parser(ap)
 
 
 def _lines(source: str):
@@ -131,15 +117,8 @@ def _emit(obj) -> None:
 def main(argv=None, prog: str = "python -m deepseek_jax.generate.serve") -> int:
   args = _parser(prog).parse_intermixed_args(argv)
   try:
-    cli.check_overrides(args.overrides, cli.INFERENCE_KEYS.__contains__, "serve")
-    ckpt = pathlib.Path(args.checkpoint)
-    cfg, variables, info = load_for_inference(ckpt, args.dtype)
-    cfg = cli.model_overrides(cfg, args.overrides, "serve")
-    tok = tokenizer_for(args.tokenizer, ckpt, cfg.vocab_size)
-    stops = list(args.stop_id)
-    eos = info.get("eos_token_id", tok.eos_id)
-    if not args.ignore_eos and eos is not None:
-      stops += eos if isinstance(eos, list) else [eos]
+    cfg, variables, info, tok = load.load_model(args, "serve")
+    stops = load.stop_ids(args, info, tok)
     engine = Engine(cfg, variables, slots=args.slots, block_size=args.block_size,
                     prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len,
                     speculative=args.speculative)
