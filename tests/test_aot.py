@@ -1,7 +1,6 @@
 """The AOT report: target parsing, the HLO reading (loops counted by trip count), the command's
 errors, and (marked `aot`, needing the [gpu]/[tpu] extras) real compiles for an H200 and a v5p."""
 
-import functools
 import json
 import subprocess
 import sys
@@ -12,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepseek_jax.aot import hlo, targets
-from deepseek_jax.config import load_config
+from deepseek_jax.aot import hlo, targets, walk
 from tests.helpers import HAS_GPU_COMPILER, HAS_TPU_COMPILER
 
 
@@ -189,16 +187,16 @@ def test_tiny_train_step_for_v5p(tmp_path):
 def test_kernel_flops_from_operand_shapes():
   """Kernels XLA cannot see into are counted from their shapes: a grouped matmul (forward, and
   the weight gradient with x transposed) and cuDNN's causal fused attention."""
-  comp = hlo.Computation("c", {"x": "bf16[4096,256]", "w": "bf16[16,256,128]",
+  comp = walk.Computation("c", {"x": "bf16[4096,256]", "w": "bf16[16,256,128]",
                                "xt": "bf16[256,4096]", "dy": "bf16[4096,128]", "g": "s32[16]"}, [])
-  fwd = hlo.Instr("k", "bf16[4096,128]{1,0}", "custom-call", ["g", "x", "w"], "")
+  fwd = walk.Instr("k", "bf16[4096,128]{1,0}", "custom-call", ["g", "x", "w"], "")
   assert hlo.kernel_flops(comp, fwd, "mosaic_gpu_v2") == 2 * 4096 * 256 * 128
-  wgrad = hlo.Instr("k", "bf16[16,256,128]{2,1,0}", "custom-call", ["g", "xt", "dy"], "")
+  wgrad = walk.Instr("k", "bf16[16,256,128]{2,1,0}", "custom-call", ["g", "xt", "dy"], "")
   assert hlo.kernel_flops(comp, wgrad, "mosaic_gpu_v2") == 2 * 4096 * 256 * 128
   attrs = (', operand_layout_constraints={bf16[2,64,4,48]{3,2,1,0}, bf16[2,64,4,48]{3,2,1,0}, '
            'bf16[2,64,4,32]{3,2,1,0}}, backend_config={"intermediate_tensor_shape": '
            '{"element_type": "BF16", "dimensions": ["2", "4", "64", "64"]}, "mask_type": "CAUSAL"}')
-  att = hlo.Instr("a", "(bf16[2,4,64,32])", "custom-call", [], attrs)
+  att = walk.Instr("a", "(bf16[2,4,64,32])", "custom-call", [], attrs)
   useful = 2 * 2 * 4 * 64 * 64 * (48 + 32) / 2
   assert hlo.kernel_flops(comp, att, "__cudnn$fmhaSoftmax") == useful
   assert hlo.kernel_flops(comp, att, "__cudnn$fmhaSoftmaxBackward") == 2.5 * useful
@@ -253,6 +251,6 @@ ENTRY %main (a: f32[8,16], b: f32[16,32]) -> f32[8,32] {
   ROOT %c = f32[8,32]{1,0} call(%a, %b), to_apply=%body
 }
 """
-  comps, entry = hlo.parse(text)
+  comps, entry = walk.parse(text)
   assert set(comps) == {"sc", "body", "main"} and entry == "main"
   assert hlo.summarize(text).dot_flops == 2 * 8 * 16 * 32

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from deepseek_jax.aot import hlo, walk
+from deepseek_jax.aot import walk
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute",
          "ragged-all-to-all")
@@ -94,7 +94,7 @@ def analyze(text: str, mesh_shape: dict[str, int], node_of_partition: np.ndarray
             ) -> dict[tuple, Traffic]:
   """{(kind, mesh axes the groups span): Traffic} for the optimized module `text`; `by_op` adds
   the op_name (where in the model) to the key."""
-  comps, entry = hlo.parse(text)
+  comps, entry = walk.parse(text)
   names = list(mesh_shape)
   dims = [mesh_shape[a] for a in names]
   n = int(np.prod(dims))
@@ -115,15 +115,14 @@ def analyze(text: str, mesh_shape: dict[str, int], node_of_partition: np.ndarray
     return memo[key]
 
   for comp, ins, mult, where in walk.instructions(comps, entry):
-    op = ins.opcode
-    base = op.removesuffix("-start").removesuffix("-done")
-    if base not in KINDS or op.endswith("-done"):
+    base = walk.collective(ins)
+    if base not in KINDS:
       continue
     size, vary, cross = describe(ins, comp)
     # XLA's combiners merge collectives into one with several operands: count them all
-    operand = sum(hlo.shape_bytes(comp.shape_of(o)) for o in ins.operands)
-    result = hlo.shape_bytes(ins.shape)
-    if op.endswith("-start") and ins.shape.startswith("("):
+    operand = sum(walk.shape_bytes(comp.shape_of(o)) for o in ins.operands)
+    result = walk.shape_bytes(ins.shape)
+    if ins.opcode.endswith("-start") and ins.shape.startswith("("):
       result = max(result - operand, operand)   # (operand, result) tuples
     full = result if base == "all-gather" else operand
     moved = _moved(base, full, size)

@@ -21,15 +21,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import re
 
 import jax
 import numpy as np
 
 from deepseek_jax.aot import collectives, hlo, walk
 from deepseek_jax.aot.targets import GiB
-from deepseek_jax.codesign import memory, node_limited
-from deepseek_jax.codesign.step_memory import BATCH_AXES, step_plan
+from deepseek_jax.codesign import memory, node_limited, step_memory
 from deepseek_jax.model import abstract_variables
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -72,7 +70,7 @@ def _row(term: str, plan: float, xla: float | None, note: str = "") -> str:
 
 def memory_lines(b, rep) -> tuple[list[str], dict]:
   sizes = mesh_lib.axis_sizes(b.mesh)
-  plan = step_plan(b.cfg, sizes)
+  plan = step_memory.step_plan(b.cfg, sizes)
   got = state_bytes(b.abstract)
   lines = ["memory per device: plan (codesign.step_memory) vs XLA (memory_analysis; arguments "
            "split by the state's shardings)",
@@ -118,16 +116,15 @@ def _part(op_name: str) -> str:
 
 def flops_by_phase(text: str) -> dict[tuple[str, str], float]:
   """{(phase, part): matmul FLOPs per device per step}, dots and kernels by their op_name."""
-  comps, entry = hlo.parse(text)
+  comps, entry = walk.parse(text)
   out: dict = collections.Counter()
   for comp, ins, mult, name in walk.instructions(comps, entry, into_fusions=True):
     if ins.opcode == "dot":
-      f = hlo._dot_flops(comp, ins)
+      f = hlo.dot_flops(comp, ins)
     elif ins.opcode == "convolution":
-      f = hlo._conv_flops(comp, ins)
+      f = hlo.conv_flops(comp, ins)
     elif ins.opcode == "custom-call":
-      m = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
-      f = hlo.kernel_flops(comp, ins, m.group(1) if m else "") or 0.0
+      f = hlo.kernel_flops(comp, ins, walk.call_target(ins)) or 0.0
     else:
       continue
     out[(_phase(name), _part(name))] += mult * f
@@ -165,12 +162,9 @@ def collective_prediction(b, sizes) -> dict[str, float]:
   """Calculator bytes per device per step: EP all-to-alls, FSDP all-gathers, reduce-scatters."""
   m, t, mc = b.cfg.model, b.cfg.train, b.cfg.mesh
   rules = tuple(tuple(r) for r in memory.project_rules(mc))
-  cb = 4 if m.dtype == "float32" else 2
-  wire = {"fp8": 1 + 4 / 128, "bfloat16": 2, "float32": 4}
-  micro = t.batch_size // t.grad_accum
-  tokens = micro * t.seq_len / memory.batch_shards(rules, sizes, "act_tokens")
-  rows = (mc.capacity_factor or 1.0) * tokens * m.num_experts_per_tok
-  d, c = wire.get(mc.dispatch_dtype, cb), wire.get(mc.combine_dtype, cb)
+  cb = step_memory.compute_bytes(m.dtype)
+  tokens, rows = step_memory.expert_rows(b.cfg, rules, sizes)
+  d, c = (step_memory.wire_bytes(w, cb) for w in (mc.dispatch_dtype, mc.combine_dtype))
   remat = m.remat != "none"
   moe_layers = m.num_moe_layers + m.num_mtp_layers
   # forward: dispatch + combine; recomputation: the dispatch only (the backward needs the experts'
@@ -178,31 +172,25 @@ def collective_prediction(b, sizes) -> dict[str, float]:
   # output gradients to the experts in the dispatch format, the input gradients in the combine's
   a2a = t.grad_accum * moe_layers * rows * m.d_model * ((d + c) + remat * d + (d + c))
   passes = 2    # forward and backward (a recomputation can reuse the backward's gather)
-  gather_axes = {a for a in BATCH_AXES if sizes.get(a, 1) > 1}
-  kept = {a: (1 if a in gather_axes else n) for a, n in sizes.items()}
-  gathered = 0.0
-  for _, coll, shape, names in memory._logical_leaves(abstract_variables(m)):
-    if coll == "params" and len(shape) >= 2:     # 1-d weights stay in f32 and are tiny
-      n, _ = memory.shard_elements(shape, specs.mesh_spec(names, rules, sizes), kept)
-      gathered += n * cb
+  gathered = cb * sum(n for *_, n in step_memory.gathered_weights(abstract_variables(m), rules,
+                                                                  sizes))
   return {"all-to-all": a2a, "all-gather": t.grad_accum * passes * gathered,
           "reduce-scatter": t.grad_accum * gathered, "rows_per_layer": rows, "tokens": tokens}
 
 
 def bytes_by_dtype(text: str) -> dict[str, dict[str, float]]:
   """{kind: {element type: bytes per step}} of the collectives' operands (all-gathers: results)."""
-  comps, entry = hlo.parse(text)
+  comps, entry = walk.parse(text)
   out: dict = collections.defaultdict(collections.Counter)
   for comp, ins, mult, _ in walk.instructions(comps, entry):
-    kind = ins.opcode.removesuffix("-start")
-    if kind not in collectives.KINDS or ins.opcode.endswith("-done"):
+    kind = walk.collective(ins)
+    if kind not in collectives.KINDS:
       continue
     shapes = [comp.shape_of(o) for o in ins.operands]
     if kind == "all-gather":     # the gathered results: the tuple's second half when async
-      shapes = re.findall(r"\w+\[[\d,]*\]", ins.shape)[len(shapes) if "-start" in ins.opcode
-                                                       else 0:]
+      shapes = walk.arrays(ins.shape)[len(shapes) if "-start" in ins.opcode else 0:]
     for sh in shapes:
-      out[kind][sh.split("[")[0]] += mult * hlo.shape_bytes(sh)
+      out[kind][sh.split("[")[0]] += mult * walk.shape_bytes(sh)
   return {k: dict(v) for k, v in out.items()}
 
 
@@ -218,7 +206,7 @@ def collective_lines(b, target, text: str) -> tuple[list[str], dict]:
   for (kind, axes, op), tr in got.items():
     if kind == "all-to-all" and not set(axes) & ep_axes:   # the expert exchange spans EP axes
       kind = "all-to-all (other)"
-    elif kind in ("all-gather", "reduce-scatter") and not set(axes) & set(BATCH_AXES):
+    elif kind in ("all-gather", "reduce-scatter") and not set(axes) & set(step_memory.BATCH_AXES):
       kind += " (other axes)"
     k = by_kind[(kind, axes)]
     k.count += tr.count

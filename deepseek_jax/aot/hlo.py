@@ -3,7 +3,7 @@ bytes each kernel moves, the kernels (custom calls) and the collectives.
 
 XLA's own cost analysis counts a while-loop body once (a layer scan hides all layers but one) and
 gives nothing or -1 for custom calls (cuDNN, Pallas/Triton/Mosaic kernels), so the AOT report
-walks the module itself: a computation's FLOPs are its dots and convolutions plus those of what it
+walks the module itself (`walk` reads the text): a computation's FLOPs are its dots and convolutions plus those of what it
 calls, a `while` multiplies its body by `known_trip_count`, a `conditional` takes its costliest
 branch. Bytes follow the roofline convention: each top-level instruction of a non-fused
 computation is one kernel that reads its operands and writes its result once, except that a slice
@@ -17,144 +17,17 @@ import math
 import re
 from collections import defaultdict
 
-_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
-          "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8,
-          "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
-          "f8e4m3b11fnuz": 1, "f8e3m4": 1, "f8e4m3": 1, "f8e8m0fnu": 1, "f4e2m1fn": 0.5,
-          "token": 0}
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*(.*)\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
-               "collective-permute", "collective-broadcast")
+from deepseek_jax.aot import walk
+from deepseek_jax.aot.walk import Computation, Instr, parse, shape_bytes
+
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
          "conditional", "after-all", "partition-id", "replica-id", "iota", "opt-barrier",
          "add-dependency", "domain", "get-dimension-size"}
 
 
-def shape_bytes(shape: str) -> float:
-  """Bytes of an HLO shape string (a tuple counts its elements)."""
-  return sum(_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
-             for t, dims in _ARRAY.findall(shape))
-
-
-def _dims(shape: str) -> list[int]:
-  m = _ARRAY.search(shape)
-  return [int(d) for d in m.group(2).split(",") if d] if m else []
-
-
-@dataclasses.dataclass
-class Instr:
-  name: str
-  shape: str
-  opcode: str
-  operands: list[str]
-  attrs: str
-  args: str = ""           # the text between the opcode's parentheses (a constant's value)
-
-
-@dataclasses.dataclass
-class Computation:
-  name: str
-  params: dict[str, str]            # parameter name -> shape
-  instrs: list[Instr]
-  root: str = ""
-
-  def shape_of(self, name: str) -> str:
-    for i in self.instrs:
-      if i.name == name:
-        return i.shape
-    return self.params.get(name, "")
-
-
-def _split_shape(rest: str) -> tuple[str, str]:
-  """'(s32[], f32[2]{0}) while(...' -> ('(s32[], f32[2]{0})', 'while(...')."""
-  if rest.startswith("("):
-    depth = 0
-    for k, ch in enumerate(rest):
-      depth += ch == "("
-      depth -= ch == ")"
-      if depth == 0:
-        return rest[:k + 1], rest[k + 1:].strip()
-  shape, _, tail = rest.partition(" ")
-  return shape, tail.strip()
-
-
-def _parse_instr(line: str) -> Instr | None:
-  m = _INSTR.match(line)
-  if not m:
-    return None
-  name, rest = m.groups()
-  shape, tail = _split_shape(rest)
-  op_end = tail.find("(")
-  if op_end < 0:
-    return None
-  opcode = tail[:op_end].strip()
-  depth, k = 0, op_end
-  for k in range(op_end, len(tail)):
-    depth += tail[k] == "("
-    depth -= tail[k] == ")"
-    if depth == 0:
-      break
-  operands = re.findall(r"%([\w.\-]+)", tail[op_end:k + 1])
-  return Instr(name, shape, opcode, operands, tail[k + 1:], tail[op_end + 1:k])
-
-
-def parse(text: str) -> tuple[dict[str, Computation], str]:
-  """Computations by name and the entry computation's name."""
-  comps, entry, cur = {}, "", None
-  for line in text.splitlines():
-    if cur is None:
-      m = _HEADER.match(line.strip())
-      if m and "=" not in line.split("(")[0]:
-        name, params, _ = m.groups()
-        ps = dict(re.findall(r"([\w.\-]+):\s*([^,()]+(?:\([^)]*\))?[^,]*)", params))
-        cur = Computation(name, {k: v.strip() for k, v in ps.items()}, [])
-        if line.startswith("ENTRY"):
-          entry = name
-      continue
-    if line.rstrip() == "}" or line.startswith("}, execution_thread="):   # (XLA:TPU's SparseCore)
-      comps[cur.name] = cur
-      cur = None
-      continue
-    ins = _parse_instr(line)
-    if ins is not None:
-      cur.instrs.append(ins)
-      if line.strip().startswith("ROOT"):
-        cur.root = ins.name
-  return comps, entry
-
-
-def _called(attrs: str, key: str) -> list[str]:
-  m = re.search(key + r"=\{?([^}]*?)\}?(?:,\s*\w+=|$)", attrs)
-  if not m:
-    return []
-  return re.findall(r"%?([\w.\-]+)", m.group(1))
-
-
-def trip_count(attrs: str, comps: dict | None = None) -> int | None:
-  """XLA's `known_trip_count`, else N from a condition `i < N` (i counting from 0 by 1, the form
-  of every `scan`/`fori_loop`; XLA:TPU does not annotate the count)."""
-  m = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
-  if m:
-    return int(m.group(1))
-  cond = comps.get((_called(attrs, "condition") or [""])[0]) if comps else None
-  if cond is None:
-    return None
-  root = next((i for i in cond.instrs if i.name == cond.root), None)
-  if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs:
-    return None
-  const = next((i for i in cond.instrs if i.opcode == "constant" and len(root.operands) == 2
-                and i.name == root.operands[1]), None)
-  try:
-    return int(const.args) if const is not None else None
-  except ValueError:
-    return None
-
-
-def _dot_flops(comp: Computation, ins: Instr) -> float:
-  out = math.prod(_dims(ins.shape)) if _dims(ins.shape) else 1
-  lhs = _dims(comp.shape_of(ins.operands[0])) if ins.operands else []
+def dot_flops(comp: Computation, ins: Instr) -> float:
+  out = math.prod(walk.dims(ins.shape)) if walk.dims(ins.shape) else 1
+  lhs = walk.dims(comp.shape_of(ins.operands[0])) if ins.operands else []
   m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
   contract = [int(d) for d in m.group(1).split(",") if d] if m else []
   return 2.0 * out * math.prod(lhs[d] for d in contract if d < len(lhs))
@@ -166,12 +39,12 @@ def _window_taps(s_in: int, s_out: int, size: int, lo: int, stride: int) -> int:
              for o in range(s_out))
 
 
-def _conv_flops(comp: Computation, ins: Instr) -> float:
+def conv_flops(comp: Computation, ins: Instr) -> float:
   """FLOPs of a convolution, counting only taps on real input. XLA:TPU writes some dots as a
   convolution whose window slides over zero padding (e.g. a [T, D] x [D, N, H] projection as a
   window of N over an input padded by N - 1): counting every tap would overstate it N-fold."""
-  out_dims = _dims(ins.shape) or [1]
-  rhs = _dims(comp.shape_of(ins.operands[1])) if len(ins.operands) > 1 else []
+  out_dims = walk.dims(ins.shape) or [1]
+  rhs = walk.dims(comp.shape_of(ins.operands[1])) if len(ins.operands) > 1 else []
   m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
   if not rhs or not m:
     return 0.0
@@ -185,7 +58,7 @@ def _conv_flops(comp: Computation, ins: Instr) -> float:
   fields = dict(re.findall(r"(\w+)=(\S+)", w.group(1))) if w else {}
   if "lhs_dilate" in fields or "rhs_dilate" in fields or len(out_dims) != len(out_l):
     return every_tap                              # dilated: an upper bound is good enough
-  lhs = _dims(comp.shape_of(ins.operands[0]))
+  lhs = walk.dims(comp.shape_of(ins.operands[0]))
   sizes = [int(x) for x in fields.get("size", "").split("x") if x] or [1] * len(spatial)
   pads = [int(p.split("_")[0]) for p in fields.get("pad", "").split("x") if p] or [0] * len(spatial)
   strides = [int(x) for x in fields.get("stride", "").split("x") if x] or [1] * len(spatial)
@@ -212,7 +85,7 @@ def kernel_flops(comp: Computation, ins: Instr, target: str) -> float | None:
   if est:   # Pallas TPU kernels declare their cost (megablox gmm/tgmm do)
     return float(est.group(1))
   if ins.name.startswith("splash_mha"):   # splash attention: q [B,N,T,K], k, v [B,N,S,J]; causal
-    ops = [_dims(comp.shape_of(o)) for o in ins.operands]
+    ops = [walk.dims(comp.shape_of(o)) for o in ins.operands]
     qkv = [o for o in ops if len(o) == 4][:3]
     if len(qkv) < 3:
       return None
@@ -224,7 +97,7 @@ def kernel_flops(comp: Computation, ins: Instr, target: str) -> float | None:
   if target.startswith("__cudnn$fmha"):
     bnts = re.search(r'"intermediate_tensor_shape":\s*\{[^}]*?"dimensions":\s*\[([^\]]*)\]',
                      ins.attrs)
-    arrays = _ARRAY.findall(ins.attrs.split("operand_layout_constraints={", 1)[-1])
+    arrays = walk.ARRAY.findall(ins.attrs.split("operand_layout_constraints={", 1)[-1])
     if not bnts or len(arrays) < 3:
       return None
     b, n, t, k_s = (int(v.strip().strip('"')) for v in bnts.group(1).split(","))
@@ -233,8 +106,8 @@ def kernel_flops(comp: Computation, ins: Instr, target: str) -> float | None:
     f = 2.0 * b * n * t * k_s * (k + j)
     f *= 0.5 if '"mask_type": "CAUSAL"' in ins.attrs or '"mask_type":"CAUSAL"' in ins.attrs else 1
     return f * (2.5 if "Backward" in target else 1.0)
-  out = _dims(ins.shape)
-  ops = [_dims(comp.shape_of(o)) for o in ins.operands]
+  out = walk.dims(ins.shape)
+  ops = [walk.dims(comp.shape_of(o)) for o in ins.operands]
   if len(out) == 2:
     a, n = out
     for w in (o for o in ops if len(o) == 3 and o[2] == n):
@@ -270,7 +143,7 @@ class Summary:
 
 def _fusion_bytes(comps, ins: Instr, comp: Computation) -> float:
   """Bytes a fusion moves: slice reads cost the slice, an in-place update root its update."""
-  called = comps.get((_called(ins.attrs, "calls") or [""])[0])
+  called = comps.get((walk.called(ins.attrs, "calls") or [""])[0])
   if called is None:
     return shape_bytes(ins.shape) + sum(shape_bytes(comp.shape_of(o)) for o in ins.operands)
   users = defaultdict(list)
@@ -324,76 +197,55 @@ def summarize(text: str) -> Summary:
     flops_memo[name] = 0.0
     comp, total = comps.get(name), 0.0
     for ins in comp.instrs if comp else ():
+      inner = [flops(c) for c in walk.callees(ins, into_fusions=True)]
       if ins.opcode == "dot":
-        total += _dot_flops(comp, ins)
+        total += dot_flops(comp, ins)
       elif ins.opcode == "convolution":
-        total += _conv_flops(comp, ins)
-      elif ins.opcode == "fusion":
-        total += sum(flops(c) for c in _called(ins.attrs, "calls"))
-      elif ins.opcode == "call":
-        total += sum(flops(c) for c in _called(ins.attrs, "to_apply"))
+        total += conv_flops(comp, ins)
       elif ins.opcode == "while":
-        body = (_called(ins.attrs, "body") or [""])[0]
-        total += (trip_count(ins.attrs, comps) or 1) * flops(body)
-      elif ins.opcode == "conditional":
-        branches = (_called(ins.attrs, "branch_computations")
-                    + _called(ins.attrs, "true_computation")
-                    + _called(ins.attrs, "false_computation"))
-        total += max((flops(b) for b in branches), default=0.0)
+        total += (walk.trip_count(ins.attrs, comps) or 1) * inner[0]
+      elif ins.opcode == "conditional":   # the costliest branch
+        total += max(inner, default=0.0)
+      else:
+        total += sum(inner)
     flops_memo[name] = total
     return total
 
-  def walk(name: str, mult: float, seen: tuple) -> None:
-    comp = comps.get(name)
-    if comp is None or name in seen:
-      return
-    for ins in comp.instrs:
-      op = ins.opcode
-      base = op.removesuffix("-start").removesuffix("-done")
-      if op.endswith("-done"):
-        continue
-      if base in COLLECTIVES:
-        c = s.collectives[base]
-        c[0] += mult
-        c[1] += mult * (shape_bytes(ins.shape) if not op.endswith("-start") else
-                        sum(shape_bytes(comp.shape_of(o)) for o in ins.operands))
-      if op == "custom-call":
-        m = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
-        target = m.group(1) if m else "?"
-        s.custom_calls[target] += mult
-        f = kernel_flops(comp, ins, target)
-        if f is not None:
-          s.kernel_flops += mult * f
-        elif not target[:1].isupper():   # XLA:TPU's own bookkeeping calls are capitalised
-          s.opaque_kernels += 1
-      if op == "while":
-        body = (_called(ins.attrs, "body") or [""])[0]
-        n = trip_count(ins.attrs, comps)
-        if n is None:
-          s.unknown_trip_loops += 1
-        s.loops.append((n, body))
-        walk(body, mult * (n or 1), seen + (name,))
-      elif op == "call":
-        for c in _called(ins.attrs, "to_apply"):
-          walk(c, mult, seen + (name,))
-      elif op == "conditional":
-        for c in (_called(ins.attrs, "branch_computations")
-                  + _called(ins.attrs, "true_computation")
-                  + _called(ins.attrs, "false_computation")):
-          walk(c, mult, seen + (name,))
-      if op in _FREE:
-        continue
-      if op == "fusion":
-        moved = _fusion_bytes(comps, ins, comp)
-      elif op in ("dynamic-slice", "gather", "slice"):
-        moved = 2 * shape_bytes(ins.shape)
-      elif op == "dynamic-update-slice" and len(ins.operands) > 1:
-        moved = 2 * shape_bytes(comp.shape_of(ins.operands[1]))
-      else:
-        moved = shape_bytes(ins.shape) + sum(shape_bytes(comp.shape_of(o)) for o in ins.operands)
-      s.kernel_bytes += mult * moved
-      s.bytes_by_instr[f"{name}/{ins.name}"] += mult * moved
+  for comp, ins, mult, _ in walk.instructions(comps, entry):
+    op = ins.opcode
+    if op.endswith("-done"):
+      continue
+    kind = walk.collective(ins)
+    if kind is not None:
+      c = s.collectives[kind]
+      c[0] += mult
+      c[1] += mult * (shape_bytes(ins.shape) if not op.endswith("-start") else
+                      sum(shape_bytes(comp.shape_of(o)) for o in ins.operands))
+    if op == "custom-call":
+      target = walk.call_target(ins) or "?"
+      s.custom_calls[target] += mult
+      f = kernel_flops(comp, ins, target)
+      if f is not None:
+        s.kernel_flops += mult * f
+      elif not target[:1].isupper():   # XLA:TPU's own bookkeeping calls are capitalised
+        s.opaque_kernels += 1
+    if op == "while":
+      n = walk.trip_count(ins.attrs, comps)
+      if n is None:
+        s.unknown_trip_loops += 1
+      s.loops.append((n, walk.callees(ins)[0]))
+    if op in _FREE:
+      continue
+    if op == "fusion":
+      moved = _fusion_bytes(comps, ins, comp)
+    elif op in ("dynamic-slice", "gather", "slice"):
+      moved = 2 * shape_bytes(ins.shape)
+    elif op == "dynamic-update-slice" and len(ins.operands) > 1:
+      moved = 2 * shape_bytes(comp.shape_of(ins.operands[1]))
+    else:
+      moved = shape_bytes(ins.shape) + sum(shape_bytes(comp.shape_of(o)) for o in ins.operands)
+    s.kernel_bytes += mult * moved
+    s.bytes_by_instr[f"{comp.name}/{ins.name}"] += mult * moved
 
   s.dot_flops = flops(entry)
-  walk(entry, 1.0, ())
   return s

@@ -89,6 +89,12 @@ def _logical_leaves(variables):
     yield "/".join(keys), keys[0], leaf.shape, table.get(keys, (None,) * len(leaf.shape))
 
 
+def moment_bytes(train, bf16: bool = False) -> int:
+  """Bytes of each AdamW moment: 2 with `train.bf16_moments` (the config's `TrainConfig`) or
+  `bf16` (a command's --bf16-moments), else 4."""
+  return 2 if bf16 or train.bf16_moments else 4
+
+
 def batch_shards(rules: Sequence[Rule], sizes: Mapping[str, int], name: str = "act_batch") -> int:
   """How many ways the rules split the logical axis `name` on this mesh."""
   spec = specs.mesh_spec((name,), tuple(tuple(r) for r in rules), sizes)

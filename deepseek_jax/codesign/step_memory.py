@@ -78,23 +78,46 @@ class StepPlan:
             if f.name != "tokens_per_device"]
 
 
-def _compute_bytes(dtype: str) -> int:
+def compute_bytes(dtype: str) -> int:
   return 4 if dtype == "float32" else 2
+
+
+def wire_bytes(wire: str, compute_bytes: int) -> float:
+  """Bytes per element of an all-to-all in `mesh.dispatch_dtype` / `combine_dtype` ("model": the
+  compute dtype; FP8 and LogFMT carry one f32 scale per 128)."""
+  return _WIRE.get(wire, compute_bytes)
+
+
+def expert_rows(cfg: Config, rules: Sequence, sizes: Mapping[str, int]) -> tuple[float, float]:
+  """(tokens per device of one microbatch, the rows one MoE layer sends: `capacity_factor` x
+  tokens x K)."""
+  m, t = cfg.model, cfg.train
+  tokens = (t.batch_size // t.grad_accum) * t.seq_len / max(
+      1, memory.batch_shards(rules, sizes, "act_tokens"))
+  return tokens, (cfg.mesh.capacity_factor or 1.0) * tokens * m.num_experts_per_tok
+
+
+def gathered_weights(variables, rules: Sequence, sizes: Mapping[str, int],
+                     gather_axes: Sequence[str] = BATCH_AXES):
+  """(path, shape, logical names, elements per device) of every weight of two dimensions or more
+  (1-d ones stay in f32 and are tiny) once gathered over `gather_axes`, as FSDP gathers it: the
+  other axes, expert and tensor, stay split."""
+  kept = {a: (1 if a in gather_axes else n) for a, n in sizes.items()}
+  for path, coll, shape, names in memory._logical_leaves(variables):
+    if coll == "params" and len(shape) >= 2:
+      n, _ = memory.shard_elements(shape, specs.mesh_spec(names, rules, sizes), kept)
+      yield path, shape, names, n
 
 
 def gathered_layer_bytes(variables, rules: Sequence, sizes: Mapping[str, int], nbytes: int,
                          gather_axes: Sequence[str] = BATCH_AXES) -> float:
   """The largest per-device bytes of one scanned layer's weights once gathered over
-  `gather_axes` (the other axes, expert and tensor, stay split)."""
+  `gather_axes` (`gathered_weights`)."""
   per_stack: dict[str, float] = {}
-  kept = {a: (1 if a in gather_axes else n) for a, n in sizes.items()}
-  for path, coll, shape, names in memory._logical_leaves(variables):
-    if coll != "params" or "layers" not in names or len(shape) < 3:
-      continue
-    spec = specs.mesh_spec(names, rules, sizes)
-    n, _ = memory.shard_elements(shape, spec, kept)
-    stack = path.split("/layers/")[0]
-    per_stack[stack] = per_stack.get(stack, 0.0) + n / shape[names.index("layers")] * nbytes
+  for path, shape, names, n in gathered_weights(variables, rules, sizes, gather_axes):
+    if "layers" in names and len(shape) >= 3:
+      stack = path.split("/layers/")[0]
+      per_stack[stack] = per_stack.get(stack, 0.0) + n / shape[names.index("layers")] * nbytes
   return max(per_stack.values(), default=0.0)
 
 
@@ -108,11 +131,11 @@ def step_plan(cfg: Config, sizes: Mapping[str, int], rules: Sequence | None = No
   micro = t.batch_size // t.grad_accum
   fused = m.attention_impl == "fused"
   base = memory.memory_plan(m, sizes, rules, micro_batch=micro, seq_len=t.seq_len, grad_bytes=4,
-                            moment_bytes=2 if t.bf16_moments else 4, remat=m.remat,
+                            moment_bytes=memory.moment_bytes(t), remat=m.remat,
                             variables=variables, fused_attention=fused, logits=False)
   trainable = base.gradients / 4 * memory._BYTES[m.param_dtype]
   other = base.params - trainable
-  cb = _compute_bytes(m.dtype)
+  cb = compute_bytes(m.dtype)
   # loss chunk: rows and positions per device as `training.step` sizes them
   rows = max(1, math.ceil(micro / memory.batch_shards(rules, sizes, "act_batch")))
   positions = chunk_positions(t.loss_chunk, rows, t.seq_len, m.vocab_size, m.platform)
@@ -126,11 +149,10 @@ def step_plan(cfg: Config, sizes: Mapping[str, int], rules: Sequence | None = No
   head_grads = head * (4 + (1 + m.num_mtp_layers) * cb)
   ep = 0.0
   if m.num_moe_layers:
-    tokens = micro * t.seq_len / max(1, memory.batch_shards(rules, sizes, "act_tokens"))
+    tokens, rows = expert_rows(cfg, rules, sizes)
     K, D, M = m.num_experts_per_tok, m.d_model, m.moe_ffn_dim
-    wire = lambda name: _WIRE.get(name, cb)  # noqa: E731   "model": the compute dtype
     cap = mc.capacity_factor or 1.0
-    comm = 2 * cap * tokens * K * D * (wire(mc.dispatch_dtype) + wire(mc.combine_dtype))
+    comm = 2 * rows * D * (wire_bytes(mc.dispatch_dtype, cb) + wire_bytes(mc.combine_dtype, cb))
     compute = (mc.compute_capacity_factor or cap) * tokens * K * (2 * D + 3 * M) * cb
     ep = 2 * (comm + compute)
   return StepPlan(params=trainable, optimizer=base.optimizer, other_state=other,
