@@ -15,6 +15,7 @@ models' GEMM errors instead (`gemm_error.py`).
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -184,25 +185,36 @@ def summary_lines(results) -> list[str]:
 
 
 def plot(results, path, ffn: int = 4096) -> pathlib.Path:
+  """Three panels: the step-0 gap against bits (the forward error alone, deterministic), the mean
+  and final gaps against bits, and the mean gap against the promotion interval; the noise
+  floor shaded."""
   plt = plots.pyplot()
-  fig, (left, right) = plt.subplots(1, 2, figsize=(8.6, 3.5), sharey=True)
+  fig, (first, left, right) = plt.subplots(1, 3, figsize=(12.0, 3.6))
   noise = _noise(results)
-  for ax in (left, right):
+  for ax in (first, left, right):
     ax.axhline(0, color="k", ls="--", lw=1, label="f32 accumulation")
+  for ax in (left, right):
     if noise is not None:
       ax.axhspan(-noise[1], noise[1], color="0.85", label=f"noise floor ({noise[0]}, mean)")
   none = sorted((_bits(lab), r) for lab, _, r in results if _bits(lab) and lab.endswith("none"))
+  promoted = [(lab, r) for lab, _, r in results if _bits(lab) and "/" in lab]
   if none:
     bits = [b for b, _ in none]
+    first.plot(bits, [r["step0"] for _, r in none], "^-", color="C2", label="never promoted")
     left.plot(bits, [r["mean_gap"] for _, r in none], "o-", label="mean gap, all steps")
     left.plot(bits, [r["final_gap"] for _, r in none], "s:", label="final gap")
-    left.plot(bits, [r["step0"] for _, r in none], "^-", label="step-0 gap (forward only)")
+  for i, (lab, r) in enumerate(promoted):
+    first.plot([_bits(lab)], [r["step0"]], "x", color=f"C{3 + i}", label=lab)
+  first.set_xlabel("accumulator fraction bits")
+  first.set_ylabel("CE minus f32 accumulation (nats)")
+  first.set_title("step 0: same weights and batch (forward only)", fontsize=8)
   left.set_xlabel("accumulator fraction bits (never promoted)")
-  left.set_ylabel("CE minus f32 accumulation (nats)")
-  left.legend(fontsize=7)
-  for bits in sorted({_bits(lab) for lab, _, _ in results if _bits(lab) and "/" in lab}):
-    pts = sorted((int(lab.split("/")[1]), r["mean_gap"]) for lab, _, r in results
-                 if "/" in lab and lab.startswith(f"{bits}b"))
+  left.set_title(f"over {len(results[0][2]['ce'])} training steps", fontsize=8)
+  for ax in (first, left):
+    ax.legend(fontsize=7)
+  for bits in sorted({_bits(lab) for lab, _ in promoted}):
+    pts = sorted((int(lab.split("/")[1]), r["mean_gap"]) for lab, r in promoted
+                 if _bits(lab) == bits)
     right.semilogx(*zip(*pts), "o-", base=2, label=f"{bits} bits, mean gap")
     never = [r["mean_gap"] for lab, _, r in results if lab == f"{bits}b none"]
     if never:
@@ -212,6 +224,14 @@ def plot(results, path, ffn: int = 4096) -> pathlib.Path:
   fig.suptitle(f"FP8 training (K = {ffn} MLP): loss against the tensor core's accumulator",
                fontsize=9)
   return plots.save(fig, path)
+
+
+def save_results(results, path) -> pathlib.Path:
+  """The runs' labels, overrides and per-step CE as JSON (to plot again without training)."""
+  rows = [{"label": lab, "overrides": ov, **{k: v for k, v in r.items() if k != "init"}}
+          for lab, ov, r in results]
+  path.write_text(json.dumps(rows, indent=1) + "\n")
+  return path
 
 
 def build_parser(prog: str) -> ArgParser:
@@ -251,6 +271,7 @@ def run(argv, prog: str, log=print) -> list[str]:
   lines = ["== Loss against the accumulator ==", *table_lines(results), *summary_lines(results)]
   if plot_dir is not None:
     lines.append(f"plot: {plot(results, plot_dir / 'accumulator.png', args.ffn)}")
+    lines.append(f"runs: {save_results(results, plot_dir / 'accumulator.json')}")
   return lines
 
 

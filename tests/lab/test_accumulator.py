@@ -1,6 +1,8 @@
 """`lab accumulator`: the runs and their configs, the GEMM-error predictions' properties, the
 table, text and plot from results, a two-run study on a small model, and one-line errors."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -68,6 +70,8 @@ def test_table_text_and_plot_from_results(tmp_path):
   assert "twice the noise floor (mean gap): 13b none." in text
   path = study.plot(results, tmp_path / "sub" / "accumulator.png", ffn=256)
   assert path.stat().st_size > 1000
+  rows = json.loads(study.save_results(results, tmp_path / "runs.json").read_text())
+  assert [r["label"] for r in rows] == [lab for lab, _, _ in results] and rows[2]["ce"][1] == 4.1
 
 
 @pytest.mark.slow   # two train-step compilations with the emulated accumulator: minutes
