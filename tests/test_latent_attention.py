@@ -2,11 +2,13 @@
 softmax over each query's visible slots, blocks past the furthest query never read, the decode-
 layout weights used when given, and the FP8 latent cache's error bounded."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from deepseek_jax import mla
 from deepseek_jax.model import Transformer, init_model_cache
@@ -23,12 +25,22 @@ def _reference(q_lat, q_rope, lat, rope, pos, scale):
   return np.einsum("btns,bsc->btnc", p / p.sum(-1, keepdims=True), lat)
 
 
-@settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 3), N=st.integers(1, 3), C=st.sampled_from([4, 8]),
-       R=st.sampled_from([2, 4]), S=st.integers(3, 40), block=st.integers(1, 16),
+_attend = jax.jit(mla.latent_attention, static_argnames=("block",))
+
+
+# Shapes come from a few sets so that examples share compiles (each set: a single row and head;
+# a decode batch with several heads; several query tokens and heads). The explicit examples pin
+# the edge cases whatever the profile draws: one block holding all S slots, a partial last block
+# (the clamped, overlapping read) and blocks of one slot, stacked and not.
+@settings(deadline=None)
+@example(shape=(1, 1, 1, 4, 2), S=3, block=64, stacked=True, seed=1)
+@example(shape=(3, 1, 2, 8, 4), S=17, block=5, stacked=False, seed=2)
+@example(shape=(2, 3, 3, 8, 2), S=40, block=1, stacked=True, seed=3)
+@given(shape=st.sampled_from([(1, 1, 1, 4, 2), (3, 1, 2, 8, 4), (2, 3, 3, 8, 2)]),
+       S=st.sampled_from([3, 17, 40]), block=st.sampled_from([1, 5, 16, 64]),
        stacked=st.booleans(), seed=st.integers(0, 2**16))
-def test_blocks_with_online_softmax_equal_the_float64_softmax(B, T, N, C, R, S, block, stacked,
-                                                               seed):
+def test_blocks_with_online_softmax_equal_the_float64_softmax(shape, S, block, stacked, seed):
+  B, T, N, C, R = shape
   rng = np.random.default_rng(seed)
   T = min(T, S)
   start = rng.integers(0, S - T + 1, B)
@@ -45,26 +57,35 @@ def test_blocks_with_online_softmax_equal_the_float64_softmax(B, T, N, C, R, S, 
   if stacked:   # layer 1 of a 2-layer stack; layer 0 is garbage
     cache = mla.LatentCache(*(jnp.stack([jnp.full_like(x, 7.0), x]) for x in cache))
     layer = jnp.int32(1)
-  got = mla.latent_attention(jnp.asarray(q_lat, jnp.float32), jnp.asarray(q_rope, jnp.float32),
-                             cache, jnp.asarray(pos), layer, 0.3, block)
+  got = _attend(jnp.asarray(q_lat, jnp.float32), jnp.asarray(q_rope, jnp.float32), cache,
+                jnp.asarray(pos), layer, 0.3, block=block)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
+@functools.lru_cache(maxsize=None)
+def _apply(cfg):
+  return jax.jit(Transformer(cfg).apply)
+
+
 def _decode_logits(cfg, variables, tokens, dtype=None):
-  """Prefill all but the last token, then decode the last one: its logits [B, V]."""
+  """One cached call over all tokens (each is written to the cache, then attends from it, in the
+  cache's dtype, as in prefill + decode): the last token's logits [B, V]."""
   B, T = tokens.shape
-  apply = jax.jit(Transformer(cfg).apply)
-  cache = apply(variables, tokens[:, :-1], cache=init_model_cache(cfg, B, T, dtype)).cache
-  pos = jnp.full((B, 1), T - 1, jnp.int32)
-  return apply(variables, tokens[:, -1:], positions_BT=pos, cache=cache).logits_BTV[:, 0]
+  return _apply(cfg)(variables, tokens, cache=init_model_cache(cfg, B, T, dtype)).logits_BTV[:, -1]
+
+
+@functools.lru_cache(maxsize=None)
+def _small_model():
+  """(cfg, tokens, variables, f32-cache logits), built and compiled once for the tests below."""
+  cfg = small_config()
+  tokens = random_tokens(cfg, 2, 12)
+  variables = init_model(Transformer(cfg), tokens)
+  return cfg, tokens, variables, _decode_logits(cfg, variables, tokens)
 
 
 def test_decode_layout_weights_are_read_when_given():
-  cfg = small_config()
-  tokens = random_tokens(cfg, 2, 6)
-  variables = init_model(Transformer(cfg), tokens)
+  cfg, tokens, variables, base = _small_model()
   laid = mla.absorbed_weights(cfg, variables)
-  base = _decode_logits(cfg, variables, tokens)
   np.testing.assert_allclose(np.asarray(_decode_logits(cfg, laid, tokens)), np.asarray(base),
                              atol=1e-5)
   flat = flax.traverse_util.flatten_dict(laid[mla.ABSORBED])
@@ -80,9 +101,8 @@ def test_fp8_latent_cache_is_smaller_saturates_and_stays_close():
   big = jnp.full((1, 1, cfg.kv_lora_rank), 1e6)
   written = mla._write(cache.latent_BSC[0], big, jnp.zeros((1,), jnp.int32))
   assert float(written[0, 0, 0].astype(jnp.float32)) == float(jnp.finfo(mla.FP8_LATENT).max)
-  tokens = random_tokens(cfg, 2, 12)
-  variables = init_model(Transformer(cfg), tokens)
-  ref = np.asarray(_decode_logits(cfg, variables, tokens), np.float64)
+  cfg, tokens, variables, ref = _small_model()
+  ref = np.asarray(ref, np.float64)
   for dtype, bound in ((jnp.bfloat16, 2e-2), (mla.FP8_LATENT, 1e-1)):
     got = np.asarray(_decode_logits(cfg, variables, tokens, dtype), np.float64)
     err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
