@@ -66,7 +66,7 @@ def test_table_text_and_plot_from_results(tmp_path):
   table = study.table_lines(results)
   assert table[3].split()[:3] == ["13b", "none", "+0.01000"]
   text = "\n".join(study.summary_lines(results))
-  assert "Noise floor: f32 /32" in text and "0.0067 (mean)" in text
+  assert "Noise floor (f32 /32, 22b none" in text and "up to 0.0067 (mean gap)" in text
   assert "twice the noise floor (mean gap): 13b none." in text
   path = study.plot(results, tmp_path / "sub" / "accumulator.png", ffn=256)
   assert path.stat().st_size > 1000
