@@ -98,7 +98,10 @@ class QArray:
     return expand_scales(self.scale_inv, self.blocks, self.data.shape, axes)
 
   def dequantize(self) -> jax.Array:
-    """f32 values `data * scale_inv` (exact for power-of-two scales)."""
+    """f32 values `data * scale_inv` (exact for power-of-two scales); FP8 bytes, or their uint8
+    bit patterns (`loop_bytes`), are read with `Format.decode`."""
+    if self.fmt is not None and self.fmt.bit_codec:
+      return self.fmt.decode(self.data) * self.scales_full()
     return self.data.astype(jnp.float32) * self.scales_full()
 
 
@@ -163,6 +166,8 @@ def quantize(x: jax.Array, fmt: Format, scaling: Scaling, contract: int,
   """Quantises `[batch, rows, cols]` with scales along `contract`; `amax` overrides the measured one
   (delayed scaling; per-tensor, any shape broadcasting to (1, 1, 1))."""
   x, blocks, scale_inv, s_full = _scaled(x, fmt, scaling, contract, amax, "quantize")
+  if fmt.bit_codec:
+    return QArray(_narrow(fmt.round(x / s_full), fmt), scale_inv, blocks, fmt, contract)
   return QArray(fmt.cast(x / s_full), scale_inv, blocks, fmt, contract)
 
 
@@ -173,7 +178,14 @@ def quantize_with_values(x: jax.Array, fmt: Format, scaling: Scaling, contract: 
   x, blocks, scale_inv, s_full = _scaled(x, fmt, scaling, contract, amax,
                                          "quantize_with_values")
   r = fmt.round(x / s_full)
-  return QArray(r.astype(fmt.dtype), scale_inv, blocks, fmt, contract), r * s_full
+  return QArray(_narrow(r, fmt), scale_inv, blocks, fmt, contract), r * s_full
+
+
+def _narrow(r: jax.Array, fmt: Format) -> jax.Array:
+  """`r.astype(fmt.dtype)` bitwise for values already in `fmt` (`Format.round`'s output)."""
+  if fmt.bit_codec:
+    return jax.lax.bitcast_convert_type(fmt.encode(r), fmt.dtype)
+  return r.astype(fmt.dtype)
 
 
 def fake_quantize(x: jax.Array, fmt: Format, scaling: Scaling, contract: int,

@@ -105,3 +105,25 @@ def test_round_is_cast_read_back_bitwise(fmt, values, log2_scale):
   np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
   ok = ~np.isnan(want)
   np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+def test_integer_codec_is_the_conversion_bitwise(fmt):
+  """`decode` reads all 256 bit patterns as `astype(float32)` does (from uint8 or FP8 bytes), and
+  `encode` writes every finite value, and `round` of values over all binades, as the narrowing
+  conversion does (NaN to the conversion's NaN pattern)."""
+  assert fmt.bit_codec and not E5M6.bit_codec and not formats.E4M3FNUZ.bit_codec
+  b = np.arange(256, dtype=np.uint8)
+  ref = b.view(fmt.dtype).astype(np.float32)
+  for data in (jnp.asarray(b), jnp.asarray(b).view(fmt.dtype)):
+    got = np.asarray(jax.jit(fmt.decode)(data))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    np.testing.assert_array_equal(got[ok].view(np.uint32), ref[ok].view(np.uint32))
+  encode = jax.jit(fmt.encode)
+  np.testing.assert_array_equal(np.asarray(encode(jnp.asarray(ref[ok]))), b[ok])
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal(20000) * np.exp2(rng.uniform(-30, 20, 20000))).astype(np.float32)
+  x = jnp.asarray(np.concatenate([x, np.asarray(_EDGES, np.float32)]))
+  want = np.asarray(jax.jit(fmt.cast)(x)).view(np.uint8)
+  np.testing.assert_array_equal(np.asarray(encode(jax.jit(fmt.round)(x))), want)
