@@ -3,8 +3,8 @@ in JAX/Flax.
 
 Who may import whom (`scripts/import_graph.py` checks it; `tests/test_house.py` fails on a breach):
 - `config` imports nothing of the project; `tokenizer` only `config`; `fp8/` only `config`.
-- The model side (`layers rope attention mla router gmm dispatch moe block mtp model loss naming
-  vma`) imports
+- The model side (`layers rope attention mla router gmm expert_blocks dispatch moe block mtp model
+  loss naming vma`) imports
   `config`, `fp8/` and itself, never `sharding/`: whoever builds a `Transformer` passes the FP8
   policy and the expert runner (`dispatch.LocalExperts` or `sharding.expert_parallel`).
 - `sharding/` imports `config`, `fp8/` and model-side primitives; never training or inference.

@@ -1,6 +1,7 @@
 """The routed experts on one device (V3 report §2.1.2, DeepSeekMoE): `dense_ffn` (every expert
 on every token, the test oracle), `dropless_ffn` (sort assignments by expert, grouped matmul,
-unsort; "gmm", "block" or "ragged" kernels) and `LocalExperts`, the runner the MoE block is given.
+unsort; "gmm", "block" or "ragged" kernels; "block" gathers the chosen experts' weights instead
+when there are at most E assignments) and `LocalExperts`, the runner the MoE block is given.
 Expert id E marks a slot with no expert (expert-parallel padding): zero output, in no group.
 Letters beyond the dimension key: U rows per block, W blocks, M2 = 2M (gate and up fused).
 """
@@ -9,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax import gmm as gmm_lib
-from deepseek_jax import vma
-from deepseek_jax.fp8 import grouped
-from deepseek_jax.fp8.dot import swiglu, swiglu_cache, swiglu_dot
+from deepseek_jax.expert_blocks import (HIGH_PRECISION, BlockNumerics,  # noqa: F401  (dispatch's API too)
+                                        HighPrecision, block_numerics, block_swiglu)
+from deepseek_jax.fp8.dot import swiglu_dot
 from deepseek_jax.gmm import auto_block_size, num_blocks  # noqa: F401  (dispatch's API too)
 
 DotGeneral = Callable[..., jax.Array]
@@ -87,7 +88,7 @@ def _sort_by_expert(experts_A: jax.Array, num_experts: int):
   return order_A, count_E
 
 
-def _block_layout(experts_XK, num_experts: int, block: int | None):
+def _block_layout(experts_XK, num_experts: int, block: int | None = None):
   """The padded block layout (`gmm.block_layout`) of the assignments: (U, W, dest_A [A] padded
   row (of W*U) of each assignment (W*U: no expert), token_WU source token of each padded row (X
   for padding), expert_W expert of each block)."""
@@ -101,27 +102,55 @@ def _block_layout(experts_XK, num_experts: int, block: int | None):
   return U, layout.row_WU.shape[0], dest_A, token_WU, layout.group_W
 
 
+def _assignment_layout(experts_XK, num_experts: int):
+  """One block per assignment, in assignment order (no sort): the blocks the sorted layout has
+  at U = 1, in the same form as `_block_layout`. Id E (no expert) gets a zero row of expert E-1
+  and is dropped from the output."""
+  X, K = experts_XK.shape
+  A, E = X * K, num_experts
+  experts_A = experts_XK.reshape(A)
+  a_A = jnp.arange(A, dtype=jnp.int32)
+  valid_A = experts_A < E
+  token_WU = jnp.where(valid_A, a_A // K, X)[:, None]
+  return 1, A, jnp.where(valid_A, a_A, A), token_WU, jnp.minimum(experts_A, E - 1)
+
+
+def gathers_experts(num_assignments: int, num_experts: int, block: int | None = None) -> bool:
+  """Whether the block path runs the gathered form: at most E assignments (decoding a few rows)
+  and one row per block (`block` None or 1; the automatic size is 1 there anyway). Then every
+  assignment is its own block and its expert's weights are gathered for one batched product,
+  instead of sorting and looping over blocks (`expert_blocks.block_swiglu`'s `gathered`)."""
+  return num_assignments <= num_experts and block in (None, 1)
+
+
 def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, block):
-  """Returns y_XKD: expert outputs per assignment, via the padded block layout.
+  """Returns y_XKD: expert outputs per assignment, via the padded block layout, or with one
+  block per assignment, gathered, when `gathers_experts`.
 
   "block" is fast on CPU, where `jax.lax.ragged_dot` costs O(E) (measured fwd+bwd at X=2048,
-  K=4: 5x the block path at E=8, 33x at E=64)."""
+  K=4: 5x the block path at E=8, 33x at E=64). Decoding tiny.yaml at batch 2 (8 assignments,
+  16 experts), the gathered form reads 8 experts' weights where the scan over layers first
+  copied all 16 out of the layer stack (bench/bench_experts_decode.py)."""
   X, D = x_XD.shape
-  K = experts_XK.shape[1]
-  U, W, dest_A, token_WU, expert_W = _block_layout(experts_XK, w_gate_EDM.shape[0], block)
+  K, E = experts_XK.shape[1], w_gate_EDM.shape[0]
+  gathered = gathers_experts(X * K, E, block)
+  layout = _assignment_layout if gathered else functools.partial(_block_layout, block=block)
+  U, W, dest_A, token_WU, expert_W = layout(experts_XK, E)
   x_pad_XD = jnp.concatenate([x_XD, jnp.zeros((1, D), x_XD.dtype)], axis=0)
   x_WUD = x_pad_XD[token_WU]
   numerics = block_numerics(dots)
   if numerics is not None:
-    y_WUD = block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics)
+    y_WUD = block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics, gathered)
   else:
-    y_WUD = _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dots)
+    y_WUD = _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dots,
+                                  gathered)
   y_AD = jnp.take(y_WUD.reshape(W * U, D), dest_A, axis=0, mode="fill", fill_value=0)
   return y_AD.reshape(X, K, D)
 
 
-def _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dots):
-  """Any `dot_general` callables, one call per block and projection, autodiff for the rest."""
+def _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dots, gathered):
+  """Any `dot_general` callables, one call per block and projection (vmapped over the blocks
+  when `gathered`, scanned otherwise), autodiff for the rest."""
   proj = (((1,), (0,)), ((), ()))                          # UD,DM->UM and UM,MD->UD
 
   def expert_block(x_UD, e):
@@ -133,142 +162,10 @@ def _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dot
   # gathering them); saving only the matmul outputs recomputes the cheap slices instead.
   expert_block = jax.checkpoint(
       expert_block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  if gathered:
+    return jax.vmap(expert_block)(x_WUD, expert_W)
   _, y_WUD = jax.lax.scan(lambda c, xs: (c, expert_block(*xs)), None, (x_WUD, expert_W))
   return y_WUD
-
-
-# ---- the block path's own backward pass ----
-
-@dataclasses.dataclass(frozen=True)
-class HighPrecision:
-  """Expert-projection numerics of plain `lax.dot_general` (default precision, no quantisation).
-
-  The protocol `block_swiglu` expects of each projection (`fp8.grouped.ExpertNumerics` is the
-  FP8 one): operand preparers mapping arrays to same-shaped arrays, `weight(w)`,
-  `dgrad_weight(w, w_fprop)`, `fprop_x(x)`, `dgrad_g(g)`, `wgrad_x(cache)`, `wgrad_g(g)`;
-  `fprop_x_cached(x) -> (cache, fprop_x(x))`; `dot(a, b)` (a @ b of two matrices); and
-  `swiglu_cache` (a down projection's SwiGLU cache format, or None). Here all return x.
-  """
-  swiglu_cache = None
-
-  def _first(self, a, *_):
-    return a
-
-  weight = dgrad_weight = fprop_x = dgrad_g = wgrad_x = wgrad_g = _first
-
-  def fprop_x_cached(self, x):
-    return x, x
-
-  def dot(self, a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())))
-
-
-class BlockNumerics(NamedTuple):
-  gate_proj: Any
-  up_proj: Any
-  down_proj: Any
-
-
-HIGH_PRECISION = BlockNumerics(HighPrecision(), HighPrecision(), HighPrecision())
-
-
-def block_numerics(dots: ExpertDots | None) -> BlockNumerics | None:
-  """The numerics `block_swiglu` runs for these dots, or None when some dot is an arbitrary
-  callable (then each block calls it, see `_generic_block_swiglu`)."""
-  if dots is None:
-    return HIGH_PRECISION
-  out = []
-  for d in dots:
-    if d is jax.lax.dot_general:
-      out.append(HighPrecision())
-      continue
-    numerics = grouped.expert_numerics(d)
-    if numerics is None:
-      return None
-    out.append(numerics)
-  return BlockNumerics(*out)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD,
-                 numerics: BlockNumerics = HIGH_PRECISION):
-  """y[w] = SwiGLU_{expert_W[w]}(x[w]) for each block of U rows; one scan forward, one back.
-
-  Each operand is prepared once per array (the weights once per call, activations once per
-  array or block) rather than once per block and use, and each block's weight gradients are
-  added in place into an f32 `[E, ...]` accumulator; the autodiff of a per-block scan instead
-  recomputes the preparation under remat and pads every block's gradient to the full stack.
-  Numerically it is the per-block computation (row tiles are row-local and column tiles stay
-  inside one block); weight gradients accumulate in f32 over blocks. With the down projection's
-  `swiglu_cache` (V3 §3.3.3) gate and up are kept in FP8 and h recomputed in the backward.
-  """
-  return _block_fwd(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics)[0]
-
-
-def _block_fwd(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, numerics):
-  ng, nu, nd = numerics
-  dtype, fmt = x_WUD.dtype, nd.swiglu_cache
-  wg, wu, wd = ng.weight(w_gate_EDM), nu.weight(w_up_EDM), nd.weight(w_down_EMD)
-  xg_cache, xg_WUD = ng.fprop_x_cached(x_WUD)
-  xu_cache, xu_WUD = (xg_cache, xg_WUD) if nu == ng else nu.fprop_x_cached(x_WUD)
-
-  def body(_, xs):
-    xg_UD, xu_UD, e = xs
-    gate_UM = ng.dot(xg_UD, wg[e]).astype(dtype)
-    up_UM = nu.dot(xu_UD, wu[e]).astype(dtype)
-    h_1UM = swiglu(gate_UM, up_UM)[None]
-    if fmt is None:   # gate and up as they are, h as down's fprop caches it
-      h_cache, hq_1UM = nd.fprop_x_cached(h_1UM)
-      saved = (gate_UM, up_UM, h_cache)
-    else:             # gate and up in FP8 (1x128 tiles along M), h recomputed
-      hq_1UM = nd.fprop_x(h_1UM)
-      saved = (swiglu_cache(gate_UM[None], fmt), swiglu_cache(up_UM[None], fmt))
-    return None, (nd.dot(hq_1UM[0], wd[e]).astype(dtype), tuple(map(grouped.loop_bytes, saved)))
-
-  _, (y_WUD, saved_W) = jax.lax.scan(body, None, (xg_WUD, xu_WUD, expert_W))
-  res = (xg_cache, xu_cache, expert_W, (w_gate_EDM, w_up_EDM, w_down_EMD), (wg, wu, wd), saved_W,
-         x_WUD[:0, 0, 0])   # empty; carries x's dtype and manual-axis type for dx
-  return y_WUD, res
-
-
-def _block_bwd(numerics, res, dy_WUD):
-  ng, nu, nd = numerics
-  xg_cache, xu_cache, expert_W, weights, prepared, saved_W, x_cotangent_ref = res
-  dtype, fmt = dy_WUD.dtype, nd.swiglu_cache
-  wg, wu, wd = (n.dgrad_weight(w, p) for n, w, p in zip(numerics, weights, prepared))
-  dy_rows, dy_cols = nd.dgrad_g(dy_WUD), nd.wgrad_g(dy_WUD)
-  xg_cols = ng.wgrad_x(xg_cache)
-  xu_cols = xg_cols if nu == ng else nu.wgrad_x(xu_cache)
-
-  def body(acc, xs):
-    dwg, dwu, dwd = acc
-    dyr_UD, dyc_UD, xgc_UD, xuc_UD, saved, e = xs
-    saved = tuple(map(grouped.fp8_bytes, saved))
-    if fmt is None:
-      gate_UM, up_UM, h_cache = saved
-    else:   # h recomputed from the FP8 copies of gate and up
-      gate_UM, up_UM = (q.dequantize()[0].astype(dtype) for q in saved)
-      h_cache = swiglu(gate_UM, up_UM)[None]
-    hc_UM = nd.wgrad_x(h_cache)[0]
-    dwd = dwd.at[e].add(nd.dot(hc_UM.T, dyc_UD).astype(jnp.float32))
-    dh_UM = nd.dot(dyr_UD, wd[e].T).astype(dtype)
-    _, swiglu_vjp = jax.vjp(swiglu, gate_UM, up_UM)
-    dgate_1UM, dup_1UM = (a[None] for a in swiglu_vjp(dh_UM))
-    dx_UD = (ng.dot(ng.dgrad_g(dgate_1UM)[0], wg[e].T).astype(jnp.float32)
-             + nu.dot(nu.dgrad_g(dup_1UM)[0], wu[e].T).astype(jnp.float32))
-    dwg = dwg.at[e].add(ng.dot(xgc_UD.T, ng.wgrad_g(dgate_1UM)[0]).astype(jnp.float32))
-    dwu = dwu.at[e].add(nu.dot(xuc_UD.T, nu.wgrad_g(dup_1UM)[0]).astype(jnp.float32))
-    return (dwg, dwu, dwd), dx_UD.astype(dtype)
-
-  xs = (dy_rows, dy_cols, xg_cols, xu_cols, saved_W, expert_W)
-  refs = jax.tree.leaves((xs, weights, (wg, wu, wd)))
-  acc = tuple(vma.varying_like(jnp.zeros(w.shape, jnp.float32), refs) for w in weights)
-  (dwg, dwu, dwd), dx_WUD = jax.lax.scan(body, acc, xs, reverse=True)
-  dws = tuple(vma.cotangent_like(d.astype(w.dtype), w) for d, w in zip((dwg, dwu, dwd), weights))
-  return (vma.cotangent_like(dx_WUD, x_cotangent_ref), None) + dws
-
-
-block_swiglu.defvjp(_block_fwd, _block_bwd)
 
 
 def _dropless_ragged(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD):

@@ -18,8 +18,8 @@ import sys
 PACKAGES = ("deepseek_jax", "sharding")
 # Model-side modules (DESIGN.md): they name logical axes only and never import sharding/.
 MODEL = tuple(f"deepseek_jax.{m}" for m in ("layers", "rope", "attention", "mla", "router",
-                                             "gmm", "dispatch", "moe", "block", "mtp", "model",
-                                             "loss", "naming", "vma"))
+                                             "gmm", "expert_blocks", "dispatch", "moe", "block",
+                                             "mtp", "model", "loss", "naming", "vma"))
 # Who may import whom: a module matching a key (longest prefix wins) may import only modules
 # matching one of its values, besides its own package. Modules matching no key (training,
 # generate, hf, codesign: the consumers above the model) may import anything without a cycle.
