@@ -95,13 +95,12 @@ def test_decode_layout_weights_are_read_when_given():
 
 
 def test_fp8_latent_cache_is_smaller_saturates_and_stays_close():
-  cfg = small_config()
+  cfg, tokens, variables, ref = _small_model()
   cache = init_model_cache(cfg, 1, 4, mla.FP8_LATENT)["moe"]
   assert cache.latent_BSC.dtype == mla.FP8_LATENT and cache.rope_BSR.dtype == jnp.bfloat16
   big = jnp.full((1, 1, cfg.kv_lora_rank), 1e6)
   written = mla._write(cache.latent_BSC[0], big, jnp.zeros((1,), jnp.int32))
   assert float(written[0, 0, 0].astype(jnp.float32)) == float(jnp.finfo(mla.FP8_LATENT).max)
-  cfg, tokens, variables, ref = _small_model()
   ref = np.asarray(ref, np.float64)
   for dtype, bound in ((jnp.bfloat16, 2e-2), (mla.FP8_LATENT, 1e-1)):
     got = np.asarray(_decode_logits(cfg, variables, tokens, dtype), np.float64)
