@@ -4,6 +4,7 @@ train step's time against f32, side by side in one run.
   python bench/bench_fp8_memory.py                      # configs/tiny.yaml shapes, 6 timed steps
   python bench/bench_fp8_memory.py --steps 10 --recipe deepseek_v3_fused
   python bench/bench_fp8_memory.py --skip-time          # memory only (compiles, runs nothing)
+  python bench/bench_fp8_memory.py --skip-memory --runs 3   # train-step ratios, 3 runs
 
 Three variants, each compiled here (XLA:CPU) and read from `compiled.memory_analysis()`:
 - `f32`: no FP8;
@@ -24,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 
@@ -163,17 +165,23 @@ def main(argv=None) -> dict:
   p.add_argument("--recipe", default="deepseek_v3",
                  choices=[r for r in RECIPES if r.startswith("deepseek_v3")])
   p.add_argument("--steps", type=int, default=6, help="timed train steps per variant")
+  p.add_argument("--runs", type=int, default=3, help="timing runs (each --steps interleaved "
+                 "steps, one ratio each), in this process")
   p.add_argument("--skip-time", action="store_true", help="memory only")
+  p.add_argument("--skip-memory", action="store_true",
+                 help="train-step times only (the memory of the train step is still read)")
   a = p.parse_args(argv)
   if a.steps < 1:
     p.error(f"--steps={a.steps}: must be >= 1")
+  if a.runs < 1:
+    p.error(f"--runs={a.runs}: must be >= 1")
   cfg = load_config(a.config, a.set)
   m, t = cfg.model, cfg.train
   tokens = t.batch_size * t.seq_len
   result = {"backend": jax.default_backend(), "jax": jax.__version__, "recipe": a.recipe,
             "config": pathlib.Path(a.config).name, "tokens_per_step": tokens}
-  memory = {"dense_mlp_fwd_bwd": mlp_temp(m, a.recipe, tokens),
-            "routed_experts_fwd_bwd": experts_temp(m, a.recipe, tokens)}
+  memory = {} if a.skip_memory else {"dense_mlp_fwd_bwd": mlp_temp(m, a.recipe, tokens),
+                                      "routed_experts_fwd_bwd": experts_temp(m, a.recipe, tokens)}
   steps = train_steps(m, a.recipe, t.batch_size, t.seq_len)
   memory["train_step"] = {k: int(c.memory_analysis().temp_size_in_bytes)
                           for k, (c, _) in steps.items()}
@@ -185,12 +193,17 @@ def main(argv=None) -> dict:
           f"fp8 {_mib(v['fp8']):9.3f}  saved {_mib(v['fp8_before'] - v['fp8']):8.3f} "
           f"({(v['fp8_before'] - v['fp8']) / v['fp8_before']:.1%})", flush=True)
   if not a.skip_time:
-    med = _median_ratio({k: c for k, (c, _) in steps.items()},
-                        {k: args for k, (_, args) in steps.items()}, a.steps)
-    result["step_s"] = {k: round(v, 4) for k, v in med.items()}
-    result["ratio_vs_f32"] = {k: round(v / med["f32"], 3) for k, v in med.items()}
-    print("train step, median of interleaved steps (ratio to f32): "
-          + ", ".join(f"{k} {v:.4f} s ({result['ratio_vs_f32'][k]:.2f}x)" for k, v in med.items()))
+    result["runs"] = []
+    for i in range(a.runs):
+      med = _median_ratio({k: c for k, (c, _) in steps.items()},
+                          {k: args for k, (_, args) in steps.items()}, a.steps)
+      run = {"step_s": {k: round(v, 4) for k, v in med.items()},
+             "ratio_vs_f32": {k: round(v / med["f32"], 3) for k, v in med.items()},
+             "loadavg_1m": round(os.getloadavg()[0], 2)}
+      result["runs"].append(run)
+      print(f"run {i + 1}: train step, median of interleaved steps (ratio to f32): "
+            + ", ".join(f"{k} {v:.4f} s ({run['ratio_vs_f32'][k]:.2f}x)" for k, v in med.items())
+            + f"; load average {run['loadavg_1m']}", flush=True)
   print(json.dumps(result))
   return result
 
