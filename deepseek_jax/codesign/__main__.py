@@ -60,7 +60,8 @@ def build_parser(prog: str = "python -m deepseek_jax.codesign") -> ArgParser:
                       "(project) or codesign's shard-everything table (planning)")
   cli.add_flag(p, "--micro-batch", type=positive_int,
                  help="sequences per micro-step, all devices (default: one per batch shard)")
-  cli.add_flag(p, "--bf16-moments", action="store_true", help="Adam moments in BF16 (V3 recipe)")
+  cli.add_flag(p, "--bf16-moments", action="store_true",
+               help="Adam moments in BF16 (V3 recipe; default: the config's train.bf16_moments)")
   cli.add_flag(p, "--no-zero1", action="store_true",
                  help="keep optimizer state replicated over the data axis")
   cli.add_flag(p, "--sample-tokens", type=int, default=2048,
@@ -114,7 +115,7 @@ def run(argv=None, prog: str = "python -m deepseek_jax.codesign") -> list[str]:
   plot_dir = output_dir("--plot", args.plot)
   v2, v3 = report.reference_model("deepseek_v2_236b"), report.reference_model(DEFAULT_CONFIG)
   bandwidth = None if args.bandwidth is None else args.bandwidth * 1e9
-  moment_bytes = 2 if args.bf16_moments else 4
+  moment_bytes = memory.moment_bytes(cfg.train, args.bf16_moments)
 
   if args.paper_only:
     return ([f"# the paper's numbers beside the project's (on {hw.name})"]

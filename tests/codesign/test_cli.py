@@ -15,7 +15,8 @@ def test_report_and_plots(tmp_path, capsys):
                  "671.03B", "36.63B", "37.55B", "agrees with the config exactly", "250.4",
                  "Qwen-72B does not reproduce", "3.20 experts per node", "12.8 experts",
                  "data=1,fsdp=32,expert=64,tensor=1 (2048 devices)", "Table 3: topology cost",
-                 "272.80B", "with the latency term", "Paper numbers by status"):
+                 "272.80B", "with the latency term", "Paper numbers by status",
+                 "Adam moments 2 B each"):  # the V3 config's train.bf16_moments
     assert needle in out, needle
   pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
   assert pngs == ["kv_cache_table1.png", "memory_by_mesh.png", "tpot_vs_bandwidth.png"]
@@ -36,6 +37,13 @@ def test_planning_rules_and_bf16_moments(capsys):
   out = capsys.readouterr().out
   assert "codesign planning rules" in out and "data=2,fsdp=16,expert=64,tensor=1" in out
   assert "Adam moments 2 B each" in out and "ZeRO-1" not in out
+
+
+def test_moments_follow_the_config_unless_the_flag_says_bf16(capsys):
+  assert main(["--set", "train.bf16_moments=false", "--sample-tokens", "0"]) == 0
+  assert "Adam moments 4 B each" in capsys.readouterr().out
+  assert main(["--set", "train.bf16_moments=false", "--bf16-moments", "--sample-tokens", "0"]) == 0
+  assert "Adam moments 2 B each" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, needle", [
