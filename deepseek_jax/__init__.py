@@ -2,10 +2,11 @@
 in JAX/Flax.
 
 Who may import whom (`scripts/import_graph.py` checks it; `tests/test_house.py` fails on a breach):
-- `config` imports nothing of the project; `tokenizer` only `config`; `fp8/` only `config`.
+- `config` imports nothing of the project; `tokenizer` only `config`; `fp8/` only `config`;
+  `kernels/` nothing.
 - The model side (`layers rope attention mla router gmm expert_blocks dispatch moe block mtp model
   loss naming vma`) imports
-  `config`, `fp8/` and itself, never `sharding/`: whoever builds a `Transformer` passes the FP8
+  `config`, `fp8/`, `kernels/` and itself, never `sharding/`: whoever builds a `Transformer` passes the FP8
   policy and the expert runner (`dispatch.LocalExperts` or `sharding.expert_parallel`).
 - `sharding/` imports `config`, `fp8/` and model-side primitives; never training or inference.
 - `training/`, `generate/`, `hf/`, `codesign/` build on all of the above; `api` on those; the

@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.attention import attention
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels import cpu as cpu_kernels
 from deepseek_jax.layers import Dense, RMSNorm, dtype_of
 from deepseek_jax.rope import apply_rope, softmax_scale
 
@@ -141,7 +142,9 @@ def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, 
                      block: int = LATENT_BLOCK):
   """`online_latent_attention` on a contiguous `[B, S, .]` cache or layer `layer` of a
   `[L, B, S, .]` stack, read in place (never a copy of the layer) up to the block of the
-  furthest query. -> [B, T, N, C] in the query's dtype."""
+  furthest query. -> [B, T, N, C] in the query's dtype. On a single-device CPU, decoding (few
+  query rows) runs the one-pass kernel of `kernels/cpu.py` instead (same function; a query that
+  sees no slot gets zeros there, a finite mean here)."""
   B = q_lat_BTNC.shape[0]
   S = cache.latent_BSC.shape[-2]
   bk = min(block, S)
@@ -157,8 +160,18 @@ def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, 
     start = jnp.minimum(j * bk, S - bk)   # the last block ends at S; its overlap is masked
     return read(cache.latent_BSC, start), read(cache.rope_BSR, start), start
 
-  return online_latent_attention(q_lat_BTNC, q_rope_BTNR, read_block, n_blocks, bk, positions_BT,
-                                 scale)
+  def blocked():
+    return online_latent_attention(q_lat_BTNC, q_rope_BTNR, read_block, n_blocks, bk,
+                                   positions_BT, scale)
+
+  if not cpu_kernels.applies(q_lat_BTNC, cache.latent_BSC, cache.rope_BSR):
+    return blocked()
+  # One pass over the cache on the CPU (kernels/cpu.py); XLA's blocked loop elsewhere.
+  return jax.lax.platform_dependent(
+      cpu=lambda: cpu_kernels.latent_decode(q_lat_BTNC, q_rope_BTNR, cache.latent_BSC,
+                                            cache.rope_BSR, positions_BT,
+                                            0 if layer is None else layer, scale),
+      default=blocked)
 
 
 def split_kv_b(kernel, H: int):

@@ -27,7 +27,9 @@ ALLOWED = {
     "deepseek_jax.config": (),
     "deepseek_jax.tokenizer": ("deepseek_jax.config",),
     "deepseek_jax.fp8": ("deepseek_jax.config",),
-    **{m: ("deepseek_jax.config", "deepseek_jax.fp8") + MODEL for m in MODEL},
+    "deepseek_jax.kernels": (),
+    **{m: ("deepseek_jax.config", "deepseek_jax.fp8", "deepseek_jax.kernels") + MODEL
+       for m in MODEL},
     "sharding": ("deepseek_jax.config", "deepseek_jax.fp8") + MODEL,
 }
 

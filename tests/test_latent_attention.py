@@ -11,6 +11,7 @@ import numpy as np
 from hypothesis import example, given, settings, strategies as st
 
 from deepseek_jax import mla
+from deepseek_jax.kernels import cpu as cpu_kernels
 from deepseek_jax.model import Transformer, init_model_cache
 from tests.helpers import init_model, random_tokens, small_config
 
@@ -28,18 +29,29 @@ def _reference(q_lat, q_rope, lat, rope, pos, scale):
 _attend = jax.jit(mla.latent_attention, static_argnames=("block",))
 
 
+def _blocked(*args, **kw):
+  with cpu_kernels.disabled():   # XLA's blocked loop even where the CPU kernel would take the call
+    return mla.latent_attention(*args, **kw)
+
+
+_attend_blocked = jax.jit(_blocked, static_argnames=("block",))
+
+
 # Shapes come from a few sets so that examples share compiles (each set: a single row and head;
 # a decode batch with several heads; several query tokens and heads). The explicit examples pin
 # the edge cases whatever the profile draws: one block holding all S slots, a partial last block
 # (the clamped, overlapping read) and blocks of one slot, stacked and not.
 @settings(deadline=None)
-@example(shape=(1, 1, 1, 4, 2), S=3, block=64, stacked=True, seed=1)
-@example(shape=(3, 1, 2, 8, 4), S=17, block=5, stacked=False, seed=2)
-@example(shape=(2, 3, 3, 8, 2), S=40, block=1, stacked=True, seed=3)
+@example(shape=(1, 1, 1, 4, 2), S=3, block=64, stacked=True, seed=1, blocked=True)
+@example(shape=(3, 1, 2, 8, 4), S=17, block=5, stacked=False, seed=2, blocked=True)
+@example(shape=(2, 3, 3, 8, 2), S=40, block=1, stacked=True, seed=3, blocked=True)
 @given(shape=st.sampled_from([(1, 1, 1, 4, 2), (3, 1, 2, 8, 4), (2, 3, 3, 8, 2)]),
        S=st.sampled_from([3, 17, 40]), block=st.sampled_from([1, 5, 16, 64]),
-       stacked=st.booleans(), seed=st.integers(0, 2**16))
-def test_blocks_with_online_softmax_equal_the_float64_softmax(shape, S, block, stacked, seed):
+       stacked=st.booleans(), seed=st.integers(0, 2**16), blocked=st.booleans())
+def test_blocks_with_online_softmax_equal_the_float64_softmax(shape, S, block, stacked, seed,
+                                                              blocked):
+  """XLA's blocked loop (`blocked`), or whichever path the platform takes (the CPU kernel where
+  it is built)."""
   B, T, N, C, R = shape
   rng = np.random.default_rng(seed)
   T = min(T, S)
@@ -57,8 +69,9 @@ def test_blocks_with_online_softmax_equal_the_float64_softmax(shape, S, block, s
   if stacked:   # layer 1 of a 2-layer stack; layer 0 is garbage
     cache = mla.LatentCache(*(jnp.stack([jnp.full_like(x, 7.0), x]) for x in cache))
     layer = jnp.int32(1)
-  got = _attend(jnp.asarray(q_lat, jnp.float32), jnp.asarray(q_rope, jnp.float32), cache,
-                jnp.asarray(pos), layer, 0.3, block=block)
+  attend = _attend_blocked if blocked else _attend
+  got = attend(jnp.asarray(q_lat, jnp.float32), jnp.asarray(q_rope, jnp.float32), cache,
+               jnp.asarray(pos), layer, 0.3, block=block)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 

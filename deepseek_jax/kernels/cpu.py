@@ -1,0 +1,133 @@
+"""The CPU latent decode kernel (`latent_decode.cc`): built, loaded, registered, and called.
+
+XLA:CPU runs the absorbed decode attention as a loop of blocks whose dynamic slices it copies
+before two separate dots, about two passes over the cache plus a fixed cost per op
+(bench/results/DECODE.md). `latent_decode.cc` reads each cached slot once and folds it into an
+online softmax while it sits in L1, split over XLA's intra-op threads.
+
+Built on first use with the system C++ compiler (`$CXX`, else `c++`) against jaxlib's FFI headers,
+into `$DEEPSEEK_JAX_KERNEL_CACHE` (default `~/.cache/deepseek_jax/kernels`), one file per source,
+flags, jax version and machine, written under a temporary name and renamed (two processes building
+at once both succeed). Where no compiler is found, the build fails, or `DEEPSEEK_JAX_CPU_KERNELS=0`,
+`available()` is False and the model keeps XLA's path: the two compute the same function
+(tests/test_latent_kernel.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = pathlib.Path(__file__).with_name("latent_decode.cc")
+TARGET = "deepseek_jax_latent_decode"
+ENABLE_ENV = "DEEPSEEK_JAX_CPU_KERNELS"
+CACHE_ENV = "DEEPSEEK_JAX_KERNEL_CACHE"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+CACHE_DTYPES = {(jnp.dtype(jnp.float32), jnp.dtype(jnp.float32)),
+                (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)),
+                (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.bfloat16))}
+MAX_ROWS = 64   # query rows (T x N) per batch row; above it the scores are a matmul: XLA's job
+_DISABLED = contextvars.ContextVar("deepseek_jax_cpu_kernels_disabled", default=False)
+
+
+@contextlib.contextmanager
+def disabled():
+  """Functions traced inside keep XLA's path (tests and benchmarks compare the two)."""
+  token = _DISABLED.set(True)
+  try:
+    yield
+  finally:
+    _DISABLED.reset(token)
+
+
+def _cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get(CACHE_ENV) or
+                      pathlib.Path.home() / ".cache" / "deepseek_jax" / "kernels")
+
+
+def _host() -> bytes:
+  """What `-march=native` compiles for: the machine and its CPU's feature flags."""
+  try:
+    flags = [line for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith(("flags", "Features", "model name"))][:2]
+  except OSError:
+    flags = []
+  return "\n".join([platform.machine(), platform.processor(), *flags]).encode()
+
+
+def _build() -> pathlib.Path | None:
+  """The shared library, built if missing; None when it cannot be built here."""
+  cxx = shlex.split(os.environ.get("CXX", "c++"))
+  if not cxx or shutil.which(cxx[0]) is None:
+    return None
+  key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(cxx + list(FLAGS)).encode(),
+                                   jax.__version__.encode(), _host()])).hexdigest()[:16]
+  out = _cache_dir() / f"latent_decode-{key}.so"
+  if out.exists():
+    return out
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+      part = pathlib.Path(tmp) / out.name
+      subprocess.run([*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(part)],
+                     check=True, capture_output=True, timeout=300)
+      os.replace(part, out)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out
+
+
+@functools.cache
+def available() -> bool:
+  """True when the kernel is built, loaded and registered for the CPU platform."""
+  if os.environ.get(ENABLE_ENV, "1") == "0":
+    return False
+  path = _build()
+  if path is None:
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LatentDecode), platform="cpu")
+  except (OSError, AttributeError):
+    return False
+  return True
+
+
+def applies(q_lat_BTNC, lat, rope) -> bool:
+  """Whether `latent_decode` takes this call: the kernel is available, the query rows are few
+  (decoding: T x N <= MAX_ROWS) and the cache dtypes are ones it reads. (Under a jit sharded over
+  several devices XLA's partitioner replicates a custom call's operands: right, but gathered;
+  the project's CPU meshes are for tests.)"""
+  _, T, N, _ = q_lat_BTNC.shape
+  return (not _DISABLED.get() and T * N <= MAX_ROWS
+          and (jnp.dtype(lat.dtype), jnp.dtype(rope.dtype)) in CACHE_DTYPES and available())
+
+
+def latent_decode(q_lat_BTNC, q_rope_BTNR, lat, rope, positions_BT, layer, scale):
+  """softmax(scale (q_lat . c_KV + q_rope . k_R)) . c_KV over each query's slots <= its position,
+  on the cache `lat` [B, S, C] / `rope` [B, S, R] or layer `layer` of `[L, B, S, .]` stacks, read
+  in place. -> [B, T, N, C] in the query's dtype; a query that sees no slot gets zeros. CPU only:
+  callers choose it under `jax.lax.platform_dependent` (`mla.latent_attention`)."""
+  B, T, N, C = q_lat_BTNC.shape
+  if lat.ndim == 3:
+    lat, rope, layer = lat[None], rope[None], 0
+  q_lat = (q_lat_BTNC.astype(jnp.float32) * scale).reshape(B, T * N, C)
+  q_rope = (q_rope_BTNR.astype(jnp.float32) * scale).reshape(B, T * N, -1)
+  pos = jnp.repeat(positions_BT.astype(jnp.int32), N, axis=1)
+  out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((B, T * N, C), jnp.float32),
+                         vmap_method="sequential")(
+      q_lat, q_rope, lat, rope, pos, jnp.asarray(layer, jnp.int32))
+  return out.reshape(B, T, N, C).astype(q_lat_BTNC.dtype)

@@ -1,0 +1,130 @@
+"""The CPU latent decode kernel (`kernels/cpu.py`, `latent_decode.cc`): the float64 softmax over
+each query's visible slots for every cache dtype it reads, any row count and width (the 8-lane
+padding), rows split across threads, rows that see nothing; the same decode as XLA's blocked loop;
+and XLA's path wherever it does not apply or cannot be built."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import example, given, settings, strategies as st
+
+from deepseek_jax import mla
+from deepseek_jax.kernels import cpu as cpu_kernels
+from deepseek_jax.model import Transformer, init_model_cache
+from tests.helpers import init_model, random_tokens, small_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel():
+  if not cpu_kernels.available():
+    pytest.skip("the CPU kernel is not built here (no C++ compiler, or "
+                f"{cpu_kernels.ENABLE_ENV}=0): the model runs XLA's path")
+
+
+DTYPES = {"f32": (jnp.float32, jnp.float32), "bf16": (jnp.bfloat16, jnp.bfloat16),
+          "fp8 latent": (jnp.float8_e4m3fn, jnp.bfloat16)}
+
+
+def _reference(q_lat, q_rope, lat, rope, pos, scale):
+  """float64 over the cache as stored: softmax over slots s <= pos of scale (q . c + q_R . k_R)
+  times c; zeros for a query that sees no slot."""
+  q_lat, q_rope, lat, rope = (np.asarray(x, np.float64) for x in (q_lat, q_rope, lat, rope))
+  s = scale * (np.einsum("btnc,bsc->btns", q_lat, lat) + np.einsum("btnr,bsr->btns", q_rope, rope))
+  visible = np.arange(lat.shape[1])[None, None, None, :] <= np.asarray(pos)[:, :, None, None]
+  s = np.where(visible, s, -np.inf)
+  top = np.where(visible.any(-1, keepdims=True), s.max(-1, keepdims=True), 0.0)
+  p = np.exp(s - top)
+  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+  return np.einsum("btns,bsc->btnc", p, lat)
+
+
+@functools.partial(jax.jit, static_argnames=("layer",))
+def _kernel_call(q_lat, q_rope, lat, rope, pos, layer):
+  return cpu_kernels.latent_decode(q_lat, q_rope, lat, rope, pos, layer, 0.25)
+
+
+@settings(deadline=None, max_examples=30)
+@example(B=1, T=1, N=4, C=64, R=16, S=3000, dtype="f32", stacked=False, seed=0)   # 3 thread items
+@example(B=2, T=2, N=3, C=13, R=3, S=5, dtype="bf16", stacked=True, seed=1)      # ragged widths
+@example(B=1, T=1, N=1, C=8, R=8, S=1, dtype="fp8 latent", stacked=True, seed=2)
+@given(B=st.integers(1, 3), T=st.integers(1, 2), N=st.integers(1, 6),
+       C=st.sampled_from([4, 8, 13, 64]), R=st.sampled_from([2, 8, 16]),
+       S=st.integers(1, 1200), dtype=st.sampled_from(sorted(DTYPES)), stacked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_kernel_is_the_float64_softmax(B, T, N, C, R, S, dtype, stacked, seed):
+  rng = np.random.default_rng(seed)
+  lat_dt, rope_dt = DTYPES[dtype]
+  q_lat, q_rope = rng.normal(size=(B, T, N, C)), rng.normal(size=(B, T, N, R))
+  lat = jnp.asarray(rng.normal(size=(B, S, C)), jnp.float32).astype(lat_dt)
+  rope = jnp.asarray(rng.normal(size=(B, S, R)), jnp.float32).astype(rope_dt)
+  # Any position: before the first slot (sees nothing), inside, and past the end (sees all S).
+  pos = rng.integers(-1, S + 3, (B, T)).astype(np.int32)
+  want = _reference(q_lat, q_rope, lat.astype(jnp.float32), rope.astype(jnp.float32), pos, 0.25)
+  layer = 0
+  if stacked:   # layer 1 of a 3-layer stack; the others hold NaN, which must not be read
+    lat, rope = (jnp.stack([jnp.full_like(x, jnp.nan), x, jnp.full_like(x, jnp.nan)])
+                 for x in (lat, rope))
+    layer = 1
+  got = _kernel_call(jnp.asarray(q_lat, jnp.float32), jnp.asarray(q_rope, jnp.float32), lat, rope,
+                     jnp.asarray(pos), layer)
+  np.testing.assert_allclose(np.asarray(got), want, atol=3e-5, rtol=3e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder(cfg, kernel: bool):
+  def step(variables, tokens, cache, positions):
+    return Transformer(cfg).apply(variables, tokens, positions, cache=cache).logits_BTV
+  if kernel:
+    return jax.jit(step)
+
+  def blocked(*args):
+    with cpu_kernels.disabled():
+      return step(*args)
+  return jax.jit(blocked)
+
+
+@pytest.mark.parametrize("T", [1, 2])   # a decode step; two tokens (an MTP draft's check)
+def test_decode_with_the_kernel_is_the_decode_with_xla(T):
+  cfg = small_config()
+  B, P = 2, 9
+  tokens = random_tokens(cfg, B, P + T, seed=3)
+  variables = init_model(Transformer(cfg), tokens)
+  cache = init_model_cache(cfg, B, 32)
+  prompt_logits = jax.jit(lambda v, t, c: Transformer(cfg).apply(v, t, cache=c))(
+      variables, tokens[:, :P], cache)
+  cache = prompt_logits.cache
+  positions = jnp.broadcast_to(P + jnp.arange(T, dtype=jnp.int32), (B, T))
+  got = _decoder(cfg, True)(variables, tokens[:, P:], cache, positions)
+  want = _decoder(cfg, False)(variables, tokens[:, P:], cache, positions)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  text = _decoder(cfg, True).lower(variables, tokens[:, P:], cache, positions).as_text()
+  assert cpu_kernels.TARGET in text   # the kernel ran, not XLA's loop twice
+
+
+def test_the_kernel_stays_out_where_it_does_not_apply(monkeypatch, tmp_path):
+  q = jnp.zeros((1, 1, 4, 8))
+  lat, rope = jnp.zeros((1, 16, 8)), jnp.zeros((1, 16, 4))
+  assert cpu_kernels.applies(q, lat, rope)
+  assert not cpu_kernels.applies(jnp.zeros((1, 17, 4, 8)), lat, rope)   # 68 rows: a matmul
+  assert not cpu_kernels.applies(q, lat.astype(jnp.float16), rope)      # a dtype it does not read
+  with cpu_kernels.disabled():
+    assert not cpu_kernels.applies(q, lat, rope)
+  text = jax.jit(mla.latent_attention).lower(
+      jnp.zeros((1, 17, 4, 8)), jnp.zeros((1, 17, 4, 4)), mla.LatentCache(lat, rope),
+      jnp.zeros((1, 17), jnp.int32), None, 1.0).as_text()
+  assert cpu_kernels.TARGET not in text
+  # No compiler: no kernel, and nothing written.
+  with monkeypatch.context() as m:
+    m.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    m.setenv(cpu_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    assert cpu_kernels._build() is None and not (tmp_path / "cache").exists()
+  # Switched off by the environment; back on (built once, registered again) without it.
+  with monkeypatch.context() as m:
+    m.setenv(cpu_kernels.ENABLE_ENV, "0")
+    cpu_kernels.available.cache_clear()
+    assert not cpu_kernels.available()
+  cpu_kernels.available.cache_clear()
+  assert cpu_kernels.available()
