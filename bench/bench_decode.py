@@ -19,6 +19,7 @@ Every figure is the median of --repeats runs; absolute times on a shared CPU mea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import subprocess
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from deepseek_jax.config import load_config  # noqa: E402
 from deepseek_jax.generate import Carry, Sampling, Tokens, decode_loop, generate  # noqa: E402
 from deepseek_jax.hf import load_hf, save_hf  # noqa: E402
+from deepseek_jax.kernels import cpu as cpu_kernels  # noqa: E402
 from deepseek_jax.mla import FP8_LATENT  # noqa: E402
 from deepseek_jax.model import Transformer, init_model_cache  # noqa: E402
 
@@ -76,11 +78,17 @@ def _state(cfg, batch: int, context: int, steps: int, dtype=None):
   return cache, carry, out
 
 
-def loop_timer(cfg, variables, batch: int, context: int, steps: int, absorb=True, dtype=None):
-  """A function timing `steps` decode steps in one `decode_loop` call (compiled on creation)."""
+def loop_timer(cfg, variables, batch: int, context: int, steps: int, absorb=True, dtype=None,
+               kernel=True):
+  """A function timing `steps` decode steps in one `decode_loop` call (compiled on creation;
+  `kernel=False`: XLA's blocked attention even where the CPU kernel would run)."""
   s, stop = Sampling().arrays(), jnp.full((8,), -1, jnp.int32)
-  compiled = decode_loop.lower(cfg, variables, *_state(cfg, batch, context, steps, dtype), s, stop,
-                               jnp.int32(steps), absorb=absorb).compile()
+  with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+    jax.clear_caches()   # the choice is made when tracing: no trace of the other choice reused
+    compiled = decode_loop.lower(cfg, variables, *_state(cfg, batch, context, steps, dtype), s,
+                                 stop, jnp.int32(steps), absorb=absorb).compile()
+  if kernel != (cpu_kernels.TARGET in compiled.as_text()) and cpu_kernels.available():
+    raise AssertionError(f"the decode step {'lacks' if kernel else 'has'} the CPU kernel")
 
   def run() -> float:
     state = jax.block_until_ready(_state(cfg, batch, context, steps, dtype))
@@ -135,12 +143,17 @@ def step_bytes(cfg, variables, batch: int, context: int, dtype=None) -> dict[str
 
 
 def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats: int,
-                  dtypes=tuple(CACHE_DTYPES)) -> None:
+                  dtypes=tuple(CACHE_DTYPES), attention=("kernel", "xla")) -> None:
+  kernel = cpu_kernels.available() and jax.default_backend() == "cpu"
+  attention = [a for a in attention if a == "xla" or kernel]
   print(f"# roofline: batch {batch}, context {context}, {steps} steps per loop, median of "
-        f"{repeats} (each run: bandwidth, then each cache dtype, interleaved)")
+        f"{repeats} (each run: bandwidth, then each cache dtype and attention, interleaved); "
+        f"attention: {', '.join(attention)} (kernel: the CPU kernel, kernels/cpu.py; xla: XLA's "
+        "blocked loop)")
   bw = bandwidth_timer()
-  timers = {k: loop_timer(cfg, variables, batch, context, steps, dtype=CACHE_DTYPES[k])
-            for k in dtypes}
+  timers = {f"{k}, {a}": loop_timer(cfg, variables, batch, context, steps,
+                                    dtype=CACHE_DTYPES[k], kernel=a == "kernel")
+            for k in dtypes for a in attention}
   runs = {k: [] for k in ["bw", *timers]}
   for _ in range(repeats):
     runs["bw"].append(bw())
@@ -148,12 +161,13 @@ def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats:
       runs[k].append(run())
   bandwidth = float(np.median(runs["bw"]))
   print(f"bandwidth (jitted sum over 512 MiB, this process): {bandwidth / 1e9:.1f} GB/s")
-  for k in dtypes:
+  for key in timers:
+    k = key.split(",")[0]
     terms = step_bytes(cfg, variables, batch, context, CACHE_DTYPES[k])
     total = sum(terms.values())
-    fractions = [total / bandwidth / t for t in runs[k]]
-    t = float(np.median(runs[k]))
-    print(f"cache {k}: {total / 1e6:.1f} MB per step = "
+    fractions = [total / bandwidth / t for t in runs[key]]
+    t = float(np.median(runs[key]))
+    print(f"cache {key}: {total / 1e6:.1f} MB per step = "
           + " + ".join(f"{name} {v / 1e6:.2f}" for name, v in terms.items()))
     print(f"  step {t * 1e3:.2f} ms ({batch / t:.0f} tok/s), roofline {total / bandwidth * 1e3:.2f} "
           f"ms: {np.median(fractions):.0%} of the memory roofline (runs: "
@@ -231,6 +245,8 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--cache-dtypes", default=",".join(CACHE_DTYPES),
                   help=f"comma-separated subset of {', '.join(CACHE_DTYPES)} (roofline part)")
+  ap.add_argument("--attention", default="kernel,xla",
+                  help="comma-separated subset of kernel (the CPU kernel), xla (roofline part)")
   ap.add_argument("--parts", default="roofline,error,absorb",
                   help="comma-separated subset of roofline, error, absorb (and hf with --hf-python)")
   args = ap.parse_args(argv)
@@ -242,7 +258,7 @@ def main(argv=None) -> int:
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
   if "roofline" in parts:
     part_roofline(cfg, variables, args.batch, args.context, args.steps, args.repeats,
-                  args.cache_dtypes.split(","))
+                  args.cache_dtypes.split(","), args.attention.split(","))
   if "error" in parts:
     part_cache_error(cfg, variables)
   if "absorb" in parts:
