@@ -79,7 +79,7 @@ def test_values_without_fp8_bytes_equal_dequantize(x, granularity, contract, pow
       jnp.asarray(x))
   _assert_same_bits(q2.data, q.data)
   _assert_same_bits(q2.scale_inv, q.scale_inv)
-  want = q.dequantize()
+  want = jax.jit(lambda q: q.dequantize())(q)   # one program, not one per eager op and shape
   _assert_same_bits(v2, want)
   _assert_same_bits(v3, want)
 
