@@ -31,7 +31,7 @@ namespace {
 
 constexpr int64_t kSlotBlock = 32;   // slots scored, then accumulated, while they sit in L1
 constexpr int64_t kMinItemSlots = 1024;
-constexpr int64_t kPrefetch = 2;      // blocks ahead the stream is requested
+constexpr int64_t kPrefetch = 16;   // slots ahead the stream is requested (one at a time)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline float from_bf16(uint16_t x) {
@@ -146,16 +146,11 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
   std::fill(l, l + M, 0.0f);
   for (int64_t sb = s0; sb < s1; sb += kSlotBlock) {
     const int64_t nb = std::min<int64_t>(kSlotBlock, s1 - sb);
-    // Ask for the block kPrefetch blocks ahead now: the stream then overlaps this block's math.
-    const int64_t ahead = sb + kPrefetch * kSlotBlock;
-    if (ahead < s1) {
-      const char* lp = reinterpret_cast<const char*>(lat + ahead * C);
-      const char* rp = reinterpret_cast<const char*>(rope + ahead * R);
-      const int64_t n = std::min<int64_t>(kSlotBlock, s1 - ahead);
-      for (int64_t o = 0; o < n * C * int64_t(sizeof(typename Lat::T)); o += 64) __builtin_prefetch(lp + o);
-      for (int64_t o = 0; o < n * R * int64_t(sizeof(typename Rope::T)); o += 64) __builtin_prefetch(rp + o);
-    }
     for (int64_t j = 0; j < nb; ++j) {   // the slot's latent then rope key, one f32 row of K
+      const int64_t ahead = std::min(sb + j + kPrefetch, s1 - 1);   // asked for now, used later
+      const char* lp = reinterpret_cast<const char*>(lat + ahead * C);
+      for (int64_t o = 0; o < C * int64_t(sizeof(typename Lat::T)); o += 64) __builtin_prefetch(lp + o);
+      __builtin_prefetch(rope + ahead * R);
       widen<Lat>(lat + (sb + j) * C, C, 1, Cp, blk.data() + j * K);
       widen<Rope>(rope + (sb + j) * R, R, 1, Rp, blk.data() + j * K + Cp);
     }
