@@ -113,7 +113,7 @@ def test_delayed_state_is_explicit_and_updates_through_its_gradient():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)
   net = _Scanned(make_policy("tensor_delayed"))
-  variables = nn.unbox(net.init(jax.random.key(0), x))
+  variables = nn.unbox(jax.jit(net.init)(jax.random.key(0), x))
   hist = variables["fp8_state"]["ScanBody_0"]["proj"]["amax_history"] \
       if "ScanBody_0" in variables["fp8_state"] else variables["fp8_state"]["proj"]["amax_history"]
   assert hist.shape == (2, 16, 3) and not np.asarray(hist).any()
