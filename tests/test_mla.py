@@ -35,7 +35,7 @@ def test_cached_decode_equals_full_forward(cfg, prefill, chunk, absorb):
   tokens = random_tokens(cfg, 2, T)
   model = Transformer(cfg, absorb=absorb)
   variables = init_model(model, tokens)
-  full = model.apply(variables, tokens).logits_BTV
+  full = jax.jit(model.apply)(variables, tokens).logits_BTV   # compiled: eager ops cost more
   dec = _decode_all(model, variables, tokens, prefill, chunk, max_len=12)
   scale = float(jnp.max(jnp.abs(full)))
   np.testing.assert_allclose(np.asarray(dec), np.asarray(full), atol=1e-5 * max(scale, 1.0))
@@ -46,10 +46,11 @@ def test_absorbed_equals_expanded_decode_step():
   tokens = random_tokens(cfg, 3, 8)
   variables = init_model(Transformer(cfg), tokens)
   cache = init_model_cache(cfg, 3, 8)
-  pre = Transformer(cfg).apply(variables, tokens[:, :7], cache=cache)
+  apply = lambda absorb: jax.jit(Transformer(cfg, absorb=absorb).apply)  # noqa: E731
+  pre = apply(False)(variables, tokens[:, :7], cache=cache)
   pos = jnp.full((3, 1), 7, jnp.int32)
-  a = Transformer(cfg, absorb=True).apply(variables, tokens[:, 7:], positions_BT=pos, cache=pre.cache)
-  e = Transformer(cfg, absorb=False).apply(variables, tokens[:, 7:], positions_BT=pos, cache=pre.cache)
+  a = apply(True)(variables, tokens[:, 7:], positions_BT=pos, cache=pre.cache)
+  e = apply(False)(variables, tokens[:, 7:], positions_BT=pos, cache=pre.cache)
   np.testing.assert_allclose(np.asarray(a.logits_BTV), np.asarray(e.logits_BTV), atol=1e-5)
   # Layer 0 writes identical latents; later layers see inputs that differ by f32 round-off.
   for x, y in zip(jax.tree.leaves(a.cache), jax.tree.leaves(e.cache)):
@@ -63,12 +64,13 @@ def test_ragged_positions_per_row():
   tokens = random_tokens(cfg, 2, 10)
   model = Transformer(cfg)
   variables = init_model(model, tokens)
-  full = model.apply(variables, tokens).logits_BTV
+  apply = jax.jit(model.apply)
+  full = apply(variables, tokens).logits_BTV
   cache = init_model_cache(cfg, 2, 12)
-  cache = model.apply(variables, tokens[:, :8], cache=cache).cache  # row 1 later ignores slots >= 5
+  cache = apply(variables, tokens[:, :8], cache=cache).cache  # row 1 later ignores slots >= 5
   pos = jnp.asarray([[8], [5]], jnp.int32)
   step_tokens = jnp.stack([tokens[0, 8:9], tokens[1, 5:6]])
-  out = model.apply(variables, step_tokens, positions_BT=pos, cache=cache).logits_BTV
+  out = apply(variables, step_tokens, positions_BT=pos, cache=cache).logits_BTV
   np.testing.assert_allclose(np.asarray(out[0, 0]), np.asarray(full[0, 8]), atol=1e-5)
   np.testing.assert_allclose(np.asarray(out[1, 0]), np.asarray(full[1, 5]), atol=1e-5)
 
