@@ -1,5 +1,7 @@
 """MTP (V3 report §2.2): the module matches the hand-written formula; targets shift by k + 1."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,18 +45,26 @@ def test_mtp_matches_hand_written_formula(depth, seed):
                                atol=1e-5 * max(1.0, float(jnp.abs(logits).max())))
 
 
-@given(T=st.integers(3, 12), depth=st.integers(1, 3), seed=st.integers(0, 1000))
-def test_depth_k_predicts_token_k_plus_1_and_ignores_positions_without_target(T, depth, seed):
-  V = 11
-  nxt = jax.random.randint(jax.random.PRNGKey(seed), (2, T), 0, V)  # nxt[i] = t_{i+1}
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _right_and_wrong(nxt, V, depth):
+  """Losses of logits that predict token k + 1 (right) or token k (wrong) at depth k, and the
+  gradients of the right loss; one program per drawn shape instead of eager ops."""
   right = tuple(20.0 * jax.nn.one_hot(shift_left(nxt, k), V) for k in range(1, depth + 1))
   wrong = tuple(20.0 * jax.nn.one_hot(shift_left(nxt, k - 1), V) for k in range(1, depth + 1))
   loss_right, per_right = mtp_loss(right, nxt, lam=1.0)
   loss_wrong, _ = mtp_loss(wrong, nxt, lam=1.0)
+  grads = jax.grad(lambda ls: mtp_loss(ls, nxt, lam=1.0)[0])(right)
+  return loss_right, per_right, loss_wrong, grads
+
+
+@given(T=st.integers(3, 12), depth=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_depth_k_predicts_token_k_plus_1_and_ignores_positions_without_target(T, depth, seed):
+  V = 11
+  nxt = jax.random.randint(jax.random.PRNGKey(seed), (2, T), 0, V)  # nxt[i] = t_{i+1}
+  loss_right, per_right, loss_wrong, grads = _right_and_wrong(nxt, V, depth)
   if T > depth:
     assert float(loss_right) < 1e-6 < float(loss_wrong)
   # Positions i with i + k >= T have no target: their logits get no gradient.
-  grads = jax.grad(lambda ls: mtp_loss(ls, nxt, lam=1.0)[0])(right)
   for k, g in enumerate(grads, start=1):
     assert np.all(np.asarray(g[:, max(T - k, 0):]) == 0.0)
   assert len(per_right) == depth
