@@ -42,19 +42,33 @@ def _reference(q_lat, q_rope, lat, rope, pos, scale):
 
 
 @functools.partial(jax.jit, static_argnames=("layer",))
-def _kernel_call(q_lat, q_rope, lat, rope, pos, layer):
-  return cpu_kernels.latent_decode(q_lat, q_rope, lat, rope, pos, layer, 0.25)
+def _kernel_call(q_lat, q_rope, lat, rope, pos, layer, table=None):
+  return cpu_kernels.latent_decode(q_lat, q_rope, lat, rope, pos, layer, 0.25, table=table)
+
+
+def _paged(x_BSW, P, rng):
+  """x [B, S, W] scattered into a pool [NB, P, W] of shuffled blocks (block 0 unused, the rest
+  NaN-free zeros past S) and the table [B, MB] that reads it back."""
+  B, S, W = x_BSW.shape
+  MB = -(-S // P)
+  padded = jnp.pad(x_BSW, ((0, 0), (0, MB * P - S), (0, 0))).reshape(B * MB, P, W)
+  order = rng.permutation(B * MB) + 1
+  pool = jnp.zeros((B * MB + 1, P, W), x_BSW.dtype).at[order].set(padded)
+  return pool, jnp.asarray(order.reshape(B, MB), jnp.int32)
 
 
 @settings(deadline=None, max_examples=30)
-@example(B=1, T=1, N=4, C=64, R=16, S=3000, dtype="f32", stacked=False, seed=0)   # 3 thread items
-@example(B=2, T=2, N=3, C=13, R=3, S=5, dtype="bf16", stacked=True, seed=1)      # ragged widths
-@example(B=1, T=1, N=1, C=8, R=8, S=1, dtype="fp8 latent", stacked=True, seed=2)
+@example(B=1, T=1, N=4, C=64, R=16, S=3000, dtype="f32", stacked=False, block=None, seed=0)
+@example(B=2, T=2, N=3, C=13, R=3, S=5, dtype="bf16", stacked=True, block=None, seed=1)
+@example(B=1, T=1, N=1, C=8, R=8, S=1, dtype="fp8 latent", stacked=True, block=4, seed=2)
+@example(B=3, T=1, N=4, C=64, R=16, S=1100, dtype="f32", stacked=True, block=16, seed=3)
 @given(B=st.integers(1, 3), T=st.integers(1, 2), N=st.integers(1, 6),
        C=st.sampled_from([4, 8, 13, 64]), R=st.sampled_from([2, 8, 16]),
        S=st.integers(1, 1200), dtype=st.sampled_from(sorted(DTYPES)), stacked=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_kernel_is_the_float64_softmax(B, T, N, C, R, S, dtype, stacked, seed):
+       block=st.sampled_from([None, 1, 4, 16]), seed=st.integers(0, 2**16))
+def test_kernel_is_the_float64_softmax(B, T, N, C, R, S, dtype, stacked, block, seed):
+  """Contiguous (`block` None: example 0 splits its row into 3 thread items) or paged with
+  blocks of `block` slots in a shuffled pool; ragged widths (example 1) pad to 8 lanes."""
   rng = np.random.default_rng(seed)
   lat_dt, rope_dt = DTYPES[dtype]
   q_lat, q_rope = rng.normal(size=(B, T, N, C)), rng.normal(size=(B, T, N, R))
@@ -62,14 +76,21 @@ def test_kernel_is_the_float64_softmax(B, T, N, C, R, S, dtype, stacked, seed):
   rope = jnp.asarray(rng.normal(size=(B, S, R)), jnp.float32).astype(rope_dt)
   # Any position: before the first slot (sees nothing), inside, and past the end (sees all S).
   pos = rng.integers(-1, S + 3, (B, T)).astype(np.int32)
+  table = None
+  if block is not None:   # the last block's slots past S are zeros, readable like any other
+    pad = ((0, 0), (0, -S % block), (0, 0))
+    lat, rope = jnp.pad(lat, pad), jnp.pad(rope, pad)
   want = _reference(q_lat, q_rope, lat.astype(jnp.float32), rope.astype(jnp.float32), pos, 0.25)
+  if block is not None:
+    (lat, table), (rope, _) = _paged(lat, block, np.random.default_rng(seed)), _paged(
+        rope, block, np.random.default_rng(seed))
   layer = 0
   if stacked:   # layer 1 of a 3-layer stack; the others hold NaN, which must not be read
     lat, rope = (jnp.stack([jnp.full_like(x, jnp.nan), x, jnp.full_like(x, jnp.nan)])
                  for x in (lat, rope))
     layer = 1
   got = _kernel_call(jnp.asarray(q_lat, jnp.float32), jnp.asarray(q_rope, jnp.float32), lat, rope,
-                     jnp.asarray(pos), layer)
+                     jnp.asarray(pos), layer, table)
   np.testing.assert_allclose(np.asarray(got), want, atol=3e-5, rtol=3e-5)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels import cpu as cpu_kernels
 from deepseek_jax.layers import dtype_of
 from deepseek_jax.mla import online_latent_attention
 
@@ -81,8 +82,18 @@ class PagedLatentCache:
       rope_BSR = self.rope_pool[self._where(layer, blocks_BG)].reshape(B, G * P, -1)
       return lat_BSC, rope_BSR, g * G * P
 
-    return online_latent_attention(q_lat_BTNC, q_rope_BTNR, read_block, used, G * P,
-                                   positions_BT, scale)
+    def blocked():
+      return online_latent_attention(q_lat_BTNC, q_rope_BTNR, read_block, used, G * P,
+                                     positions_BT, scale)
+
+    if not cpu_kernels.applies(q_lat_BTNC, self.latent_pool, self.rope_pool):
+      return blocked()
+    # One pass through the table on the CPU (kernels/cpu.py); XLA's blocked loop elsewhere.
+    return jax.lax.platform_dependent(
+        cpu=lambda: cpu_kernels.latent_decode(q_lat_BTNC, q_rope_BTNR, self.latent_pool,
+                                              self.rope_pool, positions_BT, layer, scale,
+                                              table=self.table_BM),
+        default=blocked)
 
 
 def init_pools(cfg: ModelConfig, num_blocks: int, block_size: int, dtype=None,

@@ -116,18 +116,24 @@ def applies(q_lat_BTNC, lat, rope) -> bool:
           and (jnp.dtype(lat.dtype), jnp.dtype(rope.dtype)) in CACHE_DTYPES and available())
 
 
-def latent_decode(q_lat_BTNC, q_rope_BTNR, lat, rope, positions_BT, layer, scale):
+def latent_decode(q_lat_BTNC, q_rope_BTNR, lat, rope, positions_BT, layer, scale, table=None):
   """softmax(scale (q_lat . c_KV + q_rope . k_R)) . c_KV over each query's slots <= its position,
-  on the cache `lat` [B, S, C] / `rope` [B, S, R] or layer `layer` of `[L, B, S, .]` stacks, read
-  in place. -> [B, T, N, C] in the query's dtype; a query that sees no slot gets zeros. CPU only:
-  callers choose it under `jax.lax.platform_dependent` (`mla.latent_attention`)."""
+  read in place. -> [B, T, N, C] in the query's dtype; a query that sees no slot gets zeros.
+
+  Contiguous (`table=None`): the cache `lat` [B, S, C] / `rope` [B, S, R], or layer `layer` of
+  `[L, B, S, .]` stacks. Paged: pools [(L,) NB, P, C] / [(L,) NB, P, R] and the block table
+  [B, MB]: row b's slot s is block table[b, s // P], offset s % P (entries must lie in the pool).
+  CPU only: callers choose it under `jax.lax.platform_dependent` (`mla.latent_attention`,
+  `generate.paged`)."""
   B, T, N, C = q_lat_BTNC.shape
-  if lat.ndim == 3:
+  if lat.ndim == 3:   # one layer, no L axis
     lat, rope, layer = lat[None], rope[None], 0
+  if table is None:   # a contiguous cache: B blocks of S slots, row b's table [b]
+    table = jnp.arange(B, dtype=jnp.int32)[:, None]
   q_lat = (q_lat_BTNC.astype(jnp.float32) * scale).reshape(B, T * N, C)
   q_rope = (q_rope_BTNR.astype(jnp.float32) * scale).reshape(B, T * N, -1)
   pos = jnp.repeat(positions_BT.astype(jnp.int32), N, axis=1)
   out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((B, T * N, C), jnp.float32),
                          vmap_method="sequential")(
-      q_lat, q_rope, lat, rope, pos, jnp.asarray(layer, jnp.int32))
+      q_lat, q_rope, lat, rope, table.astype(jnp.int32), pos, jnp.asarray(layer, jnp.int32))
   return out.reshape(B, T, N, C).astype(q_lat_BTNC.dtype)

@@ -4,9 +4,11 @@
 // (bench/results/DECODE.md), so this kernel reads each cached slot once, scores it against every
 // query row, and folds it into an online softmax while the slot is still in L1.
 //
-// out[b, m, :] = softmax_s(q_lat[b, m] . lat[layer, b, s] + q_rope[b, m] . rope[layer, b, s])
-//                . lat[layer, b, s]   over the slots s <= pos[b, m] (and s < S);
-// a row that sees no slot gets zeros. Queries come scaled, in f32; the cache is f32, bf16, or
+// out[b, m, :] = softmax_s(q_lat[b, m] . c[b, s] + q_rope[b, m] . k[b, s]) . c[b, s]
+//   over the slots s <= pos[b, m] (and s < MB P), where row b's slot s lives in the pools
+//   lat [L, NB, P, C] and rope [L, NB, P, R] at layer `layer`, block table[b, s / P], offset
+//   s % P (a paged cache; a contiguous [L, B, S, .] cache is NB = B blocks of P = S slots with
+//   table[b] = [b]); a row that sees no slot gets zeros. Queries come scaled, in f32; the cache is f32, bf16, or
 // e4m3fn latent with a bf16 rope key; the softmax and the sums are f32. Work is split into
 // (row, slot range) items across XLA's intra-op thread pool (split-K, as flash decoding does),
 // each with its own running max, denominator and accumulator, combined at the end.
@@ -131,16 +133,18 @@ inline void widen(const typename Fmt::T* src, int64_t n, int64_t rows, int64_t w
 }
 
 struct Shape {
-  int64_t B, M, C, R, S;
+  int64_t B, M, C, R, P, MB;   // rows, query rows, widths, slots per block, blocks per row
 };
 
 // One item: row b, slots [s0, s1). q [M4, Cp + Rp] (padded, rows past M zero). Writes
 // m_run[M], l[M], acc[M, C].
 template <typename Lat, typename Rope>
 void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat::T* lat,
-                  const typename Rope::T* rope, const int32_t* pos, int64_t s0, int64_t s1,
+                  const typename Rope::T* rope, const int32_t* table, const int32_t* pos,
+                  int64_t s0, int64_t s1,
                   float* m_run, float* l, float* acc) {
-  const int64_t M = d.M, C = d.C, R = d.R, Cp = pad8(C), Rp = pad8(R), K = Cp + Rp;
+  const int64_t M = d.M, C = d.C, R = d.R, P = d.P, Cp = pad8(C), Rp = pad8(R), K = Cp + Rp;
+  auto at = [&](int64_t s) { return static_cast<int64_t>(table[s / P]) * P + s % P; };
   std::vector<float> blk(kSlotBlock * K), p(M4 * kSlotBlock, 0.0f), accp(M4 * Cp, 0.0f);
   std::fill(m_run, m_run + M, kNegInf);
   std::fill(l, l + M, 0.0f);
@@ -148,11 +152,12 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
     const int64_t nb = std::min<int64_t>(kSlotBlock, s1 - sb);
     for (int64_t j = 0; j < nb; ++j) {   // the slot's latent then rope key, one f32 row of K
       const int64_t ahead = std::min(sb + j + kPrefetch, s1 - 1);   // asked for now, used later
-      const char* lp = reinterpret_cast<const char*>(lat + ahead * C);
+      const int64_t later = at(ahead), now = at(sb + j);
+      const char* lp = reinterpret_cast<const char*>(lat + later * C);
       for (int64_t o = 0; o < C * int64_t(sizeof(typename Lat::T)); o += 64) __builtin_prefetch(lp + o);
-      __builtin_prefetch(rope + ahead * R);
-      widen<Lat>(lat + (sb + j) * C, C, 1, Cp, blk.data() + j * K);
-      widen<Rope>(rope + (sb + j) * R, R, 1, Rp, blk.data() + j * K + Cp);
+      __builtin_prefetch(rope + later * R);
+      widen<Lat>(lat + now * C, C, 1, Cp, blk.data() + j * K);
+      widen<Rope>(rope + now * R, R, 1, Rp, blk.data() + j * K + Cp);
     }
     // Scores, two slots against four query rows per pass (eight running sums, one tree reduce).
     for (int64_t j = nb; j < pad2(nb); ++j) std::fill(&blk[j * K], &blk[j * K] + K, 0.0f);
@@ -232,12 +237,15 @@ struct Item {
 };
 
 template <typename Lat, typename Rope>
-ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t layer, const float* q_lat,
-               const float* q_rope, const void* lat_v, const void* rope_v, const int32_t* pos,
-               float* out) {
+ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t NB, int64_t layer,
+               const float* q_lat, const float* q_rope, const void* lat_v, const void* rope_v,
+               const int32_t* table, const int32_t* pos, float* out) {
   const auto* lat = static_cast<const typename Lat::T*>(lat_v);
   const auto* rope = static_cast<const typename Rope::T*>(rope_v);
-  const int64_t B = d.B, M = d.M, C = d.C, S = d.S;
+  const int64_t B = d.B, M = d.M, C = d.C, S = d.P * d.MB;
+  for (int64_t i = 0; i < B * d.MB; ++i)
+    if (table[i] < 0 || table[i] >= NB)
+      return ffi::Error::InvalidArgument("latent_decode: a block table entry is outside the pool");
   const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
   // Each row's slots up to its furthest query, cut so that there are a few items per thread.
   std::vector<Item> items;
@@ -270,9 +278,10 @@ ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t layer, const float*
     for (int64_t i; (i = next->fetch_add(1)) < n;) {
       const Item& it = items[i];
       float* st = state->data() + i * part;
-      const int64_t base = (layer * B + it.b) * S;
+      const int64_t base = layer * NB * d.P;
       attend_range<Lat, Rope>(d, qpad->data() + it.b * M4 * K, M4, lat + base * C,
-                              rope + base * d.R, pos + it.b * M, it.s0, it.s1, st, st + M,
+                              rope + base * d.R, table + it.b * d.MB, pos + it.b * M, it.s0,
+                              it.s1, st, st + M,
                               st + 2 * M);
       done->fetch_add(1);
     }
@@ -316,29 +325,31 @@ ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t layer, const float*
 
 ffi::Error LatentDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat,
                             ffi::Buffer<ffi::F32> q_rope, ffi::AnyBuffer lat, ffi::AnyBuffer rope,
-                            ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> layer,
-                            ffi::ResultBuffer<ffi::F32> out) {
+                            ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> pos,
+                            ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q_lat.dimensions(), rd = q_rope.dimensions(), ld = lat.dimensions(),
-       kd = rope.dimensions();
-  if (qd.size() != 3 || rd.size() != 3 || ld.size() != 4 || kd.size() != 4)
-    return ffi::Error::InvalidArgument("latent_decode: ranks must be 3, 3, 4, 4");
-  const Shape d{qd[0], qd[1], qd[2], rd[2], ld[2]};
-  if (ld[1] != d.B || ld[3] != d.C || kd[1] != d.B || kd[2] != d.S || kd[3] != d.R ||
-      kd[0] != ld[0] || rd[0] != d.B || rd[1] != d.M)
+       kd = rope.dimensions(), td = table.dimensions(), pd = pos.dimensions();
+  if (qd.size() != 3 || rd.size() != 3 || ld.size() != 4 || kd.size() != 4 || td.size() != 2 ||
+      pd.size() != 2)
+    return ffi::Error::InvalidArgument("latent_decode: ranks must be 3, 3, 4, 4, 2, 2");
+  const Shape d{qd[0], qd[1], qd[2], rd[2], ld[2], td[1]};
+  if (ld[3] != d.C || kd[0] != ld[0] || kd[1] != ld[1] || kd[2] != d.P || kd[3] != d.R ||
+      rd[0] != d.B || rd[1] != d.M || td[0] != d.B || pd[0] != d.B || pd[1] != d.M)
     return ffi::Error::InvalidArgument("latent_decode: shapes do not match");
-  const int64_t L = ld[0];
+  const int64_t L = ld[0], NB = ld[1];
   const int64_t li = static_cast<int64_t>(layer.typed_data()[0]);
   if (li < 0 || li >= L) return ffi::Error::InvalidArgument("latent_decode: layer out of range");
   auto lt = lat.element_type(), rt = rope.element_type();
   const float *ql = q_lat.typed_data(), *qr = q_rope.typed_data();
-  const int32_t* p = pos.typed_data();
+  const int32_t *t = table.typed_data(), *p = pos.typed_data();
+  const void *lv = lat.untyped_data(), *rv = rope.untyped_data();
   float* o = out->typed_data();
   if (lt == ffi::DataType::F32 && rt == ffi::DataType::F32)
-    return run<F32, F32>(pool, d, li, ql, qr, lat.untyped_data(), rope.untyped_data(), p, o);
+    return run<F32, F32>(pool, d, NB, li, ql, qr, lv, rv, t, p, o);
   if (lt == ffi::DataType::BF16 && rt == ffi::DataType::BF16)
-    return run<BF16, BF16>(pool, d, li, ql, qr, lat.untyped_data(), rope.untyped_data(), p, o);
+    return run<BF16, BF16>(pool, d, NB, li, ql, qr, lv, rv, t, p, o);
   if (lt == ffi::DataType::F8E4M3FN && rt == ffi::DataType::BF16)
-    return run<E4M3, BF16>(pool, d, li, ql, qr, lat.untyped_data(), rope.untyped_data(), p, o);
+    return run<E4M3, BF16>(pool, d, NB, li, ql, qr, lv, rv, t, p, o);
   return ffi::Error::InvalidArgument("latent_decode: cache dtypes must be f32/f32, bf16/bf16 or "
                                      "f8e4m3fn/bf16");
 }
@@ -350,8 +361,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LatentDecode, LatentDecodeImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q_lat [B, M, C], scaled
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q_rope [B, M, R], scaled
-                                  .Arg<ffi::AnyBuffer>()          // lat [L, B, S, C]
-                                  .Arg<ffi::AnyBuffer>()          // rope [L, B, S, R]
+                                  .Arg<ffi::AnyBuffer>()          // lat [L, NB, P, C]
+                                  .Arg<ffi::AnyBuffer>()          // rope [L, NB, P, R]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // table [B, MB]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // pos [B, M]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // layer []
                                   .Ret<ffi::Buffer<ffi::F32>>()); // out [B, M, C]
