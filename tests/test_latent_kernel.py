@@ -149,3 +149,48 @@ def test_the_kernel_stays_out_where_it_does_not_apply(monkeypatch, tmp_path):
     assert not cpu_kernels.available()
   cpu_kernels.available.cache_clear()
   assert cpu_kernels.available()
+
+
+@settings(deadline=None, max_examples=15)
+@given(B=st.integers(1, 3), T=st.integers(1, 3), S=st.integers(3, 40), W=st.sampled_from([3, 16]),
+       dtype=st.sampled_from([jnp.bfloat16, jnp.float8_e4m3fn]), stacked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_narrow_cache_writes_are_dynamic_update_slices(B, T, S, W, dtype, stacked, seed):
+  """`mla._write` on a bf16 / e4m3 cache (the CPU kernel's in-place copy) equals the XLA
+  update, starts past the end clamped as dynamic_update_slice clamps them."""
+  T = min(T, S)
+  rng = np.random.default_rng(seed)
+  shape = ((3,) if stacked else ()) + (B, S, W)
+  cache = jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype)
+  new = jnp.asarray(rng.normal(size=(B, T, W)), jnp.float32)
+  start = jnp.asarray(rng.integers(0, S + 2, B), jnp.int32)
+  layer = jnp.int32(2) if stacked else None
+  write = jax.jit(mla._write)
+  with cpu_kernels.disabled():
+    want = jax.jit(lambda *a: mla._write(*a))(cache, new, start, layer)
+  got = write(cache, new, start, layer)
+  assert cpu_kernels.WRITE_TARGET in write.lower(cache, new, start, layer).as_text()
+  np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                np.asarray(want.astype(jnp.float32)))
+
+
+def test_paged_writes_of_a_narrow_pool_are_the_scatter():
+  """`PagedLatentCache.write` into bf16 pools (the kernel's rows: block * P + offset; positions
+  past the table go to the scratch block) equals XLA's scatter."""
+  from deepseek_jax.generate.paged import PagedLatentCache
+  rng = np.random.default_rng(0)
+  L, NB, P, C, R, B, T = 2, 9, 4, 8, 4, 3, 2
+  pools = [jnp.asarray(rng.normal(size=(L, NB, P, w)), jnp.bfloat16) for w in (C, R)]
+  table = jnp.asarray([[3, 5], [1, 2], [8, 7]], jnp.int32)
+  positions = jnp.asarray([[0, 1], [6, 7], [7, 8]], jnp.int32)   # row 2's second: past the table
+  new = [jnp.asarray(rng.normal(size=(B, T, w)), jnp.float32) for w in (C, R)]
+
+  def write(lp, rp, *args):
+    return PagedLatentCache(lp, rp, table).write(*args, jnp.int32(1))
+  got = jax.jit(write)(*pools, *new, positions)
+  with cpu_kernels.disabled():
+    want = jax.jit(lambda *a: write(*a))(*pools, *new, positions)
+  assert cpu_kernels.WRITE_TARGET in jax.jit(write).lower(*pools, *new, positions).as_text()
+  for g, w in ((got.latent_pool, want.latent_pool), (got.rope_pool, want.rope_pool)):
+    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                  np.asarray(w.astype(jnp.float32)))

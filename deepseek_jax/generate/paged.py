@@ -61,9 +61,23 @@ class PagedLatentCache:
     inside_BT = (j_BT >= 0) & (j_BT < MB)
     blocks_BT = jnp.where(inside_BT, jnp.take_along_axis(self.table_BM, jnp.clip(j_BT, 0, MB - 1),
                                                          axis=1), SCRATCH)
-    at = self._where(layer, blocks_BT, jnp.where(inside_BT, pos_BT % P, 0))
-    return self.replace(latent_pool=self.latent_pool.at[at].set(latent_BTC.astype(self.dtype)),
-                         rope_pool=self.rope_pool.at[at].set(rope_BTR.astype(self.dtype)))
+    offsets_BT = jnp.where(inside_BT, pos_BT % P, 0)
+    at = self._where(layer, blocks_BT, offsets_BT)
+
+    def scatter(pool, new):
+      return pool.at[at].set(new.astype(self.dtype))
+
+    def write(pool, new):
+      if not cpu_kernels.write_applies(pool):
+        return scatter(pool, new)
+      # XLA:CPU widens a bf16 / f8 scatter over the whole pool; the kernel copies the rows.
+      return jax.lax.platform_dependent(
+          pool, new,
+          cpu=lambda p, n: cpu_kernels.latent_write(p, n, blocks_BT * P + offsets_BT, layer),
+          default=scatter)
+
+    return self.replace(latent_pool=write(self.latent_pool, latent_BTC),
+                        rope_pool=write(self.rope_pool, rope_BTR))
 
   def attend(self, q_lat_BTNC, q_rope_BTNR, positions_BT, layer, scale) -> jax.Array:
     """`mla.online_latent_attention` (the contiguous cache's kernel) over the row's positions

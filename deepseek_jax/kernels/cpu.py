@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 SOURCE = pathlib.Path(__file__).with_name("latent_decode.cc")
 TARGET = "deepseek_jax_latent_decode"
+WRITE_TARGET = "deepseek_jax_latent_write"
 ENABLE_ENV = "DEEPSEEK_JAX_CPU_KERNELS"
 CACHE_ENV = "DEEPSEEK_JAX_KERNEL_CACHE"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -101,6 +102,7 @@ def available() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LatentDecode), platform="cpu")
+    jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.LatentWrite), platform="cpu")
   except (OSError, AttributeError):
     return False
   return True
@@ -137,3 +139,24 @@ def latent_decode(q_lat_BTNC, q_rope_BTNR, lat, rope, positions_BT, layer, scale
                          vmap_method="sequential")(
       q_lat, q_rope, lat, rope, table.astype(jnp.int32), pos, jnp.asarray(layer, jnp.int32))
   return out.reshape(B, T, N, C).astype(q_lat_BTNC.dtype)
+
+
+NARROW = {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float8_e4m3fn)}
+
+
+def write_applies(cache) -> bool:
+  """Whether `latent_write` takes a cache write: a bf16 or e4m3 cache (XLA:CPU widens their
+  dynamic-update-slice to f32 over the whole cache; f32 updates are in place already)."""
+  return not _DISABLED.get() and jnp.dtype(cache.dtype) in NARROW and available()
+
+
+def latent_write(cache, new_BTW, rows_BT, layer=None):
+  """`cache` [(L,) NB, P, W] with new_BTW [B, T, W] written at rows (block * P + offset) rows_BT
+  of layer `layer` (rows < 0 skipped), in place (the output aliases the cache). CPU only."""
+  squeeze = cache.ndim == 3
+  c = cache[None] if squeeze else cache
+  out = jax.ffi.ffi_call(WRITE_TARGET, jax.ShapeDtypeStruct(c.shape, c.dtype),
+                         input_output_aliases={0: 0}, vmap_method="sequential")(
+      c, new_BTW.astype(c.dtype), rows_BT.astype(jnp.int32),
+      jnp.asarray(0 if layer is None or squeeze else layer, jnp.int32))
+  return out[0] if squeeze else out

@@ -8,10 +8,10 @@
 //   over the slots s <= pos[b, m] (and s < MB P), where row b's slot s lives in the pools
 //   lat [L, NB, P, C] and rope [L, NB, P, R] at layer `layer`, block table[b, s / P], offset
 //   s % P (a paged cache; a contiguous [L, B, S, .] cache is NB = B blocks of P = S slots with
-//   table[b] = [b]); a row that sees no slot gets zeros. Queries come scaled, in f32; the cache is f32, bf16, or
-// e4m3fn latent with a bf16 rope key; the softmax and the sums are f32. Work is split into
-// (row, slot range) items across XLA's intra-op thread pool (split-K, as flash decoding does),
-// each with its own running max, denominator and accumulator, combined at the end.
+//   table[b] = [b]); a row that sees no slot gets zeros. Queries come scaled, in f32; the
+//   cache is f32, bf16, or e4m3fn latent with a bf16 rope key; softmax and sums are f32.
+// Work is split into (row, slot range) items across XLA's intra-op thread pool (split-K, as
+// flash decoding does), each with its own running max, denominator and accumulator, combined.
 //
 // Built by deepseek_jax/kernels/cpu.py with the system C++ compiler against jaxlib's FFI headers.
 
@@ -36,11 +36,10 @@ constexpr int64_t kMinItemSlots = 1024;
 constexpr int64_t kPrefetch = 16;   // slots ahead the stream is requested (one at a time)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline float from_bf16(uint16_t x) {
-  uint32_t bits = static_cast<uint32_t>(x) << 16;
+inline float from_bf16(uint16_t x) {   // a bf16 is an f32's top half
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
   float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return std::memcpy(&f, &bits, 4), f;
 }
 
 struct E4M3Table {   // e4m3fn byte -> f32 (NaN for the two NaN patterns)
@@ -60,12 +59,9 @@ const E4M3Table kE4M3;
 struct F32 { using T = float; static float get(const float* p, int64_t i) { return p[i]; } };
 struct BF16 {
   using T = uint16_t;
-  static float get(const uint16_t* p, int64_t i) { return from_bf16(p[i]); }
+  static float get(const T* p, int64_t i) { return from_bf16(p[i]); }
 };
-struct E4M3 {
-  using T = uint8_t;
-  static float get(const uint8_t* p, int64_t i) { return kE4M3.v[p[i]]; }
-};
+struct E4M3 { using T = uint8_t; static float get(const T* p, int64_t k) { return kE4M3.v[p[k]]; }};
 
 typedef float v8 __attribute__((vector_size(32)));     // 8 lanes (AVX2 on x86; GCC splits
 typedef int32_t vi8 __attribute__((vector_size(32)));   // them where the target is narrower)
@@ -121,15 +117,11 @@ inline v8 exp8(v8 x) {
   return under ? splat(0.0f) : y;
 }
 
-// A block of slots widened to f32 rows of `width` (a multiple of 8, zero-padded).
+// One slot widened to an f32 row of `width` (a multiple of 8, zero-padded).
 template <typename Fmt>
-inline void widen(const typename Fmt::T* src, int64_t n, int64_t rows, int64_t width,
-                  float* dst) {
-  for (int64_t j = 0; j < rows; ++j) {
-    float* d = dst + j * width;
-    for (int64_t i = 0; i < n; ++i) d[i] = Fmt::get(src + j * n, i);
-    for (int64_t i = n; i < width; ++i) d[i] = 0.0f;
-  }
+inline void widen(const typename Fmt::T* src, int64_t n, int64_t width, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Fmt::get(src, i);
+  for (int64_t i = n; i < width; ++i) dst[i] = 0.0f;
 }
 
 struct Shape {
@@ -154,10 +146,11 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
       const int64_t ahead = std::min(sb + j + kPrefetch, s1 - 1);   // asked for now, used later
       const int64_t later = at(ahead), now = at(sb + j);
       const char* lp = reinterpret_cast<const char*>(lat + later * C);
-      for (int64_t o = 0; o < C * int64_t(sizeof(typename Lat::T)); o += 64) __builtin_prefetch(lp + o);
+      for (int64_t o = 0; o < C * int64_t(sizeof(typename Lat::T)); o += 64)
+        __builtin_prefetch(lp + o);
       __builtin_prefetch(rope + later * R);
-      widen<Lat>(lat + now * C, C, 1, Cp, blk.data() + j * K);
-      widen<Rope>(rope + now * R, R, 1, Rp, blk.data() + j * K + Cp);
+      widen<Lat>(lat + now * C, C, Cp, blk.data() + j * K);
+      widen<Rope>(rope + now * R, R, Rp, blk.data() + j * K + Cp);
     }
     // Scores, two slots against four query rows per pass (eight running sums, one tree reduce).
     for (int64_t j = nb; j < pad2(nb); ++j) std::fill(&blk[j * K], &blk[j * K] + K, 0.0f);
@@ -198,7 +191,8 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
       }
       const float r = m_run[m] == kNegInf ? 0.0f : exp8(splat(m_run[m] - mn))[0];
       if (r != 1.0f)
-        for (int64_t c = 0; c < Cp; c += kW) store8(&accp[m * Cp + c], load8(&accp[m * Cp + c]) * r);
+        for (int64_t c = 0; c < Cp; c += kW) store8(&accp[m * Cp + c],
+                                                      load8(&accp[m * Cp + c]) * r);
       l[m] = l[m] * r + sum;
       m_run[m] = mn;
     }
@@ -259,7 +253,8 @@ ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t NB, int64_t layer,
   }
   const int64_t chunk = std::max<int64_t>(kMinItemSlots, total / (4 * threads) + 1);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t s0 = 0; s0 < used[b]; s0 += chunk) items.push_back({b, s0, std::min(used[b], s0 + chunk)});
+    for (int64_t s0 = 0; s0 < used[b]; s0 += chunk)
+      items.push_back({b, s0, std::min(used[b], s0 + chunk)});
   const int64_t n = static_cast<int64_t>(items.size());
   // Queries padded: rows to a multiple of 4, [latent | rope] each to multiples of 8 lanes.
   const int64_t M4 = (M + 3) / 4 * 4, Cp = pad8(C), K = Cp + pad8(d.R);
@@ -354,6 +349,32 @@ ffi::Error LatentDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat,
                                      "f8e4m3fn/bf16");
 }
 
+// The cache write of a decode step, in place: rows[b, t] >= 0 is the row (block * P + offset) of
+// layer `layer` that new[b, t] goes to. XLA:CPU widens a bf16 / f8 dynamic-update-slice to f32
+// over the whole cache (a convert of every slot, each step); this copies the new rows only.
+ffi::Error LatentWriteImpl(ffi::AnyBuffer cache, ffi::AnyBuffer fresh, ffi::Buffer<ffi::S32> rows,
+                           ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out) {
+  auto cd = cache.dimensions(), fd = fresh.dimensions(), rd = rows.dimensions();
+  if (cd.size() != 4 || fd.size() != 3 || rd.size() != 2 || fd[2] != cd[3] || rd[0] != fd[0] ||
+      rd[1] != fd[1] || cache.element_type() != fresh.element_type())
+    return ffi::Error::InvalidArgument("latent_write: shapes or dtypes do not match");
+  const int64_t L = cd[0], n_rows = cd[1] * cd[2], W = cd[3];
+  const int64_t li = static_cast<int64_t>(layer.typed_data()[0]);
+  if (li < 0 || li >= L) return ffi::Error::InvalidArgument("latent_write: layer out of range");
+  const size_t row_bytes = static_cast<size_t>(W) * ffi::ByteWidth(cache.element_type());
+  char* dst = static_cast<char*>(out->untyped_data());
+  if (dst != cache.untyped_data())   // XLA did not alias the buffers: start from the input
+    std::memcpy(dst, cache.untyped_data(), cache.size_bytes());
+  const char* src = static_cast<const char*>(fresh.untyped_data());
+  const int32_t* r = rows.typed_data();
+  for (int64_t i = 0; i < rd[0] * rd[1]; ++i) {
+    if (r[i] < 0) continue;
+    if (r[i] >= n_rows) return ffi::Error::InvalidArgument("latent_write: a row outside the cache");
+    std::memcpy(dst + (li * n_rows + r[i]) * row_bytes, src + i * row_bytes, row_bytes);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LatentDecode, LatentDecodeImpl,
@@ -367,3 +388,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LatentDecode, LatentDecodeImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // pos [B, M]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // layer []
                                   .Ret<ffi::Buffer<ffi::F32>>()); // out [B, M, C]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LatentWrite, LatentWriteImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()          // cache [L, NB, P, W]
+                                  .Arg<ffi::AnyBuffer>()          // new [B, T, W]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // rows [B, T] (-1: skip)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer []
+                                  .Ret<ffi::AnyBuffer>());        // the cache, aliased
