@@ -63,8 +63,8 @@ def test_two_runs_with_one_seed_are_identical(run_a, xla_cache, tmp_path):
 def test_data_parallel_run_matches_the_single_device_run(run_a, xla_cache, tmp_path):
   workdir_a, _ = run_a
   flags = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
-  # The shared run's first 40 steps, to its first eval: its learning rate is warmup then peak until
-  # step 81 (decay_start_frac 0.676 of 120), which a 40-step run has with its decay moved to the end.
+  # The shared run's first 40 steps, to its first eval: its learning rate is warmup then peak
+  # until step 81 (decay_start_frac 0.676 of 120), as in a 40-step run with its decay at the end.
   proc = run_train(xla_cache, tmp_path, "--steps", "40", *RUN, "train.decay_start_frac=1",
                    "train.decay_end_frac=1", env_extra={"XLA_FLAGS": flags})
   assert "mesh: data=2 fsdp=1 expert=1 tensor=1 (2 devices)" in proc.stdout
