@@ -85,18 +85,23 @@ def _write(cache: jax.Array, new: jax.Array, start_B: jax.Array, layer=None) -> 
         new, cache, rows_BT,
         cpu=lambda n, c, r: cpu_kernels.latent_write(c, n, r, layer),
         default=lambda n, c, r: _update(c, n, start_B, layer))
-  return _update(cache, new, start_B, layer)
-
-
-def _update(cache, new, start_B, layer):
-  """`_write`'s dynamic_update_slice per row, in place. A narrow float cache is updated as its
-  bit patterns (an integer update is never widened; the bitcasts cost nothing, but XLA:CPU then
-  fuses them into a pass over the stack: ~0.7 ms per layer at context 8192, batch 8, against
-  ~100 ms widened)."""
   bits = {1: jnp.uint8, 2: jnp.uint16}.get(cache.dtype.itemsize)
-  narrow = bits is not None and jnp.issubdtype(cache.dtype, jnp.floating)
+  if bits is None or not jnp.issubdtype(cache.dtype, jnp.floating):
+    return _update(cache, new, start_B, layer)
+  # No kernel: on the CPU a narrow float cache is updated as its bit patterns (XLA:CPU never
+  # widens an integer update; the bitcasts then fuse into one pass over the stack, ~0.7 ms per
+  # layer at context 8192, batch 8, against ~100 ms widened). GPUs update bf16 in place.
+  return jax.lax.platform_dependent(
+      new, cache,
+      cpu=lambda n, c: _update(c, n, start_B, layer, bits),
+      default=lambda n, c: _update(c, n, start_B, layer))
+
+
+def _update(cache, new, start_B, layer, bits=None):
+  """`_write`'s dynamic_update_slice per row, in place; with `bits` (uint8/uint16) a narrow float
+  cache is updated as its bit patterns."""
   dtype = cache.dtype
-  if narrow:
+  if bits is not None:
     cache, new = (jax.lax.bitcast_convert_type(x, bits) for x in (cache, new))
   lead = () if layer is None else (layer,)
   zero = jnp.zeros((), jnp.int32)
@@ -112,7 +117,7 @@ def _update(cache, new, start_B, layer):
       cache = row(b, cache)
   else:
     cache = jax.lax.fori_loop(0, B, row, cache)
-  return jax.lax.bitcast_convert_type(cache, dtype) if narrow else cache
+  return cache if bits is None else jax.lax.bitcast_convert_type(cache, dtype)
 
 
 # Cache slots per step of the decode attention's online softmax: small enough that a block
