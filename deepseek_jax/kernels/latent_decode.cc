@@ -74,11 +74,7 @@ inline v8 load8(const float* p) {
   return x;
 }
 inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof(x)); }
-inline float hsum(v8 x) {
-  float s = 0.0f;
-  for (int i = 0; i < kW; ++i) s += x[i];
-  return s;
-}
+inline float hsum(v8 x) { return (x[0] + x[1] + x[2] + x[3]) + (x[4] + x[5] + x[6] + x[7]); }
 // out[i] = sum of a[i]'s lanes for eight vectors: three levels of pairwise shuffles and adds.
 inline v8 hsum8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
   const vi8 e0 = {0, 8, 1, 9, 4, 12, 5, 13}, o0 = {2, 10, 3, 11, 6, 14, 7, 15};
@@ -136,21 +132,31 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
                   int64_t s0, int64_t s1,
                   float* m_run, float* l, float* acc) {
   const int64_t M = d.M, C = d.C, R = d.R, P = d.P, Cp = pad8(C), Rp = pad8(R), K = Cp + Rp;
-  auto at = [&](int64_t s) { return static_cast<int64_t>(table[s / P]) * P + s % P; };
+  // Slot s is row table[s / P] P + s % P of the layer's pool; `now` walks the slots read, `later`
+  // the slots kPrefetch ahead (no division per slot).
+  struct Walk {
+    const int32_t* table;
+    int64_t P, block, off;
+    int64_t row() const { return static_cast<int64_t>(table[block]) * P + off; }
+    void next() { if (++off == P) off = 0, ++block; }
+  };
+  Walk now{table, P, s0 / P, s0 % P}, later{table, P, (s0 + kPrefetch) / P, (s0 + kPrefetch) % P};
   std::vector<float> blk(kSlotBlock * K), p(M4 * kSlotBlock, 0.0f), accp(M4 * Cp, 0.0f);
   std::fill(m_run, m_run + M, kNegInf);
   std::fill(l, l + M, 0.0f);
   for (int64_t sb = s0; sb < s1; sb += kSlotBlock) {
     const int64_t nb = std::min<int64_t>(kSlotBlock, s1 - sb);
     for (int64_t j = 0; j < nb; ++j) {   // the slot's latent then rope key, one f32 row of K
-      const int64_t ahead = std::min(sb + j + kPrefetch, s1 - 1);   // asked for now, used later
-      const int64_t later = at(ahead), now = at(sb + j);
-      const char* lp = reinterpret_cast<const char*>(lat + later * C);
-      for (int64_t o = 0; o < C * int64_t(sizeof(typename Lat::T)); o += 64)
-        __builtin_prefetch(lp + o);
-      __builtin_prefetch(rope + later * R);
-      widen<Lat>(lat + now * C, C, Cp, blk.data() + j * K);
-      widen<Rope>(rope + now * R, R, Rp, blk.data() + j * K + Cp);
+      if (sb + j + kPrefetch < s1) {   // asked for now, used kPrefetch slots later
+        const char* lp = reinterpret_cast<const char*>(lat + later.row() * C);
+        for (int64_t o = 0; o < C * int64_t(sizeof(typename Lat::T)); o += 64)
+          __builtin_prefetch(lp + o);
+        __builtin_prefetch(rope + later.row() * R);
+        later.next();
+      }
+      widen<Lat>(lat + now.row() * C, C, Cp, blk.data() + j * K);
+      widen<Rope>(rope + now.row() * R, R, Rp, blk.data() + j * K + Cp);
+      now.next();
     }
     // Scores, two slots against four query rows per pass (eight running sums, one tree reduce).
     for (int64_t j = nb; j < pad2(nb); ++j) std::fill(&blk[j * K], &blk[j * K] + K, 0.0f);
@@ -226,9 +232,7 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
   for (int64_t m = 0; m < M; ++m) std::memcpy(acc + m * C, accp.data() + m * Cp, C * sizeof(float));
 }
 
-struct Item {
-  int64_t b, s0, s1;
-};
+struct Item { int64_t b, s0, s1; };
 
 template <typename Lat, typename Rope>
 ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t NB, int64_t layer,
@@ -276,17 +280,14 @@ ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t NB, int64_t layer,
       const int64_t base = layer * NB * d.P;
       attend_range<Lat, Rope>(d, qpad->data() + it.b * M4 * K, M4, lat + base * C,
                               rope + base * d.R, table + it.b * d.MB, pos + it.b * M, it.s0,
-                              it.s1, st, st + M,
-                              st + 2 * M);
+                              it.s1, st, st + M, st + 2 * M);
       done->fetch_add(1);
     }
   };
   // Helpers that start after the work ran out find `next` past the end and touch nothing else;
   // the caller waits only for items some thread took (each finishes), then reads the parts.
   for (int64_t t = 1; t < std::min(threads, n); ++t) {
-    pool.Schedule([next, n, work]() {
-      if (next->load() < n) work();
-    });
+    pool.Schedule([next, n, work]() { if (next->load() < n) work(); });
   }
   work();
   while (done->load() < n) std::this_thread::yield();
