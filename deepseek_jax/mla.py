@@ -81,20 +81,16 @@ def _write(cache: jax.Array, new: jax.Array, start_B: jax.Array, layer=None) -> 
     start_B = jnp.clip(start_B.astype(jnp.int32), 0, S - T)   # where dynamic_update_slice puts it
     rows_BT = (jnp.arange(B, dtype=jnp.int32)[:, None] * S + start_B[:, None]
                + jnp.arange(T, dtype=jnp.int32)[None, :])
-    return jax.lax.platform_dependent(
-        new, cache, rows_BT,
-        cpu=lambda n, c, r: cpu_kernels.latent_write(c, n, r, layer),
-        default=lambda n, c, r: _update(c, n, start_B, layer))
+    return cpu_kernels.choose(True, lambda n, c, r: cpu_kernels.latent_write(c, n, r, layer),
+                              lambda n, c, r: _update(c, n, start_B, layer), new, cache, rows_BT)
   bits = {1: jnp.uint8, 2: jnp.uint16}.get(cache.dtype.itemsize)
   if bits is None or not jnp.issubdtype(cache.dtype, jnp.floating):
     return _update(cache, new, start_B, layer)
   # No kernel: on the CPU a narrow float cache is updated as its bit patterns (XLA:CPU never
   # widens an integer update; the bitcasts then fuse into one pass over the stack, ~0.7 ms per
   # layer at context 8192, batch 8, against ~100 ms widened). GPUs update bf16 in place.
-  return jax.lax.platform_dependent(
-      new, cache,
-      cpu=lambda n, c: _update(c, n, start_B, layer, bits),
-      default=lambda n, c: _update(c, n, start_B, layer))
+  return cpu_kernels.choose(True, lambda n, c: _update(c, n, start_B, layer, bits),
+                            lambda n, c: _update(c, n, start_B, layer), new, cache)
 
 
 def _update(cache, new, start_B, layer, bits=None):
@@ -174,8 +170,8 @@ def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, 
                      block: int = LATENT_BLOCK):
   """`online_latent_attention` on a contiguous `[B, S, .]` cache or layer `layer` of a
   `[L, B, S, .]` stack, read in place (never a copy of the layer) up to the block of the
-  furthest query. -> [B, T, N, C] in the query's dtype. On a single-device CPU, decoding (few
-  query rows) runs the one-pass kernel of `kernels/cpu.py` instead (same function; a query that
+  furthest query. -> [B, T, N, C] in the query's dtype. On the CPU, decoding (few query rows)
+  runs the one-pass kernel of `kernels/cpu.py` instead (same function; a query that
   sees no slot gets zeros there, a finite mean here)."""
   B = q_lat_BTNC.shape[0]
   S = cache.latent_BSC.shape[-2]
@@ -196,14 +192,11 @@ def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, 
     return online_latent_attention(q_lat_BTNC, q_rope_BTNR, read_block, n_blocks, bk,
                                    positions_BT, scale)
 
-  if not cpu_kernels.applies(q_lat_BTNC, cache.latent_BSC, cache.rope_BSR):
-    return blocked()
   # One pass over the cache on the CPU (kernels/cpu.py); XLA's blocked loop elsewhere.
-  return jax.lax.platform_dependent(
-      cpu=lambda: cpu_kernels.latent_decode(q_lat_BTNC, q_rope_BTNR, cache.latent_BSC,
-                                            cache.rope_BSR, positions_BT,
-                                            0 if layer is None else layer, scale),
-      default=blocked)
+  return cpu_kernels.choose(
+      cpu_kernels.applies(q_lat_BTNC, cache.latent_BSC, cache.rope_BSR),
+      lambda: cpu_kernels.latent_decode(q_lat_BTNC, q_rope_BTNR, cache.latent_BSC,
+                                        cache.rope_BSR, positions_BT, layer, scale), blocked)
 
 
 def split_kv_b(kernel, H: int):

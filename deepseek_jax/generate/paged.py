@@ -67,14 +67,11 @@ class PagedLatentCache:
     def scatter(pool, new):
       return pool.at[at].set(new.astype(self.dtype))
 
-    def write(pool, new):
-      if not cpu_kernels.write_applies(pool):
-        return scatter(pool, new)
-      # XLA:CPU widens a bf16 / f8 scatter over the whole pool; the kernel copies the rows.
-      return jax.lax.platform_dependent(
-          pool, new,
-          cpu=lambda p, n: cpu_kernels.latent_write(p, n, blocks_BT * P + offsets_BT, layer),
-          default=scatter)
+    def write(pool, new):   # XLA:CPU widens a bf16 / f8 scatter: the kernel copies the rows
+      return cpu_kernels.choose(
+          cpu_kernels.write_applies(pool),
+          lambda p, n: cpu_kernels.latent_write(p, n, blocks_BT * P + offsets_BT, layer),
+          scatter, pool, new)
 
     return self.replace(latent_pool=write(self.latent_pool, latent_BTC),
                         rope_pool=write(self.rope_pool, rope_BTR))
@@ -100,14 +97,12 @@ class PagedLatentCache:
       return online_latent_attention(q_lat_BTNC, q_rope_BTNR, read_block, used, G * P,
                                      positions_BT, scale)
 
-    if not cpu_kernels.applies(q_lat_BTNC, self.latent_pool, self.rope_pool):
-      return blocked()
     # One pass through the table on the CPU (kernels/cpu.py); XLA's blocked loop elsewhere.
-    return jax.lax.platform_dependent(
-        cpu=lambda: cpu_kernels.latent_decode(q_lat_BTNC, q_rope_BTNR, self.latent_pool,
-                                              self.rope_pool, positions_BT, layer, scale,
-                                              table=self.table_BM),
-        default=blocked)
+    return cpu_kernels.choose(
+        cpu_kernels.applies(q_lat_BTNC, self.latent_pool, self.rope_pool),
+        lambda: cpu_kernels.latent_decode(q_lat_BTNC, q_rope_BTNR, self.latent_pool,
+                                          self.rope_pool, positions_BT, layer, scale,
+                                          table=self.table_BM), blocked)
 
 
 def init_pools(cfg: ModelConfig, num_blocks: int, block_size: int, dtype=None,

@@ -108,6 +108,14 @@ def available() -> bool:
   return True
 
 
+def choose(use: bool, cpu, default, *args):
+  """`cpu(*args)` where the program runs on the CPU and `use` holds, else `default(*args)`: the
+  one switch between a kernel of this module and XLA's path (`jax.lax.platform_dependent`)."""
+  if not use:
+    return default(*args)
+  return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
 def applies(q_lat_BTNC, lat, rope) -> bool:
   """Whether `latent_decode` takes this call: the kernel is available, the query rows are few
   (decoding: T x N <= MAX_ROWS) and the cache dtypes are ones it reads. (Under a jit sharded over
@@ -128,8 +136,8 @@ def latent_decode(q_lat_BTNC, q_rope_BTNR, lat, rope, positions_BT, layer, scale
   CPU only: callers choose it under `jax.lax.platform_dependent` (`mla.latent_attention`,
   `generate.paged`)."""
   B, T, N, C = q_lat_BTNC.shape
-  if lat.ndim == 3:   # one layer, no L axis
-    lat, rope, layer = lat[None], rope[None], 0
+  if lat.ndim == 3 or layer is None:   # one layer, no L axis
+    lat, rope, layer = (lat[None], rope[None], 0) if lat.ndim == 3 else (lat, rope, 0)
   if table is None:   # a contiguous cache: B blocks of S slots, row b's table [b]
     table = jnp.arange(B, dtype=jnp.int32)[:, None]
   q_lat = (q_lat_BTNC.astype(jnp.float32) * scale).reshape(B, T * N, C)
