@@ -46,6 +46,14 @@ FP8_LATENT = jnp.float8_e4m3fn   # FlashMLA's FP8 cache: the latent in e4m3, the
 _FP8_MAX = float(jnp.finfo(FP8_LATENT).max)
 
 
+def to_cache_dtype(new, dtype):
+  """`new` in a cache's dtype; into e4m3 saturated at +-448 (it has no inf: a cast would make an
+  overflowing value NaN)."""
+  if jnp.dtype(dtype) == jnp.dtype(FP8_LATENT):
+    new = jnp.clip(new, -_FP8_MAX, _FP8_MAX)
+  return new.astype(dtype)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, layers: int | None = None,
                dtype=None) -> LatentCache:
   """Zeroed cache for `layers` stacked layers (default cfg.num_layers): [L, B, S, C] and
@@ -69,9 +77,7 @@ def _write(cache: jax.Array, new: jax.Array, start_B: jax.Array, layer=None) -> 
   becomes a scatter, and a per-layer slice passed through a scan's xs/ys is copied whole: at
   context 8192 both cost ~4x the attention itself (measured on XLA:CPU).
   """
-  if cache.dtype == FP8_LATENT:   # e4m3 has no inf: saturate rather than overflow to NaN
-    new = jnp.clip(new, -_FP8_MAX, _FP8_MAX)
-  new = new.astype(cache.dtype)
+  new = to_cache_dtype(new, cache.dtype)
   if cpu_kernels.write_applies(cache):
     # XLA:CPU widens a bf16 / f8 update to an f32 one over the whole stack (convert, update,
     # convert back: ~100 ms per MoE stack per step at context 8192, batch 8): on the CPU the

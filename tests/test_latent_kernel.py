@@ -4,6 +4,9 @@ padding), rows split across threads, rows that see nothing; the same decode as X
 and XLA's path wherever it does not apply or cannot be built."""
 
 import functools
+import os
+import shlex
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,9 @@ from tests.helpers import init_model, random_tokens, small_config
 @pytest.fixture(scope="module", autouse=True)
 def _kernel():
   if not cpu_kernels.available():
+    compiler = shutil.which(shlex.split(os.environ.get("CXX", "c++"))[0])
+    if compiler and os.environ.get(cpu_kernels.ENABLE_ENV, "1") != "0":   # a broken source
+      pytest.fail(f"the CPU kernel did not build with {compiler}: {cpu_kernels.build_error}")
     pytest.skip("the CPU kernel is not built here (no C++ compiler, or "
                 f"{cpu_kernels.ENABLE_ENV}=0): the model runs XLA's path")
 
@@ -92,6 +98,20 @@ def test_kernel_is_the_float64_softmax(B, T, N, C, R, S, dtype, stacked, block, 
   got = _kernel_call(jnp.asarray(q_lat, jnp.float32), jnp.asarray(q_rope, jnp.float32), lat, rope,
                      jnp.asarray(pos), layer, table)
   np.testing.assert_allclose(np.asarray(got), want, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("S,nan_slots", [(1, slice(0, 1)), (2048, slice(0, 1024)),
+                                          (300, slice(299, 300))])
+def test_a_nan_in_a_visible_slot_is_not_dropped(S, nan_slots):
+  """A NaN cache row a query sees makes its output NaN, as XLA's softmax does, also where the
+  NaN slots are a whole thread item of their own (S=2048: two items, the first all NaN)."""
+  rng = np.random.default_rng(0)
+  lat = rng.normal(size=(1, S, 8)).astype(np.float32)
+  lat[:, nan_slots] = np.nan
+  q = jnp.asarray(rng.normal(size=(1, 1, 4, 8)), jnp.float32)
+  got = _kernel_call(q, jnp.zeros((1, 1, 4, 8)), jnp.asarray(lat), jnp.zeros((1, S, 8)),
+                     jnp.full((1, 1), S - 1, jnp.int32), 0)
+  assert np.isnan(np.asarray(got)).all()
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import numpy as np
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.kernels import cpu as cpu_kernels
 from deepseek_jax.layers import dtype_of
-from deepseek_jax.mla import online_latent_attention
+from deepseek_jax.mla import online_latent_attention, to_cache_dtype
 
 SCRATCH = 0          # the block no sequence owns
 
@@ -65,7 +65,7 @@ class PagedLatentCache:
     at = self._where(layer, blocks_BT, offsets_BT)
 
     def scatter(pool, new):
-      return pool.at[at].set(new.astype(self.dtype))
+      return pool.at[at].set(new)
 
     def write(pool, new):   # XLA:CPU widens a bf16 / f8 scatter: the kernel copies the rows
       return cpu_kernels.choose(
@@ -73,8 +73,10 @@ class PagedLatentCache:
           lambda p, n: cpu_kernels.latent_write(p, n, blocks_BT * P + offsets_BT, layer),
           scatter, pool, new)
 
-    return self.replace(latent_pool=write(self.latent_pool, latent_BTC),
-                        rope_pool=write(self.rope_pool, rope_BTR))
+    # Each pool in its own dtype (an FP8 latent pool keeps its rope key in bf16).
+    lat, rope = self.latent_pool, self.rope_pool
+    return self.replace(latent_pool=write(lat, to_cache_dtype(latent_BTC, lat.dtype)),
+                        rope_pool=write(rope, to_cache_dtype(rope_BTR, rope.dtype)))
 
   def attend(self, q_lat_BTNC, q_rope_BTNR, positions_BT, layer, scale) -> jax.Array:
     """`mla.online_latent_attention` (the contiguous cache's kernel) over the row's positions

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = pathlib.Path(__file__).with_name("latent_decode.cc")
+HEADERS = (pathlib.Path(__file__).with_name("simd.h"),)   # included by SOURCE
 TARGET = "deepseek_jax_latent_decode"
 WRITE_TARGET = "deepseek_jax_latent_write"
 ENABLE_ENV = "DEEPSEEK_JAX_CPU_KERNELS"
@@ -46,7 +47,9 @@ _DISABLED = contextvars.ContextVar("deepseek_jax_cpu_kernels_disabled", default=
 
 @contextlib.contextmanager
 def disabled():
-  """Functions traced inside keep XLA's path (tests and benchmarks compare the two)."""
+  """Functions traced inside keep XLA's path (tests and benchmarks compare the two). The choice is
+  made when tracing and is not part of jit's cache key: a function already traced outside keeps
+  the kernel inside (and the reverse); trace a new function, or `jax.clear_caches()` first."""
   token = _DISABLED.set(True)
   try:
     yield
@@ -74,7 +77,8 @@ def _build() -> pathlib.Path | None:
   cxx = shlex.split(os.environ.get("CXX", "c++"))
   if not cxx or shutil.which(cxx[0]) is None:
     return None
-  key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(cxx + list(FLAGS)).encode(),
+  key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS),
+                                   " ".join(cxx + list(FLAGS)).encode(),
                                    jax.__version__.encode(), _host()])).hexdigest()[:16]
   out = _cache_dir() / f"latent_decode-{key}.so"
   if out.exists():
@@ -86,9 +90,15 @@ def _build() -> pathlib.Path | None:
       subprocess.run([*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(part)],
                      check=True, capture_output=True, timeout=300)
       os.replace(part, out)
-  except (OSError, subprocess.SubprocessError):
+  except (OSError, subprocess.SubprocessError) as e:
+    global build_error
+    stderr = getattr(e, "stderr", None) or b""
+    build_error = f"{e}: {stderr.decode(errors='replace')[-2000:]}"
     return None
   return out
+
+
+build_error: str | None = None   # why the last build failed (the compiler's last words)
 
 
 @functools.cache

@@ -12,6 +12,10 @@
 //   cache is f32, bf16, or e4m3fn latent with a bf16 rope key; softmax and sums are f32.
 // Work is split into (row, slot range) items across XLA's intra-op thread pool (split-K, as
 // flash decoding does), each with its own running max, denominator and accumulator, combined.
+// The arithmetic, not memory, bounded the first version (25 ns per slot on two cores for 72
+// vector FMAs); this one keeps each loaded vector in a register for all the FMAs that use it,
+// reads f32 rows where they lie, and scores four slots against four query rows per pass
+// (bench/results/DECODE.md section 0).
 //
 // Built by deepseek_jax/kernels/cpu.py with the system C++ compiler against jaxlib's FFI headers.
 
@@ -23,215 +27,197 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using namespace dsj;
+
 constexpr int64_t kSlotBlock = 32;   // slots scored, then accumulated, while they sit in L1
 constexpr int64_t kMinItemSlots = 1024;
-constexpr int64_t kPrefetch = 16;   // slots ahead the stream is requested (one at a time)
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline float from_bf16(uint16_t x) {   // a bf16 is an f32's top half
-  const uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  return std::memcpy(&f, &bits, 4), f;
-}
-
-struct E4M3Table {   // e4m3fn byte -> f32 (NaN for the two NaN patterns)
-  float v[256];
-  E4M3Table() {
-    for (int i = 0; i < 256; ++i) {
-      int sign = i >> 7, exp = (i >> 3) & 15, man = i & 7;
-      float mag = exp == 0 ? std::ldexp(static_cast<float>(man), -9)
-                           : std::ldexp(1.0f + man / 8.0f, exp - 7);
-      if (exp == 15 && man == 7) mag = std::numeric_limits<float>::quiet_NaN();
-      v[i] = sign ? -mag : mag;
-    }
-  }
-};
-const E4M3Table kE4M3;
-
-struct F32 { using T = float; static float get(const float* p, int64_t i) { return p[i]; } };
-struct BF16 {
-  using T = uint16_t;
-  static float get(const T* p, int64_t i) { return from_bf16(p[i]); }
-};
-struct E4M3 { using T = uint8_t; static float get(const T* p, int64_t k) { return kE4M3.v[p[k]]; }};
-
-typedef float v8 __attribute__((vector_size(32)));     // 8 lanes (AVX2 on x86; GCC splits
-typedef int32_t vi8 __attribute__((vector_size(32)));   // them where the target is narrower)
-constexpr int kW = 8;
-
-inline v8 splat(float f) { return v8{} + f; }
-inline v8 load8(const float* p) {
-  v8 x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof(x)); }
-inline float hsum(v8 x) { return (x[0] + x[1] + x[2] + x[3]) + (x[4] + x[5] + x[6] + x[7]); }
-// out[i] = sum of a[i]'s lanes for eight vectors: three levels of pairwise shuffles and adds.
-inline v8 hsum8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
-  const vi8 e0 = {0, 8, 1, 9, 4, 12, 5, 13}, o0 = {2, 10, 3, 11, 6, 14, 7, 15};
-  const vi8 e1 = {0, 1, 8, 9, 4, 5, 12, 13}, o1 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const vi8 e2 = {0, 1, 2, 3, 8, 9, 10, 11}, o2 = {4, 5, 6, 7, 12, 13, 14, 15};
-  const v8 t0 = __builtin_shuffle(a0, a1, e0) + __builtin_shuffle(a0, a1, o0);
-  const v8 t1 = __builtin_shuffle(a2, a3, e0) + __builtin_shuffle(a2, a3, o0);
-  const v8 t2 = __builtin_shuffle(a4, a5, e0) + __builtin_shuffle(a4, a5, o0);
-  const v8 t3 = __builtin_shuffle(a6, a7, e0) + __builtin_shuffle(a6, a7, o0);
-  const v8 u0 = __builtin_shuffle(t0, t1, e1) + __builtin_shuffle(t0, t1, o1);
-  const v8 u1 = __builtin_shuffle(t2, t3, e1) + __builtin_shuffle(t2, t3, o1);
-  return __builtin_shuffle(u0, u1, e2) + __builtin_shuffle(u0, u1, o2);
-}
-inline int64_t pad8(int64_t n) { return (n + kW - 1) / kW * kW; }
-inline int64_t pad2(int64_t n) { return (n + 1) / 2 * 2; }
-
-// e^x for x <= 0 (a softmax's s - max), 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its
-// degree-6 Taylor polynomial (relative error < 3e-7), 2^n put into the exponent bits; x < -87
-// (and -inf) -> 0.
-inline v8 exp8(v8 x) {
-  const vi8 under = x < splat(-87.0f);
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  x = x > splat(0.0f) ? splat(0.0f) : x;
-  const vi8 n = __builtin_convertvector(x * 1.44269504f - 0.5f, vi8);   // round: x <= 0
-  const v8 nf = __builtin_convertvector(n, v8);
-  const v8 r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;
-  v8 p = splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vi8 bits = (n + 127) << 23;
-  const v8 y = p * reinterpret_cast<const v8&>(bits);
-  return under ? splat(0.0f) : y;
-}
-
-// One slot widened to an f32 row of `width` (a multiple of 8, zero-padded).
-template <typename Fmt>
-inline void widen(const typename Fmt::T* src, int64_t n, int64_t width, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = Fmt::get(src, i);
-  for (int64_t i = n; i < width; ++i) dst[i] = 0.0f;
-}
 
 struct Shape {
   int64_t B, M, C, R, P, MB;   // rows, query rows, widths, slots per block, blocks per row
 };
 
-// One item: row b, slots [s0, s1). q [M4, Cp + Rp] (padded, rows past M zero). Writes
-// m_run[M], l[M], acc[M, C].
+// Register blocking: with 32 vector registers (AVX-512) the score pass takes four slots and the
+// value pass 32 accumulator lanes per query row at once; with 16, two and 16.
+#if defined(__AVX512F__)
+constexpr int kScoreSlots = 4, kValueChunks = 4;
+#else
+constexpr int kScoreSlots = 2, kValueChunks = 2;
+#endif
+
+// Scores of slots j0 .. j0 + kScoreSlots against four query rows q[i] ([latent | rope], padded):
+// out[(j0 + s) * 4 + i] (slot-major, four rows per slot). Each slot's vector is loaded once
+// (the empty asm keeps it in a register: folded into every FMA it would be loaded four times).
+#define DSJ_FMA4(a, x) a##0 += x * w0, a##1 += x * w1, a##2 += x * w2, a##3 += x * w3
+inline void score_slots(const float* const* xl, const float* const* xr, int64_t j0, const float* q,
+                        int64_t Cp, int64_t Rp, float* out) {
+  const int64_t K = Cp + Rp;
+  v8 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+#if defined(__AVX512F__)
+  v8 c0{}, c1{}, c2{}, c3{}, d0{}, d1{}, d2{}, d3{};
+#endif
+  auto part = [&](const float* const* xs, const float* qs, int64_t width) {
+    const float *pa = xs[j0], *pb = xs[j0 + 1];
+#if defined(__AVX512F__)
+    const float *pc = xs[j0 + 2], *pd = xs[j0 + 3];
+#endif
+    for (int64_t k = 0; k < width; k += kW) {
+      v8 w0 = load8(qs + k), w1 = load8(qs + K + k), w2 = load8(qs + 2 * K + k),
+               w3 = load8(qs + 3 * K + k);
+      asm("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3));
+      v8 x = load8(pa + k), y = load8(pb + k);
+      asm("" : "+v"(x), "+v"(y));
+      DSJ_FMA4(a, x);
+      DSJ_FMA4(b, y);
+#if defined(__AVX512F__)
+      v8 z = load8(pc + k), u = load8(pd + k);
+      asm("" : "+v"(z), "+v"(u));
+      DSJ_FMA4(c, z);
+      DSJ_FMA4(d, u);
+#endif
+    }
+  };
+  part(xl, q, Cp);
+  part(xr, q + Cp, Rp);
+  store8(out + j0 * 4, hsum8(a0, a1, a2, a3, b0, b1, b2, b3));
+#if defined(__AVX512F__)
+  store8(out + (j0 + 2) * 4, hsum8(c0, c1, c2, c3, d0, d1, d2, d3));
+#endif
+}
+#undef DSJ_FMA4
+
+// acc[i, c0 + 8 v] += sum_j p[j * 4 + i] x[j][c0 + 8 v] for four rows and NC 8-lane chunks.
+template <int NC>
+inline void accumulate(const float* const* xl, int64_t nb, const float* p, int64_t c0, int64_t Cp,
+                       float* acc) {
+  v8 t[4][NC];
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < NC; ++v) t[i][v] = load8(acc + i * Cp + c0 + v * kW);
+  for (int64_t j = 0; j < nb; ++j) {
+    v8 x[NC];
+    for (int v = 0; v < NC; ++v) x[v] = load8(xl[j] + c0 + v * kW);
+    for (int i = 0; i < 4; ++i) {
+      const v8 pj = bcast(p + j * 4 + i);
+      for (int v = 0; v < NC; ++v) t[i][v] += pj * x[v];
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < NC; ++v) store8(acc + i * Cp + c0 + v * kW, t[i][v]);
+}
+
+// One item: row b, slots [s0, s1). q [M4, Cp + Rp] (padded, rows past M zero); pos [M]. Writes
+// m_run[M], l[M], acc[M, C]. Slots are read where they lie when the cache is f32 with widths
+// of whole vectors, else widened into an L1 block first; each block of kSlotBlock slots is
+// scored against four query rows at a time, folded into their online softmax (f32), and
+// accumulated while it is still in L1.
 template <typename Lat, typename Rope>
 void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat::T* lat,
                   const typename Rope::T* rope, const int32_t* table, const int32_t* pos,
                   int64_t s0, int64_t s1,
                   float* m_run, float* l, float* acc) {
   const int64_t M = d.M, C = d.C, R = d.R, P = d.P, Cp = pad8(C), Rp = pad8(R), K = Cp + Rp;
-  // Slot s is row table[s / P] P + s % P of the layer's pool; `now` walks the slots read, `later`
-  // the slots kPrefetch ahead (no division per slot).
-  struct Walk {
-    const int32_t* table;
-    int64_t P, block, off;
-    int64_t row() const { return static_cast<int64_t>(table[block]) * P + off; }
-    void next() { if (++off == P) off = 0, ++block; }
+  constexpr bool kInPlace = std::is_same<Lat, F32>::value && std::is_same<Rope, F32>::value;
+  const bool in_place = kInPlace && C == Cp && R == Rp;
+  // Slot s is row table[s / P] P + s % P of the layer's pool (no division per slot).
+  int64_t block = s0 / P, off = s0 % P;
+  const typename Lat::T* lat_row;
+  const typename Rope::T* rope_row;
+  auto seek = [&]() {
+    const int64_t row = static_cast<int64_t>(table[block]) * P + off;
+    lat_row = lat + row * C, rope_row = rope + row * R;
   };
-  Walk now{table, P, s0 / P, s0 % P}, later{table, P, (s0 + kPrefetch) / P, (s0 + kPrefetch) % P};
-  std::vector<float> blk(kSlotBlock * K), p(M4 * kSlotBlock, 0.0f), accp(M4 * Cp, 0.0f);
-  std::fill(m_run, m_run + M, kNegInf);
-  std::fill(l, l + M, 0.0f);
+  seek();
+  std::vector<float> blk(in_place ? 0 : kSlotBlock * K), zero(K, 0.0f), p(M4 * kSlotBlock),
+      accp(M4 * Cp, 0.0f), m_g(M4, kNegInf), l_g(M4, 0.0f);
+  const float* xl[kSlotBlock];
+  const float* xr[kSlotBlock];
+  std::vector<int32_t> lim(M4, -1);   // the last slot each query row sees (-1: a padding row)
+  for (int64_t m = 0; m < M; ++m) lim[m] = pos[m];
+  const int32_t min_lim = *std::min_element(lim.begin(), lim.end());
   for (int64_t sb = s0; sb < s1; sb += kSlotBlock) {
     const int64_t nb = std::min<int64_t>(kSlotBlock, s1 - sb);
-    for (int64_t j = 0; j < nb; ++j) {   // the slot's latent then rope key, one f32 row of K
-      if (sb + j + kPrefetch < s1) {   // asked for now, used kPrefetch slots later
-        const char* lp = reinterpret_cast<const char*>(lat + later.row() * C);
-        for (int64_t o = 0; o < C * int64_t(sizeof(typename Lat::T)); o += 64)
-          __builtin_prefetch(lp + o);
-        __builtin_prefetch(rope + later.row() * R);
-        later.next();
+    const int64_t nbs = (nb + kScoreSlots - 1) / kScoreSlots * kScoreSlots;
+    for (int64_t j = 0; j < nb; ++j) {
+      if (in_place) {
+        xl[j] = reinterpret_cast<const float*>(lat_row);
+        xr[j] = reinterpret_cast<const float*>(rope_row);
+      } else {
+        widen<Lat>(lat_row, C, Cp, blk.data() + j * K);
+        widen<Rope>(rope_row, R, Rp, blk.data() + j * K + Cp);
+        xl[j] = blk.data() + j * K, xr[j] = xl[j] + Cp;
       }
-      widen<Lat>(lat + now.row() * C, C, Cp, blk.data() + j * K);
-      widen<Rope>(rope + now.row() * R, R, Rp, blk.data() + j * K + Cp);
-      now.next();
+      if (++off == P) {
+        off = 0, ++block;
+        if (block < d.MB) seek();
+      } else {
+        lat_row += C, rope_row += R;
+      }
     }
-    // Scores, two slots against four query rows per pass (eight running sums, one tree reduce).
-    for (int64_t j = nb; j < pad2(nb); ++j) std::fill(&blk[j * K], &blk[j * K] + K, 0.0f);
+    for (int64_t j = nb; j < nbs; ++j) xl[j] = zero.data(), xr[j] = zero.data() + Cp;
+    const bool masked = nbs > nb || min_lim < sb + nb - 1;
     for (int64_t m0 = 0; m0 < M4; m0 += 4) {
-      const float *q0 = q + m0 * K, *q1 = q0 + K, *q2 = q1 + K, *q3 = q2 + K;
-      for (int64_t j = 0; j < nb; j += 2) {
-        const float *x = blk.data() + j * K, *y = x + K;
-        v8 a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
-        for (int64_t k = 0; k < K; k += kW) {
-          const v8 xv = load8(x + k), yv = load8(y + k);
-          const v8 w0 = load8(q0 + k), w1 = load8(q1 + k), w2 = load8(q2 + k), w3 = load8(q3 + k);
-          a0 += xv * w0, a1 += xv * w1, a2 += xv * w2, a3 += xv * w3;
-          a4 += yv * w0, a5 += yv * w1, a6 += yv * w2, a7 += yv * w3;
+      float* pg = p.data() + m0 * kSlotBlock;   // [slot][4 rows]
+      const float* qg = q + m0 * K;
+      for (int64_t j = 0; j < nbs; j += kScoreSlots) score_slots(xl, xr, j, qg, Cp, Rp, pg);
+      // Online softmax of the four rows over the block: a v8 holds two slots x four rows.
+      const vi8 lane_row = {0, 1, 2, 3, 0, 1, 2, 3}, lane_slot = {0, 0, 0, 0, 1, 1, 1, 1};
+      vi8 limv;
+      for (int i = 0; i < 8; ++i) limv[i] = lim[m0 + lane_row[i]] - static_cast<int32_t>(sb);
+      const vi8 nbv = vi8{} + static_cast<int32_t>(nb);
+      v8 mx = splat(kNegInf);
+      for (int64_t j = 0; j < nbs; j += 2) {
+        v8 x = load8(pg + j * 4);
+        if (masked) {
+          const vi8 slot = lane_slot + static_cast<int32_t>(j);
+          x = (slot <= limv) & (slot < nbv) ? x : splat(kNegInf);
+          store8(pg + j * 4, x);
         }
-        const v8 sums = hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
-        for (int i = 0; i < 4; ++i) {
-          p[(m0 + i) * kSlotBlock + j] = sums[i];
-          p[(m0 + i) * kSlotBlock + j + 1] = sums[4 + i];
+        mx = mx > x ? mx : x;
+      }
+      const vi8 swap = {4, 5, 6, 7, 0, 1, 2, 3};
+      const v8 other = __builtin_shuffle(mx, swap);
+      mx = mx > other ? mx : other;   // lanes i and i + 4: row i's block maximum
+      v8 mr;
+      for (int i = 0; i < 8; ++i) mr[i] = m_g[m0 + lane_row[i]];
+      const v8 mn = mr > mx ? mr : mx;
+      const v8 base = mn == splat(kNegInf) ? splat(0.0f) : mn;   // no -inf - -inf
+      v8 sum{};
+      for (int64_t j = 0; j < nbs; j += 2) {
+        const v8 e = exp8(load8(pg + j * 4) - base);
+        store8(pg + j * 4, e);
+        sum += e;
+      }
+      sum += __builtin_shuffle(sum, swap);
+      const v8 r = exp8(mr - base);   // the running state's rescale (0 while it is empty)
+      for (int i = 0; i < 4; ++i) {
+        l_g[m0 + i] = l_g[m0 + i] * r[i] + sum[i];
+        m_g[m0 + i] = mn[i];
+        if (r[i] != 1.0f) {
+          float* am = accp.data() + (m0 + i) * Cp;
+          for (int64_t c = 0; c < Cp; c += kW) store8(am + c, load8(am + c) * r[i]);
         }
       }
-    }
-    for (int64_t m = 0; m < M; ++m) {   // online softmax over the block
-      float* pm = p.data() + m * kSlotBlock;
-      const int64_t vis = std::min<int64_t>(nb, static_cast<int64_t>(pos[m]) - sb + 1);
-      if (vis <= 0) {
-        std::fill(pm, pm + kSlotBlock, 0.0f);
-        continue;
-      }
-      float bmax = kNegInf;
-      for (int64_t j = 0; j < vis; ++j) bmax = std::max(bmax, pm[j]);
-      const float mn = std::max(m_run[m], bmax);
-      for (int64_t j = vis; j < kSlotBlock; ++j) pm[j] = kNegInf;
-      float sum = 0.0f;
-      for (int64_t j = 0; j < kSlotBlock; j += kW) {
-        const v8 e = exp8(load8(pm + j) - mn);
-        store8(pm + j, e);
-        sum += hsum(e);
-      }
-      const float r = m_run[m] == kNegInf ? 0.0f : exp8(splat(m_run[m] - mn))[0];
-      if (r != 1.0f)
-        for (int64_t c = 0; c < Cp; c += kW) store8(&accp[m * Cp + c],
-                                                      load8(&accp[m * Cp + c]) * r);
-      l[m] = l[m] * r + sum;
-      m_run[m] = mn;
-    }
-    // Values, acc[m] += p[m, j] lat[j]: four rows x 16 lanes of the accumulator in registers.
-    for (int64_t m0 = 0; m0 < M4; m0 += 4) {
-      const float* pm = p.data() + m0 * kSlotBlock;
       float* am = accp.data() + m0 * Cp;
-      for (int64_t c = 0; c < Cp; c += 2 * kW) {
-        const bool two = c + kW < Cp;
-        v8 t[8];
-        for (int i = 0; i < 4; ++i) {
-          t[2 * i] = load8(am + i * Cp + c);
-          t[2 * i + 1] = two ? load8(am + i * Cp + c + kW) : v8{};
-        }
-        for (int64_t j = 0; j < nb; ++j) {
-          const float* x = blk.data() + j * K + c;
-          const v8 x0 = load8(x), x1 = two ? load8(x + kW) : v8{};
-          for (int i = 0; i < 4; ++i) {
-            const float pj = pm[i * kSlotBlock + j];
-            t[2 * i] += pj * x0;
-            t[2 * i + 1] += pj * x1;
-          }
-        }
-        for (int i = 0; i < 4; ++i) {
-          store8(am + i * Cp + c, t[2 * i]);
-          if (two) store8(am + i * Cp + c + kW, t[2 * i + 1]);
-        }
-      }
+      int64_t c0 = 0;
+      for (; c0 + kValueChunks * kW <= Cp; c0 += kValueChunks * kW)
+        accumulate<kValueChunks>(xl, nb, pg, c0, Cp, am);
+      for (; c0 < Cp; c0 += kW) accumulate<1>(xl, nb, pg, c0, Cp, am);
     }
   }
-  for (int64_t m = 0; m < M; ++m) std::memcpy(acc + m * C, accp.data() + m * Cp, C * sizeof(float));
+  for (int64_t m = 0; m < M; ++m) {
+    m_run[m] = m_g[m], l[m] = l_g[m];
+    std::memcpy(acc + m * C, accp.data() + m * Cp, C * sizeof(float));
+  }
 }
-
 struct Item { int64_t b, s0, s1; };
 
 template <typename Lat, typename Rope>
@@ -306,7 +292,7 @@ ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t NB, int64_t layer,
     for (int64_t k = first; k < i; ++k) {
       const float* st = state->data() + k * part;
       for (int64_t m = 0; m < M; ++m) {
-        if (st[m] == kNegInf) continue;
+        if (st[M + m] == 0.0f) continue;   // saw no slot (a NaN item is not skipped)
         const float w = std::exp(st[m] - mx[m]);
         den[m] += w * st[M + m];
         for (int64_t c = 0; c < C; ++c) ob[m * C + c] += w * st[2 * M + m * C + c];

@@ -4,6 +4,7 @@ identical), the allocator never hands a block out twice and gets every block bac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -14,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepseek_jax.generate import paged
+from deepseek_jax.kernels import cpu as cpu_kernels
+from deepseek_jax.mla import FP8_LATENT
 from deepseek_jax.model import Transformer, init_model_cache
 from tests.helpers import init_model, small_config
 
@@ -65,6 +68,28 @@ def test_attention_through_block_table_equals_reference(P, group, lengths, T, se
       p = np.exp(s - s.max(axis=1, keepdims=True))
       want = (p / p.sum(axis=1, keepdims=True)) @ keys
       np.testing.assert_allclose(np.asarray(out[b, t]), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_paged_fp8_write_keeps_the_rope_key_in_bf16_and_saturates(kernel):
+  """An FP8-latent pool: the rope key is stored in its bf16 pool exactly (not through e4m3), and
+  an overflowing latent saturates at +-448 instead of becoming NaN; on XLA's scatter
+  (`kernel=False`) as with the CPU kernel's row copy."""
+  P, C, R = 4, 8, 4
+  cache = paged.PagedLatentCache(jnp.zeros((3, P, C), FP8_LATENT),
+                                 jnp.zeros((3, P, R), jnp.bfloat16), jnp.array([[1, 2]], jnp.int32))
+  lat = jnp.full((1, 1, C), 1e4, jnp.float32).at[0, 0, 0].set(-1e6)
+  rope = jnp.full((1, 1, R), 1.0 + 2**-6, jnp.float32)   # exact in bf16; e4m3 rounds it to 1
+  with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+    out = jax.jit(lambda c, a, b, p: c.write(a, b, p, None))(cache, lat, rope, jnp.array([[5]]))
+  text = jax.jit(lambda c, a, b, p: c.write(a, b, p, None)).lower(
+      cache, lat, rope, jnp.array([[5]])).as_text()
+  stored = np.asarray(out.latent_pool[2, 1].astype(jnp.float32))
+  np.testing.assert_array_equal(stored, [-448.0] + [448.0] * (C - 1))
+  np.testing.assert_array_equal(np.asarray(out.rope_pool[2, 1].astype(jnp.float32)), 1.0 + 2**-6)
+  assert not np.asarray(out.latent_pool.astype(jnp.float32))[[0, 1]].any()   # nothing else
+  if kernel and cpu_kernels.available():
+    assert cpu_kernels.WRITE_TARGET in text
 
 
 @pytest.fixture(scope="module")

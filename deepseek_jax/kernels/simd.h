@@ -1,0 +1,108 @@
+// Vector and number-format helpers of the CPU kernels (latent_decode.cc): 8-lane f32 vectors in
+// GCC's vector extension (AVX2 registers on x86; GCC splits them where the target is narrower),
+// a horizontal sum of eight vectors, e^x for a softmax, and the cache formats widened to f32.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace dsj {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float from_bf16(uint16_t x) {   // a bf16 is an f32's top half
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  return std::memcpy(&f, &bits, 4), f;
+}
+
+struct E4M3Table {   // e4m3fn byte -> f32 (NaN for the two NaN patterns)
+  float v[256];
+  E4M3Table() {
+    for (int i = 0; i < 256; ++i) {
+      int sign = i >> 7, exp = (i >> 3) & 15, man = i & 7;
+      float mag = exp == 0 ? std::ldexp(static_cast<float>(man), -9)
+                           : std::ldexp(1.0f + man / 8.0f, exp - 7);
+      if (exp == 15 && man == 7) mag = std::numeric_limits<float>::quiet_NaN();
+      v[i] = sign ? -mag : mag;
+    }
+  }
+};
+const E4M3Table kE4M3;
+
+struct F32 { using T = float; static float get(const float* p, int64_t i) { return p[i]; } };
+struct BF16 {
+  using T = uint16_t;
+  static float get(const T* p, int64_t i) { return from_bf16(p[i]); }
+};
+struct E4M3 { using T = uint8_t; static float get(const T* p, int64_t k) { return kE4M3.v[p[k]]; }};
+
+typedef float v8 __attribute__((vector_size(32)));     // 8 lanes (AVX2 on x86; GCC splits
+typedef int32_t vi8 __attribute__((vector_size(32)));   // them where the target is narrower)
+constexpr int kW = 8;
+
+inline v8 splat(float f) { return v8{} + f; }
+inline v8 load8(const float* p) {
+  v8 x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+inline v8 bcast(const float* p) {
+#if defined(__AVX__)
+  return reinterpret_cast<v8>(_mm256_broadcast_ss(p));
+#else
+  return splat(*p);
+#endif
+}
+inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof(x)); }
+// out[i] = sum of a[i]'s lanes for eight vectors: three levels of pairwise shuffles and adds.
+inline v8 hsum8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
+  const vi8 e0 = {0, 8, 1, 9, 4, 12, 5, 13}, o0 = {2, 10, 3, 11, 6, 14, 7, 15};
+  const vi8 e1 = {0, 1, 8, 9, 4, 5, 12, 13}, o1 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const vi8 e2 = {0, 1, 2, 3, 8, 9, 10, 11}, o2 = {4, 5, 6, 7, 12, 13, 14, 15};
+  const v8 t0 = __builtin_shuffle(a0, a1, e0) + __builtin_shuffle(a0, a1, o0);
+  const v8 t1 = __builtin_shuffle(a2, a3, e0) + __builtin_shuffle(a2, a3, o0);
+  const v8 t2 = __builtin_shuffle(a4, a5, e0) + __builtin_shuffle(a4, a5, o0);
+  const v8 t3 = __builtin_shuffle(a6, a7, e0) + __builtin_shuffle(a6, a7, o0);
+  const v8 u0 = __builtin_shuffle(t0, t1, e1) + __builtin_shuffle(t0, t1, o1);
+  const v8 u1 = __builtin_shuffle(t2, t3, e1) + __builtin_shuffle(t2, t3, o1);
+  return __builtin_shuffle(u0, u1, e2) + __builtin_shuffle(u0, u1, o2);
+}
+inline int64_t pad8(int64_t n) { return (n + kW - 1) / kW * kW; }
+
+// e^x for x <= 0 (a softmax's s - max), 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its
+// degree-6 Taylor polynomial (relative error < 3e-7), 2^n put into the exponent bits; x < -87
+// (and -inf) -> 0; NaN stays NaN (the arithmetic runs on 0 in its lanes: no NaN -> int).
+inline v8 exp8(v8 in) {
+  const vi8 nan = in != in, under = in < splat(-87.0f);
+  v8 x = under | nan ? splat(0.0f) : in;
+  x = x > splat(0.0f) ? splat(0.0f) : x;
+  const vi8 n = __builtin_convertvector(x * 1.44269504f - 0.5f, vi8);   // round: x <= 0
+  const v8 nf = __builtin_convertvector(n, v8);
+  const v8 r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;
+  v8 p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi8 bits = (n + 127) * (1 << 23);   // n >= -126: no signed shift of a negative
+  const v8 y = p * reinterpret_cast<const v8&>(bits);
+  return nan ? in : under ? splat(0.0f) : y;
+}
+
+// One slot widened to an f32 row of `width` (a multiple of 8, zero-padded).
+template <typename Fmt>
+inline void widen(const typename Fmt::T* src, int64_t n, int64_t width, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Fmt::get(src, i);
+  for (int64_t i = n; i < width; ++i) dst[i] = 0.0f;
+}
+
+}  // namespace dsj
