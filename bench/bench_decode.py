@@ -155,6 +155,7 @@ def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats:
                                     dtype=CACHE_DTYPES[k], kernel=a == "kernel")
             for k in dtypes for a in attention}
   runs = {k: [] for k in ["bw", *timers]}
+  bw(), [run() for run in timers.values()]   # one untimed pass: the first run of a process is slow
   for _ in range(repeats):
     runs["bw"].append(bw())
     for k, run in timers.items():

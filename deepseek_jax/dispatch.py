@@ -19,6 +19,7 @@ from deepseek_jax import gmm as gmm_lib
 from deepseek_jax.expert_blocks import (HIGH_PRECISION, BlockNumerics,  # noqa: F401  (dispatch's API too)
                                         HighPrecision, block_numerics, block_swiglu)
 from deepseek_jax.fp8.dot import swiglu_dot
+from deepseek_jax.kernels import cpu as cpu_kernels
 from deepseek_jax.gmm import auto_block_size, num_blocks  # noqa: F401  (dispatch's API too)
 
 DotGeneral = Callable[..., jax.Array]
@@ -148,6 +149,28 @@ def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, bl
   return y_AD.reshape(X, K, D)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_block(block, x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD):
+  """`_dropless_block` by the CPU kernel (`kernels.cpu.moe_decode`); its gradient is XLA's
+  path's (the kernel has no backward: a small batch that trains differentiates XLA's blocks)."""
+  return cpu_kernels.moe_decode(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD)
+
+
+def _kernel_block_fwd(block, x_XD, experts_XK, *weights):
+  return _kernel_block(block, x_XD, experts_XK, *weights), (x_XD, experts_XK, weights)
+
+
+def _kernel_block_bwd(block, res, ct_XKD):
+  x_XD, experts_XK, weights = res
+  _, vjp = jax.vjp(lambda x, *w: _dropless_block(x, experts_XK, *w, ExpertDots(), block),
+                   x_XD, *weights)
+  ct_x, *ct_w = vjp(ct_XKD)
+  return (ct_x, None, *ct_w)
+
+
+_kernel_block.defvjp(_kernel_block_fwd, _kernel_block_bwd)
+
+
 def _generic_block_swiglu(x_WUD, expert_W, w_gate_EDM, w_up_EDM, w_down_EMD, dots, gathered):
   """Any `dot_general` callables, one call per block and projection (vmapped over the blocks
   when `gathered`, scanned otherwise), autodiff for the rest."""
@@ -234,8 +257,13 @@ def dropless_ffn(x_XD, weights_XK, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
   elif impl == "ragged" and dots is None:
     y_XKD = _dropless_ragged(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD)
   else:
-    y_XKD = _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD,
-                            dots or ExpertDots(), block)
+    # Decoding on the CPU (few tokens, f32, no FP8 seam, no block size pinned): one kernel
+    # reads each hit expert's weights once in place; elsewhere XLA's blocks.
+    y_XKD = cpu_kernels.choose(
+        dots is None and block is None and cpu_kernels.moe_applies(x_XD, w_gate_EDM),
+        functools.partial(_kernel_block, block), functools.partial(
+            _dropless_block, dots=dots or ExpertDots(), block=block),
+        x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD)
   return _combine(y_XKD, weights_XK, x_XD.dtype)
 
 

@@ -31,10 +31,11 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-SOURCE = pathlib.Path(__file__).with_name("latent_decode.cc")
-HEADERS = (pathlib.Path(__file__).with_name("simd.h"),)   # included by SOURCE
+SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f in ("latent_decode.cc", "moe_decode.cc"))
+HEADERS = tuple(pathlib.Path(__file__).with_name(f) for f in ("simd.h", "parallel.h"))
 TARGET = "deepseek_jax_latent_decode"
 WRITE_TARGET = "deepseek_jax_latent_write"
+MOE_TARGET = "deepseek_jax_moe_decode"
 ENABLE_ENV = "DEEPSEEK_JAX_CPU_KERNELS"
 CACHE_ENV = "DEEPSEEK_JAX_KERNEL_CACHE"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -77,7 +78,7 @@ def _build() -> pathlib.Path | None:
   cxx = shlex.split(os.environ.get("CXX", "c++"))
   if not cxx or shutil.which(cxx[0]) is None:
     return None
-  key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS),
+  key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES + HEADERS),
                                    " ".join(cxx + list(FLAGS)).encode(),
                                    jax.__version__.encode(), _host()])).hexdigest()[:16]
   out = _cache_dir() / f"latent_decode-{key}.so"
@@ -87,7 +88,8 @@ def _build() -> pathlib.Path | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
       part = pathlib.Path(tmp) / out.name
-      subprocess.run([*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(part)],
+      subprocess.run([*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o",
+                      str(part)],
                      check=True, capture_output=True, timeout=300)
       os.replace(part, out)
   except (OSError, subprocess.SubprocessError) as e:
@@ -113,6 +115,7 @@ def available() -> bool:
     lib = ctypes.cdll.LoadLibrary(str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LatentDecode), platform="cpu")
     jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.LatentWrite), platform="cpu")
+    jax.ffi.register_ffi_target(MOE_TARGET, jax.ffi.pycapsule(lib.MoeDecode), platform="cpu")
   except (OSError, AttributeError):
     return False
   return True
@@ -178,3 +181,27 @@ def latent_write(cache, new_BTW, rows_BT, layer=None):
       c, new_BTW.astype(c.dtype), rows_BT.astype(jnp.int32),
       jnp.asarray(0 if layer is None or squeeze else layer, jnp.int32))
   return out[0] if squeeze else out
+
+
+MAX_MOE_TOKENS = 64   # tokens of a decode step; above it XLA's blocks are real matmuls
+
+
+def moe_applies(x_XD, w_gate_EDM) -> bool:
+  """Whether `moe_decode` takes a routed-expert call: the kernel is available, the tokens few
+  (decoding: <= MAX_MOE_TOKENS) and tokens and weights f32 (its sums are f32: a bf16 model
+  keeps XLA's bf16 dots)."""
+  f32 = jnp.dtype(jnp.float32)
+  return (not _DISABLED.get() and x_XD.shape[0] <= MAX_MOE_TOKENS
+          and jnp.dtype(x_XD.dtype) == f32 and jnp.dtype(w_gate_EDM.dtype) == f32 and available())
+
+
+def moe_decode(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD):
+  """Each (token, k)'s expert SwiGLU FFN, silu(x W_gate[e]) * (x W_up[e]) @ W_down[e] for
+  e = experts_XK[x, k] (zeros for ids outside [0, E)), each hit expert's weights read once in
+  place -> y_XKD f32 [X, K, D], not yet weighted by the gates. CPU only (`dispatch.dropless_ffn`
+  takes it under `choose`)."""
+  X, D = x_XD.shape
+  K = experts_XK.shape[1]
+  return jax.ffi.ffi_call(MOE_TARGET, jax.ShapeDtypeStruct((X, K, D), jnp.float32),
+                          vmap_method="sequential")(
+      x_XD, experts_XK.astype(jnp.int32), w_gate_EDM, w_up_EDM, w_down_EMD)

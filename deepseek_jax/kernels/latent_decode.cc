@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -230,7 +231,7 @@ ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t NB, int64_t layer,
   for (int64_t i = 0; i < B * d.MB; ++i)
     if (table[i] < 0 || table[i] >= NB)
       return ffi::Error::InvalidArgument("latent_decode: a block table entry is outside the pool");
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());   // parallel_for's
   // Each row's slots up to its furthest query, cut so that there are a few items per thread.
   std::vector<Item> items;
   int64_t total = 0;
@@ -248,35 +249,23 @@ ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t NB, int64_t layer,
   const int64_t n = static_cast<int64_t>(items.size());
   // Queries padded: rows to a multiple of 4, [latent | rope] each to multiples of 8 lanes.
   const int64_t M4 = (M + 3) / 4 * 4, Cp = pad8(C), K = Cp + pad8(d.R);
-  auto qpad = std::make_shared<std::vector<float>>(static_cast<size_t>(B * M4 * K), 0.0f);
+  std::vector<float> qpad(static_cast<size_t>(B * M4 * K), 0.0f);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t m = 0; m < M; ++m) {
-      std::memcpy(qpad->data() + (b * M4 + m) * K, q_lat + (b * M + m) * C, C * sizeof(float));
-      std::memcpy(qpad->data() + (b * M4 + m) * K + Cp, q_rope + (b * M + m) * d.R,
+      std::memcpy(qpad.data() + (b * M4 + m) * K, q_lat + (b * M + m) * C, C * sizeof(float));
+      std::memcpy(qpad.data() + (b * M4 + m) * K + Cp, q_rope + (b * M + m) * d.R,
                   d.R * sizeof(float));
     }
   const int64_t part = M * (C + 2);   // m_run, l, acc per item
-  auto state = std::make_shared<std::vector<float>>(static_cast<size_t>(n * part));
-  auto next = std::make_shared<std::atomic<int64_t>>(0);
-  auto done = std::make_shared<std::atomic<int64_t>>(0);
-  auto work = [=, &items]() {
-    for (int64_t i; (i = next->fetch_add(1)) < n;) {
-      const Item& it = items[i];
-      float* st = state->data() + i * part;
-      const int64_t base = layer * NB * d.P;
-      attend_range<Lat, Rope>(d, qpad->data() + it.b * M4 * K, M4, lat + base * C,
-                              rope + base * d.R, table + it.b * d.MB, pos + it.b * M, it.s0,
-                              it.s1, st, st + M, st + 2 * M);
-      done->fetch_add(1);
-    }
-  };
-  // Helpers that start after the work ran out find `next` past the end and touch nothing else;
-  // the caller waits only for items some thread took (each finishes), then reads the parts.
-  for (int64_t t = 1; t < std::min(threads, n); ++t) {
-    pool.Schedule([next, n, work]() { if (next->load() < n) work(); });
-  }
-  work();
-  while (done->load() < n) std::this_thread::yield();
+  std::vector<float> state(static_cast<size_t>(n * part));
+  const int64_t base = layer * NB * d.P;
+  parallel_for(pool, n, [&](int64_t i) {
+    const Item& it = items[i];
+    float* st = state.data() + i * part;
+    attend_range<Lat, Rope>(d, qpad.data() + it.b * M4 * K, M4, lat + base * C, rope + base * d.R,
+                            table + it.b * d.MB, pos + it.b * M, it.s0, it.s1, st, st + M,
+                            st + 2 * M);
+  });
   // Combine the items of each row.
   std::fill(out, out + B * M * C, 0.0f);
   std::vector<float> mx(M), den(M);
@@ -287,10 +276,10 @@ ffi::Error run(ffi::ThreadPool pool, const Shape& d, int64_t NB, int64_t layer,
     std::fill(mx.begin(), mx.end(), kNegInf);
     std::fill(den.begin(), den.end(), 0.0f);
     for (int64_t k = first; k < i; ++k)
-      for (int64_t m = 0; m < M; ++m) mx[m] = std::max(mx[m], (*state)[k * part + m]);
+      for (int64_t m = 0; m < M; ++m) mx[m] = std::max(mx[m], state[k * part + m]);
     float* ob = out + b * M * C;
     for (int64_t k = first; k < i; ++k) {
-      const float* st = state->data() + k * part;
+      const float* st = state.data() + k * part;
       for (int64_t m = 0; m < M; ++m) {
         if (st[M + m] == 0.0f) continue;   // saw no slot (a NaN item is not skipped)
         const float w = std::exp(st[m] - mx[m]);
