@@ -10,7 +10,7 @@ from flax import linen as nn
 from hypothesis import given, settings, strategies as st
 from jax.ad_checkpoint import print_saved_residuals
 
-from deepseek_jax.block import _REMAT_POLICIES, PROJECTIONS, Block
+from deepseek_jax.block import _REMAT_POLICIES, PROJECTIONS, Block, unstacked
 from deepseek_jax.model import Transformer
 from tests.helpers import init_model, mla_configs, random_tokens, replace, small_config
 from tests.training.conftest import compile_fast
@@ -58,6 +58,22 @@ def test_scan_equals_unrolled(cfg):
   # And the unrolled model declares the same parameter tree, layer by layer.
   shapes = jax.eval_shape(unrolled.init, jax.random.PRNGKey(0), tokens)["params"]
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(lambda a: a.shape, nn.meta.unbox(shapes))
+
+
+def test_unstacked_is_the_unrolled_model_with_the_same_weights():
+  """`block.unstacked` (decoding's layout): every collection of a dense + MoE model (params and
+  the routers' biases) split per layer; the unrolled model applies it to the same logits, and
+  declares the same tree."""
+  cfg = small_config(num_layers=3, first_k_dense_replace=1)
+  tokens = random_tokens(cfg, 2, 6)
+  variables = init_model(Transformer(cfg), tokens)
+  cfg_u, unrolled = unstacked(cfg, variables)
+  assert not cfg_u.scan_layers and unstacked(cfg_u, unrolled)[1] is unrolled
+  a = jax.jit(Transformer(cfg).apply)(variables, tokens).logits_BTV
+  b = jax.jit(Transformer(cfg_u).apply)(unrolled, tokens).logits_BTV
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  shapes = nn.meta.unbox(jax.eval_shape(Transformer(cfg_u).init, jax.random.PRNGKey(0), tokens))
+  assert jax.tree.map(jnp.shape, unrolled) == jax.tree.map(lambda a: a.shape, shapes)
 
 
 @settings(max_examples=3)

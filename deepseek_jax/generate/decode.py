@@ -28,6 +28,7 @@ import numpy as np
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate import speculative as spec
+from deepseek_jax.block import UNROLL_DECODE_LAYERS, unstacked
 from deepseek_jax.mla import absorbed_weights
 from deepseek_jax.model import Transformer, init_model_cache
 
@@ -232,6 +233,8 @@ def decode_loop(cfg: ModelConfig, variables, cache, carry: Carry, out: Tokens,
   no recompile) steps ran; the cache is donated and updated in place, the tokens appended to
   `out`. -> (cache, carry, out). `absorb=False` (plain steps only) expands K/V per step."""
   variables = absorbed_weights(cfg, variables)
+  if cfg.num_layers <= UNROLL_DECODE_LAYERS:   # per-layer weights, sliced once per call
+    cfg, variables = unstacked(cfg, variables)
   if speculative:
     step = functools.partial(_speculative_step, cfg, variables)
   else:
