@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax.block import UNROLL_DECODE_LAYERS, unstacked
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate import speculative as spec
-from deepseek_jax.block import UNROLL_DECODE_LAYERS, unstacked
 from deepseek_jax.mla import absorbed_weights
 from deepseek_jax.model import Transformer, init_model_cache
 

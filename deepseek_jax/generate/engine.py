@@ -22,6 +22,7 @@ import flax
 import jax
 import numpy as np
 
+from deepseek_jax.block import UNROLL_DECODE_LAYERS, unstacked
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate import paged
 from deepseek_jax.generate import speculative as spec
@@ -88,10 +89,12 @@ class Engine:
     if not 1 <= self.max_seq_len <= cfg.max_position_embeddings:
       raise ValueError(f"max_seq_len={self.max_seq_len}: must lie in [1, "
                        f"max_position_embeddings={cfg.max_position_embeddings}]")
-    # decode-layout W_UK / W_UV laid out once (mla.absorbed_weights), not in every step
+    # Decode layout once, not in every step: W_UK / W_UV split (mla.absorbed_weights), and the
+    # layers unrolled (block.unstacked) where there are few.
     variables = flax.core.meta.unbox(variables)
-    self.cfg, self.variables = cfg, (variables if ABSORBED in variables
-                                     else absorbed_weights(cfg, variables))
+    variables = variables if ABSORBED in variables else absorbed_weights(cfg, variables)
+    self.cfg, self.variables = (unstacked(cfg, variables) if cfg.num_layers <= UNROLL_DECODE_LAYERS
+                                else (cfg, variables))
     self.slots, self.chunk, self.group, self.stops = slots, prefill_chunk, group, stops
     self.max_blocks = -(-self.max_seq_len // block_size)
     num_blocks = num_blocks or slots * self.max_blocks + 1
