@@ -22,13 +22,12 @@ import flax
 import jax
 import numpy as np
 
-from deepseek_jax.block import UNROLL_DECODE_LAYERS, unstacked
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate import paged
 from deepseek_jax.generate import speculative as spec
 from deepseek_jax.generate.decode import Sampling
-from deepseek_jax.generate.steps import (Params, decode_slots, init_slots, prefill_chunk,
-                                         speculate_slots)
+from deepseek_jax.generate.steps import (Params, decode_slots, decode_slots_many, init_slots,
+                                         prefill_chunk, speculate_slots)
 from deepseek_jax.layers import dtype_of
 from deepseek_jax.mla import ABSORBED, absorbed_weights
 
@@ -71,31 +70,35 @@ class Request:
 class Engine:
   """Continuous batching over `slots` decode rows and a pool of `num_blocks` blocks of
   `block_size` tokens (default: enough for every slot at `max_seq_len`). `prefill_chunk`
-  prompt tokens are prefilled per step; `stops` is the most stop ids a request may give.
+  prompt tokens are prefilled per step; `stops` is the most stop ids a request may give. While
+  no prompt is being prefilled, one call runs up to `decode_steps` decode steps (one host round
+  trip; it ends early when a request finishes, so the next is admitted at once).
   `speculative=True` lets requests ask for MTP speculation (the drafter's cache is a second pool
   of one layer: (C + R) more per token); the cache is (C + R)·L per token otherwise."""
 
   def __init__(self, cfg: ModelConfig, variables, *, slots: int = 8, block_size: int = 16,
                num_blocks: int | None = None, max_seq_len: int | None = None,
                prefill_chunk: int = 64, group: int = 8, stops: int = 8, cache_dtype=None,
-               speculative: bool = False):
+               speculative: bool = False, decode_steps: int = 8):
     if speculative:
       spec.check_speculative(cfg)
     for name, value in (("slots", slots), ("block_size", block_size),
-                        ("prefill_chunk", prefill_chunk), ("group", group), ("stops", stops)):
+                        ("prefill_chunk", prefill_chunk), ("group", group), ("stops", stops),
+                        ("decode_steps", decode_steps)):
       if not (isinstance(value, int) and value >= 1):
         raise ValueError(f"{name}={value!r}: must be a positive integer")
     self.max_seq_len = max_seq_len or cfg.max_position_embeddings
     if not 1 <= self.max_seq_len <= cfg.max_position_embeddings:
       raise ValueError(f"max_seq_len={self.max_seq_len}: must lie in [1, "
                        f"max_position_embeddings={cfg.max_position_embeddings}]")
-    # Decode layout once, not in every step: W_UK / W_UV split (mla.absorbed_weights), and the
-    # layers unrolled (block.unstacked) where there are few.
+    # W_UK / W_UV laid out once (mla.absorbed_weights), not in every step. The layers stay
+    # stacked: unrolled (block.unstacked), every call would pass 97 leaves instead of 59 at
+    # tiny.yaml, and the engine measured slower (bench/results/ENGINE.md).
     variables = flax.core.meta.unbox(variables)
-    variables = variables if ABSORBED in variables else absorbed_weights(cfg, variables)
-    self.cfg, self.variables = (unstacked(cfg, variables) if cfg.num_layers <= UNROLL_DECODE_LAYERS
-                                else (cfg, variables))
+    self.cfg, self.variables = cfg, (variables if ABSORBED in variables
+                                     else absorbed_weights(cfg, variables))
     self.slots, self.chunk, self.group, self.stops = slots, prefill_chunk, group, stops
+    self.decode_steps = decode_steps
     self.max_blocks = -(-self.max_seq_len // block_size)
     num_blocks = num_blocks or slots * self.max_blocks + 1
     self.blocks = paged.BlockPool(num_blocks, block_size)
@@ -161,7 +164,8 @@ class Engine:
   # ---- one iteration ----
 
   def step(self) -> None:
-    """Admit, one prefill chunk, one decode step; then read the previous step's tokens."""
+    """Admit, one prefill chunk, decode (one step beside a prefill chunk, else up to
+    `decode_steps`); then read the previous call's tokens."""
     self._admit()
     emits = []
     prefilling = [r for r in self.slot_of if r is not None and r.prefilled < len(r.prompt)]
@@ -169,8 +173,8 @@ class Engine:
       emits.append(self._prefill(min(prefilling, key=lambda r: r.id)))
     running = [r if r is not None and r.prefilled == len(r.prompt) and not r.finished else None
                for r in self.slot_of]
-    if any(running):
-      emits.append(self._decode(running))
+    if any(running):   # several steps per call while no prompt waits for its chunks
+      emits.append(self._decode(running, 1 if prefilling else self.decode_steps))
     previous, self._in_flight = self._in_flight, emits
     for emit in previous:
       self._deliver(*emit)
@@ -211,16 +215,21 @@ class Engine:
     req.prefilled, req.next_pos = end, n
     return [req], emit
 
-  def _decode(self, running):
+  def _decode(self, running, steps: int):
     speculate = any(r is not None and r.speculative for r in running)
+    steps = 1 if speculate else steps
     for r in running:
-      if r is not None:   # blocks through the positions this step may write (within the budget)
-        ahead = 2 if speculate and r.speculative else 1
+      if r is not None:   # blocks through the positions this call may write (within the budget)
+        ahead = 2 if speculate and r.speculative else steps
         self.blocks.ensure(r.id, min(r.next_pos + ahead, len(r.prompt) + r.max_new_tokens))
         r.next_pos += ahead
-    step = speculate_slots if speculate else decode_slots
-    self.pools, self.state, emit = step(self.cfg, self.variables, self.pools,
-                                        self._table(running), self.state, self.group)
+    args = (self.cfg, self.variables, self.pools, self._table(running), self.state, self.group)
+    if speculate:
+      self.pools, self.state, emit = speculate_slots(*args)
+    elif steps == 1:
+      self.pools, self.state, emit = decode_slots(*args)
+    else:
+      self.pools, self.state, emit = decode_slots_many(*args, steps)
     return running, emit
 
   def _deliver(self, reqs, emit) -> None:

@@ -114,9 +114,7 @@ def _draft(cfg, variables, pools, table, hidden_BTD, next_BT, positions_BT, inde
   return draft_B, q_BV, dict(pools, mtp=(cache.latent_pool, cache.rope_pool))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "group"), donate_argnames=("pools",))
-def decode_slots(cfg: ModelConfig, variables, pools, table_SM, st: Slots, group: int):
-  """One token for every slot at its own position; done slots emit nothing (count 0)."""
+def _decode_once(cfg, variables, pools, table_SM, st: Slots, group: int):
   out, pools = _main(cfg, variables, pools, table_SM, st.tokens_S[:, None],
                      st.positions_S[:, None], group)
   next_S = jax.vmap(_sample)(out.logits_BTV[:, 0], st.seed_S, st.positions_S + 1,
@@ -125,7 +123,40 @@ def decode_slots(cfg: ModelConfig, variables, pools, table_SM, st: Slots, group:
                                          st.done_S, st.remaining_S)
   st = st._replace(tokens_S=jnp.where(count_S > 0, next_S, st.tokens_S),
                    positions_S=st.positions_S + count_S, done_S=done_S, remaining_S=remaining_S)
-  return pools, st, (next_S[:, None], count_S, done_S)
+  return pools, st, next_S, count_S
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "group"), donate_argnames=("pools",))
+def decode_slots(cfg: ModelConfig, variables, pools, table_SM, st: Slots, group: int):
+  """One token for every slot at its own position; done slots emit nothing (count 0)."""
+  pools, st, next_S, count_S = _decode_once(cfg, variables, pools, table_SM, st, group)
+  return pools, st, (next_S[:, None], count_S, st.done_S)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "group", "steps"), donate_argnames=("pools",))
+def decode_slots_many(cfg: ModelConfig, variables, pools, table_SM, st: Slots, group: int,
+                      steps: int):
+  """Up to `steps` of `decode_slots` in one call (one host round trip), ending after a step in
+  which a slot finished, so that the scheduler retires it and admits the next request: each
+  slot's tokens [S, steps] (its first `count` valid), counts, done. The table must cover
+  `steps` positions past each running slot's."""
+  S = st.tokens_S.shape[0]
+
+  def cond(c):
+    return (c[4] < steps) & ~c[5]
+
+  def body(c):
+    pools, st, toks_Sn, count_S, i, _ = c
+    was_done = st.done_S
+    pools, st, next_S, c_S = _decode_once(cfg, variables, pools, table_SM, st, group)
+    at_Sn = (jnp.arange(steps)[None] == count_S[:, None]) & (c_S[:, None] > 0)
+    return (pools, st, jnp.where(at_Sn, next_S[:, None], toks_Sn), count_S + c_S, i + 1,
+            jnp.any(st.done_S & ~was_done))
+
+  init = (pools, st, jnp.zeros((S, steps), jnp.int32), jnp.zeros(S, jnp.int32), jnp.int32(0),
+          jnp.bool_(False))
+  pools, st, toks_Sn, count_S, _, _ = jax.lax.while_loop(cond, body, init)
+  return pools, st, (toks_Sn, count_S, st.done_S)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "group"), donate_argnames=("pools",))

@@ -15,7 +15,7 @@ from deepseek_jax.generate import generate
 from deepseek_jax.generate import serve
 from deepseek_jax.generate.engine import Engine
 from deepseek_jax.generate.load import load_for_inference
-from deepseek_jax.generate.steps import decode_slots, prefill_chunk
+from deepseek_jax.generate.steps import decode_slots, decode_slots_many, prefill_chunk
 from deepseek_jax.hf import save_hf
 from deepseek_jax.model import Transformer
 from tests.helpers import init_model, small_config
@@ -50,13 +50,29 @@ def test_stream_equals_each_request_alone_and_generate(model):
   engine.run()
   assert engine.blocks.in_use == 0 and not engine.blocks.owned
   assert 0 < engine.blocks.peak_in_use <= engine.blocks.num_blocks - 1
-  compiled = decode_slots._cache_size(), prefill_chunk._cache_size()
+  compiled = [f._cache_size() for f in (decode_slots, decode_slots_many, prefill_chunk)]
   alone = [Engine(cfg, variables, **SHAPES).submit(p, n).result() for p, n in zip(prompts, news)]
-  assert (decode_slots._cache_size(), prefill_chunk._cache_size()) == compiled
+  assert [f._cache_size() for f in (decode_slots, decode_slots_many, prefill_chunk)] == compiled
   batch = generate(cfg, variables, prompts, max(news)).tokens
   for r, a, g, n in zip(reqs, alone, batch, news):
     assert r.finished and not r.stopped and len(r.tokens) == n
     assert r.tokens == a == g[:n]
+
+
+def test_several_decode_steps_per_call_emit_the_same_tokens(model):
+  """`decode_steps` (decode steps per host round trip while nothing is prefilled) changes how
+  often the host is visited, not the tokens: 1 and 5 give the same stream (stops, budgets and
+  a request finishing mid-call included), 5 in fewer engine steps."""
+  cfg, variables = model
+  prompts, news = _stream(seed=2, n=5)
+  out, steps = {}, {}
+  for k in (1, 5):
+    engine = Engine(cfg, variables, **SHAPES, decode_steps=k)
+    reqs = [engine.submit(p, n, stop=[7]) for p, n in zip(prompts, news)]
+    engine.run()
+    out[k], steps[k] = [(r.tokens, r.stopped) for r in reqs], engine.steps
+    assert engine.blocks.in_use == 0
+  assert out[1] == out[5] and steps[5] < steps[1]
 
 
 def test_per_request_stops_budgets_and_sampling(model):
