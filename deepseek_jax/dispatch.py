@@ -20,6 +20,7 @@ from deepseek_jax.expert_blocks import (HIGH_PRECISION, BlockNumerics,  # noqa: 
                                         HighPrecision, block_numerics, block_swiglu)
 from deepseek_jax.fp8.dot import swiglu_dot
 from deepseek_jax.kernels import cpu as cpu_kernels
+from deepseek_jax.vma import cotangent_like, varying_like
 from deepseek_jax.gmm import auto_block_size, num_blocks  # noqa: F401  (dispatch's API too)
 
 DotGeneral = Callable[..., jax.Array]
@@ -153,7 +154,8 @@ def _dropless_block(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD, dots, bl
 def _kernel_block(block, x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD):
   """`_dropless_block` by the CPU kernel (`kernels.cpu.moe_decode`); its gradient is XLA's
   path's (the kernel has no backward: a small batch that trains differentiates XLA's blocks)."""
-  return cpu_kernels.moe_decode(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD)
+  y_XKD = cpu_kernels.moe_decode(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD)
+  return varying_like(y_XKD, (x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD))
 
 
 def _kernel_block_fwd(block, x_XD, experts_XK, *weights):
@@ -162,10 +164,11 @@ def _kernel_block_fwd(block, x_XD, experts_XK, *weights):
 
 def _kernel_block_bwd(block, res, ct_XKD):
   x_XD, experts_XK, weights = res
-  _, vjp = jax.vjp(lambda x, *w: _dropless_block(x, experts_XK, *w, ExpertDots(), block),
-                   x_XD, *weights)
-  ct_x, *ct_w = vjp(ct_XKD)
-  return (ct_x, None, *ct_w)
+  y_XKD, vjp = jax.vjp(lambda x, *w: _dropless_block(x, experts_XK, *w, ExpertDots(), block),
+                       x_XD, *weights)
+  ct_x, *ct_w = vjp(cotangent_like(ct_XKD, y_XKD))
+  return (cotangent_like(ct_x, x_XD), None,
+          *(cotangent_like(c, w) for c, w in zip(ct_w, weights)))
 
 
 _kernel_block.defvjp(_kernel_block_fwd, _kernel_block_bwd)

@@ -27,7 +27,7 @@ ALLOWED = {
     "deepseek_jax.config": (),
     "deepseek_jax.tokenizer": ("deepseek_jax.config",),
     "deepseek_jax.fp8": ("deepseek_jax.config",),
-    "deepseek_jax.kernels": (),
+    "deepseek_jax.kernels": ("deepseek_jax.vma",),   # vma: jax only
     **{m: ("deepseek_jax.config", "deepseek_jax.fp8", "deepseek_jax.kernels") + MODEL
        for m in MODEL},
     "sharding": ("deepseek_jax.config", "deepseek_jax.fp8") + MODEL,

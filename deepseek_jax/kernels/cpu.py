@@ -31,6 +31,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.vma import varying_like
+
 SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f in ("latent_decode.cc", "moe_decode.cc"))
 HEADERS = tuple(pathlib.Path(__file__).with_name(f) for f in ("simd.h", "parallel.h"))
 TARGET = "deepseek_jax_latent_decode"
@@ -123,10 +125,16 @@ def available() -> bool:
 
 def choose(use: bool, cpu, default, *args):
   """`cpu(*args)` where the program runs on the CPU and `use` holds, else `default(*args)`: the
-  one switch between a kernel of this module and XLA's path (`jax.lax.platform_dependent`)."""
+  one switch between a kernel of this module and XLA's path (`jax.lax.platform_dependent`).
+  Inside a `shard_map` the kernel's outputs are typed as varying over every manual axis an
+  input varies over, as XLA's path's are (a custom call's result carries no such type)."""
   if not use:
     return default(*args)
-  return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+
+  def kernel(*a):
+    refs = jax.tree.leaves(a)
+    return jax.tree.map(lambda out: varying_like(out, refs), cpu(*a))
+  return jax.lax.platform_dependent(*args, cpu=kernel, default=default)
 
 
 def applies(q_lat_BTNC, lat, rope) -> bool:
