@@ -40,6 +40,8 @@ def _parser(prog: str):
   ap.add_argument("--slots", type=int, default=8, help="requests decoded together")
   cli.add_flag(ap, "--block-size", type=int, default=16, help="tokens per cache block")
   cli.add_flag(ap, "--prefill-chunk", type=int, default=64, help="prompt tokens per step")
+  cli.add_flag(ap, "--decode-steps", type=int, default=8,
+               help="decode steps per call while no prompt is being prefilled")
   cli.add_flag(ap, "--max-seq-len", type=int, default=None,
                help="longest prompt + output (default: the model's max_position_embeddings)")
   ap.add_argument("--speculative", action="store_true",
@@ -121,7 +123,7 @@ def main(argv=None, prog: str = "python -m deepseek_jax.generate.serve") -> int:
     stops = load.stop_ids(args, info, tok)
     engine = Engine(cfg, variables, slots=args.slots, block_size=args.block_size,
                     prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len,
-                    speculative=args.speculative)
+                    speculative=args.speculative, decode_steps=args.decode_steps)
     defaults = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=sorted(set(stops)),
                     speculative=args.speculative)

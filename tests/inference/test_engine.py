@@ -179,3 +179,6 @@ def test_serve_command(model, tmp_path, capsys):
   assert serve.main(args[:2] + ["--prompts", str(tmp_path / "bad.jsonl")] + args[4:]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["error: --prompts line 2: top_k=1.5 must be int"]
+  assert serve.main(args + ["--decode-steps", "0"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "decode_steps=0" in err[0] and "positive integer" in err[0], err
