@@ -142,8 +142,8 @@ def decode_slots_many(cfg: ModelConfig, variables, pools, table_SM, st: Slots, g
   `steps` positions past each running slot's."""
   S = st.tokens_S.shape[0]
 
-  def cond(c):
-    return (c[4] < steps) & ~c[5]
+  def cond(c):   # (a call dispatched after every slot finished on the device runs no step)
+    return (c[4] < steps) & ~c[5] & ~jnp.all(c[1].done_S)
 
   def body(c):
     pools, st, toks_Sn, count_S, i, _ = c

@@ -57,31 +57,32 @@ constexpr int kScoreSlots = 2, kValueChunks = 2;
 
 // Scores of slots j0 .. j0 + kScoreSlots against four query rows q[i] ([latent | rope], padded):
 // out[(j0 + s) * 4 + i] (slot-major, four rows per slot). Each slot's vector is loaded once
-// (the empty asm keeps it in a register: folded into every FMA it would be loaded four times).
+// (`keep`: folded into every FMA it would be loaded four times).
 #define DSJ_FMA4(a, x) a##0 += x * w0, a##1 += x * w1, a##2 += x * w2, a##3 += x * w3
-inline void score_slots(const float* const* xl, const float* const* xr, int64_t j0, const float* q,
+template <typename X>
+inline void score_slots(const X* const* xl, const X* const* xr, int64_t j0, const float* q,
                         int64_t Cp, int64_t Rp, float* out) {
   const int64_t K = Cp + Rp;
   v8 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
 #if defined(__AVX512F__)
   v8 c0{}, c1{}, c2{}, c3{}, d0{}, d1{}, d2{}, d3{};
 #endif
-  auto part = [&](const float* const* xs, const float* qs, int64_t width) {
-    const float *pa = xs[j0], *pb = xs[j0 + 1];
+  auto part = [&](const X* const* xs, const float* qs, int64_t width) {
+    const X *pa = xs[j0], *pb = xs[j0 + 1];
 #if defined(__AVX512F__)
-    const float *pc = xs[j0 + 2], *pd = xs[j0 + 3];
+    const X *pc = xs[j0 + 2], *pd = xs[j0 + 3];
 #endif
     for (int64_t k = 0; k < width; k += kW) {
       v8 w0 = load8(qs + k), w1 = load8(qs + K + k), w2 = load8(qs + 2 * K + k),
                w3 = load8(qs + 3 * K + k);
-      asm("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3));
+      keep(w0), keep(w1), keep(w2), keep(w3);
       v8 x = load8(pa + k), y = load8(pb + k);
-      asm("" : "+v"(x), "+v"(y));
+      keep(x), keep(y);
       DSJ_FMA4(a, x);
       DSJ_FMA4(b, y);
 #if defined(__AVX512F__)
       v8 z = load8(pc + k), u = load8(pd + k);
-      asm("" : "+v"(z), "+v"(u));
+      keep(z), keep(u);
       DSJ_FMA4(c, z);
       DSJ_FMA4(d, u);
 #endif
@@ -97,8 +98,8 @@ inline void score_slots(const float* const* xl, const float* const* xr, int64_t 
 #undef DSJ_FMA4
 
 // acc[i, c0 + 8 v] += sum_j p[j * 4 + i] x[j][c0 + 8 v] for four rows and NC 8-lane chunks.
-template <int NC>
-inline void accumulate(const float* const* xl, int64_t nb, const float* p, int64_t c0, int64_t Cp,
+template <typename X, int NC>
+inline void accumulate(const X* const* xl, int64_t nb, const float* p, int64_t c0, int64_t Cp,
                        float* acc) {
   v8 t[4][NC];
   for (int i = 0; i < 4; ++i)
@@ -120,14 +121,15 @@ inline void accumulate(const float* const* xl, int64_t nb, const float* p, int64
 // of whole vectors, else widened into an L1 block first; each block of kSlotBlock slots is
 // scored against four query rows at a time, folded into their online softmax (f32), and
 // accumulated while it is still in L1.
-template <typename Lat, typename Rope>
-void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat::T* lat,
-                  const typename Rope::T* rope, const int32_t* table, const int32_t* pos,
-                  int64_t s0, int64_t s1,
-                  float* m_run, float* l, float* acc) {
+// X: the element type the passes read: the cache's own when `in_place` (f32 or bf16 read where
+// they lie: both parts in that format, widths of whole vectors), else f32 (rows widened into an
+// L1 block first).
+template <typename X, bool in_place, typename Lat, typename Rope>
+void attend_impl(const Shape& d, const float* q, int64_t M4, const typename Lat::T* lat,
+                 const typename Rope::T* rope, const int32_t* table, const int32_t* pos,
+                 int64_t s0, int64_t s1,
+                 float* m_run, float* l, float* acc) {
   const int64_t M = d.M, C = d.C, R = d.R, P = d.P, Cp = pad8(C), Rp = pad8(R), K = Cp + Rp;
-  constexpr bool kInPlace = std::is_same<Lat, F32>::value && std::is_same<Rope, F32>::value;
-  const bool in_place = kInPlace && C == Cp && R == Rp;
   // Slot s is row table[s / P] P + s % P of the layer's pool (no division per slot).
   int64_t block = s0 / P, off = s0 % P;
   const typename Lat::T* lat_row;
@@ -137,10 +139,11 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
     lat_row = lat + row * C, rope_row = rope + row * R;
   };
   seek();
-  std::vector<float> blk(in_place ? 0 : kSlotBlock * K), zero(K, 0.0f), p(M4 * kSlotBlock),
-      accp(M4 * Cp, 0.0f), m_g(M4, kNegInf), l_g(M4, 0.0f);
-  const float* xl[kSlotBlock];
-  const float* xr[kSlotBlock];
+  std::vector<float> blk(in_place ? 0 : kSlotBlock * K), p(M4 * kSlotBlock), accp(M4 * Cp, 0.0f),
+      m_g(M4, kNegInf), l_g(M4, 0.0f);
+  std::vector<X> zero(K, X{});   // the row of a padding slot (0 is 0 in f32 and bf16 bits)
+  const X* xl[kSlotBlock];
+  const X* xr[kSlotBlock];
   std::vector<int32_t> lim(M4, -1);   // the last slot each query row sees (-1: a padding row)
   for (int64_t m = 0; m < M; ++m) lim[m] = pos[m];
   const int32_t min_lim = *std::min_element(lim.begin(), lim.end());
@@ -148,9 +151,8 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
     const int64_t nb = std::min<int64_t>(kSlotBlock, s1 - sb);
     const int64_t nbs = (nb + kScoreSlots - 1) / kScoreSlots * kScoreSlots;
     for (int64_t j = 0; j < nb; ++j) {
-      if (in_place) {
-        xl[j] = reinterpret_cast<const float*>(lat_row);
-        xr[j] = reinterpret_cast<const float*>(rope_row);
+      if constexpr (in_place) {
+        xl[j] = lat_row, xr[j] = rope_row;
       } else {
         widen<Lat>(lat_row, C, Cp, blk.data() + j * K);
         widen<Rope>(rope_row, R, Rp, blk.data() + j * K + Cp);
@@ -210,8 +212,8 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
       float* am = accp.data() + m0 * Cp;
       int64_t c0 = 0;
       for (; c0 + kValueChunks * kW <= Cp; c0 += kValueChunks * kW)
-        accumulate<kValueChunks>(xl, nb, pg, c0, Cp, am);
-      for (; c0 < Cp; c0 += kW) accumulate<1>(xl, nb, pg, c0, Cp, am);
+        accumulate<X, kValueChunks>(xl, nb, pg, c0, Cp, am);
+      for (; c0 < Cp; c0 += kW) accumulate<X, 1>(xl, nb, pg, c0, Cp, am);
     }
   }
   for (int64_t m = 0; m < M; ++m) {
@@ -219,6 +221,20 @@ void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat
     std::memcpy(acc + m * C, accp.data() + m * Cp, C * sizeof(float));
   }
 }
+template <typename Lat, typename Rope>
+void attend_range(const Shape& d, const float* q, int64_t M4, const typename Lat::T* lat,
+                  const typename Rope::T* rope, const int32_t* table, const int32_t* pos,
+                  int64_t s0, int64_t s1, float* m_run, float* l, float* acc) {
+  using T = typename Lat::T;
+  constexpr bool same = std::is_same<T, typename Rope::T>::value && !std::is_same<Lat, E4M3>::value;
+  if constexpr (same) {
+    if (d.C % kW == 0 && d.R % kW == 0)
+      return attend_impl<T, true, Lat, Rope>(d, q, M4, lat, rope, table, pos, s0, s1, m_run, l,
+                                             acc);
+  }
+  attend_impl<float, false, Lat, Rope>(d, q, M4, lat, rope, table, pos, s0, s1, m_run, l, acc);
+}
+
 struct Item { int64_t b, s0, s1; };
 
 template <typename Lat, typename Rope>

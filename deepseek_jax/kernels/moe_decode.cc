@@ -40,7 +40,7 @@ inline void rows_times(const float* const* in, int n, const float* w, int64_t ro
     for (int64_t r = 0; r < rows; ++r) {
       const float* wr = w + r * ldw + c;
       v8 w0 = load8(wr), w1 = two ? load8(wr + kW) : v8{};
-      asm("" : "+v"(w0), "+v"(w1));
+      keep(w0), keep(w1);
       for (int i = 0; i < kTok; ++i) {
         if (i >= n) break;
         const v8 xi = bcast(in[i] + r);

@@ -53,6 +53,16 @@ inline v8 load8(const float* p) {
   std::memcpy(&x, p, sizeof(x));
   return x;
 }
+inline v8 load8(const uint16_t* p) {   // eight bf16 -> f32 (a bf16 is an f32's top half)
+#if defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<v8>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+  v8 x;
+  for (int i = 0; i < kW; ++i) x[i] = from_bf16(p[i]);
+  return x;
+#endif
+}
 inline v8 bcast(const float* p) {
 #if defined(__AVX__)
   return reinterpret_cast<v8>(_mm256_broadcast_ss(p));
@@ -61,6 +71,13 @@ inline v8 bcast(const float* p) {
 #endif
 }
 inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof(x)); }
+// Keeps a vector in a register from here on (GCC would otherwise fold its load into every FMA
+// that uses it, loading it again for each); a no-op where a vector is not one register.
+#if defined(__AVX__)
+inline void keep(v8& x) { asm("" : "+v"(x)); }
+#else
+inline void keep(v8&) {}
+#endif
 // out[i] = sum of a[i]'s lanes for eight vectors: three levels of pairwise shuffles and adds.
 inline v8 hsum8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
   const vi8 e0 = {0, 8, 1, 9, 4, 12, 5, 13}, o0 = {2, 10, 3, 11, 6, 14, 7, 15};
