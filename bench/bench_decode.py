@@ -78,6 +78,14 @@ def _state(cfg, batch: int, context: int, steps: int, dtype=None):
   return cache, carry, out
 
 
+def random_model(config: str):
+  """(model config, randomly initialised variables, seed 0) of a config file; positions up to
+  16384 (8192 + steps: the table is widened, a step's speed does not depend on it)."""
+  cfg = load_config(config, ["model.max_position_embeddings=16384"]).model
+  return cfg, flax.core.meta.unbox(
+      Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+
+
 def loop_timer(cfg, variables, batch: int, context: int, steps: int, absorb=True, dtype=None,
                kernel=True):
   """A function timing `steps` decode steps in one `decode_loop` call (compiled on creation;
@@ -252,10 +260,7 @@ def main(argv=None) -> int:
                   help="comma-separated subset of roofline, error, absorb (and hf with --hf-python)")
   args = ap.parse_args(argv)
   parts = set(args.parts.split(",")) | ({"hf"} if args.hf_python else set())
-  # Positions up to 8192 + steps: widen the table (the speed of a step does not depend on it).
-  cfg = load_config(args.config, ["model.max_position_embeddings=16384"]).model
-  variables = flax.core.meta.unbox(
-      Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  cfg, variables = random_model(args.config)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
   if "roofline" in parts:
     part_roofline(cfg, variables, args.batch, args.context, args.steps, args.repeats,

@@ -19,17 +19,13 @@ import sys
 import tempfile
 import time
 
-import flax
 import jax
-import jax.numpy as jnp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_decode import CACHE_DTYPES, loop_timer  # noqa: E402
-from deepseek_jax.config import load_config  # noqa: E402
-from deepseek_jax.model import Transformer  # noqa: E402
+from bench_decode import CACHE_DTYPES, loop_timer, random_model  # noqa: E402
 
 
 def op_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
@@ -59,9 +55,7 @@ def main(argv=None) -> int:
   ap.add_argument("--cache-dtype", default="f32", choices=sorted(CACHE_DTYPES))
   ap.add_argument("--top", type=int, default=25)
   args = ap.parse_args(argv)
-  cfg = load_config(args.config, ["model.max_position_embeddings=16384"]).model
-  variables = flax.core.meta.unbox(
-      Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  cfg, variables = random_model(args.config)
   run = loop_timer(cfg, variables, args.batch, args.context, args.steps,
                    dtype=CACHE_DTYPES[args.cache_dtype])
   run(), run()   # warm

@@ -155,6 +155,8 @@ def _kernel_block(block, x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD):
   """`_dropless_block` by the CPU kernel (`kernels.cpu.moe_decode`); its gradient is XLA's
   path's (the kernel has no backward: a small batch that trains differentiates XLA's blocks)."""
   y_XKD = cpu_kernels.moe_decode(x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD)
+  # Typed here, inside the custom_vjp, not only by `choose` outside it: the output's manual-axis
+  # type decides the cotangent autodiff hands back (without it the sharded gradients differ).
   return varying_like(y_XKD, (x_XD, experts_XK, w_gate_EDM, w_up_EDM, w_down_EMD))
 
 

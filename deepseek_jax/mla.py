@@ -201,8 +201,8 @@ def latent_attention(q_lat_BTNC, q_rope_BTNR, cache: LatentCache, positions_BT, 
   # One pass over the cache on the CPU (kernels/cpu.py); XLA's blocked loop elsewhere.
   return cpu_kernels.choose(
       cpu_kernels.applies(q_lat_BTNC, cache.latent_BSC, cache.rope_BSR),
-      lambda: cpu_kernels.latent_decode(q_lat_BTNC, q_rope_BTNR, cache.latent_BSC,
-                                        cache.rope_BSR, positions_BT, layer, scale), blocked)
+      lambda *a: cpu_kernels.latent_decode(*a, layer, scale), lambda *_: blocked(),
+      q_lat_BTNC, q_rope_BTNR, cache.latent_BSC, cache.rope_BSR, positions_BT)
 
 
 def split_kv_b(kernel, H: int):

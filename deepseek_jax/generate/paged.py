@@ -102,9 +102,9 @@ class PagedLatentCache:
     # One pass through the table on the CPU (kernels/cpu.py); XLA's blocked loop elsewhere.
     return cpu_kernels.choose(
         cpu_kernels.applies(q_lat_BTNC, self.latent_pool, self.rope_pool),
-        lambda: cpu_kernels.latent_decode(q_lat_BTNC, q_rope_BTNR, self.latent_pool,
-                                          self.rope_pool, positions_BT, layer, scale,
-                                          table=self.table_BM), blocked)
+        lambda *a: cpu_kernels.latent_decode(*a, layer, scale, table=self.table_BM),
+        lambda *_: blocked(),
+        q_lat_BTNC, q_rope_BTNR, self.latent_pool, self.rope_pool, positions_BT)
 
 
 def init_pools(cfg: ModelConfig, num_blocks: int, block_size: int, dtype=None,

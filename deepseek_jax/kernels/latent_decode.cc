@@ -117,10 +117,8 @@ inline void accumulate(const X* const* xl, int64_t nb, const float* p, int64_t c
 }
 
 // One item: row b, slots [s0, s1). q [M4, Cp + Rp] (padded, rows past M zero); pos [M]. Writes
-// m_run[M], l[M], acc[M, C]. Slots are read where they lie when the cache is f32 with widths
-// of whole vectors, else widened into an L1 block first; each block of kSlotBlock slots is
-// scored against four query rows at a time, folded into their online softmax (f32), and
-// accumulated while it is still in L1.
+// m_run[M], l[M], acc[M, C]. Each block of kSlotBlock slots is scored against four query rows
+// at a time, folded into their online softmax (f32), and accumulated while it is still in L1.
 // X: the element type the passes read: the cache's own when `in_place` (f32 or bf16 read where
 // they lie: both parts in that format, widths of whole vectors), else f32 (rows widened into an
 // L1 block first).
