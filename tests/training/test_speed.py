@@ -80,7 +80,7 @@ def _peak() -> float:
   f = jax.jit(lambda w: _matmuls(w, STEP_MATMULS))
   f(w).block_until_ready()
   best = 0.0
-  for _ in range(5):
+  for _ in range(10):
     t0 = time.perf_counter()
     f(w).block_until_ready()
     best = max(best, STEP_FLOPS / (time.perf_counter() - t0))
@@ -98,16 +98,22 @@ def _measured_peak():
 
 def test_evaluating_every_step_does_not_inflate_tokens_per_s(tmp_path):
   steps = 12
+  # Plain runs on both sides of the evaluating one: on a shared 2-core machine (CI runs two
+  # test workers) one 12-step run can be 1.6x slower than the next for no reason of its own.
   plain, _ = _run(tmp_path / "plain", steps, eval_every=100000)
   evals, wall = _run(tmp_path / "evals", steps, eval_every=1)
-  tps_plain = np.median([r["tokens_per_s"] for r in plain])
+  again, _ = _run(tmp_path / "again", steps, eval_every=100000)
+  tps_plain = max(np.median([r["tokens_per_s"] for r in rows]) for rows in (plain, again))
   tps_evals = np.median([r["tokens_per_s"] for r in evals])
   # Before the fix each evaluated step's device time was left out with the evaluation: the
-  # window held almost nothing and tokens/s came out many times too high.
-  assert tps_evals < 1.5 * tps_plain, (tps_evals, tps_plain)
+  # window held almost nothing and tokens/s came out many times too high (MFU read 34x). The
+  # bound leaves room for the machine's noise (1.57x once in CI with a single plain run).
+  assert tps_evals < 3.0 * tps_plain, (tps_evals, tps_plain)
   # Per-step MFU against a peak measured on this (shared) machine is noisy (one step of 24 read
   # 3.13 in a fresh-clone CI run on a quiet host); the bug it guards against read 34x too high.
-  mfus = [r["mfu"] for r in plain + evals]
+  # The peak is measured again after the runs and the higher one counts.
+  scale = PEAK / max(PEAK, _peak())
+  mfus = [r["mfu"] * scale for r in plain + evals + again]
   assert np.median(mfus) < 1.25 and max(mfus) < 6.0, mfus
   # All steps' tokens over the whole wall time (evaluations included) is a floor.
   t = small_config().train
