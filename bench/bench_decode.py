@@ -118,6 +118,35 @@ def bandwidth_timer(mib: int = 512):
   return run
 
 
+def matmul_timer(n: int = 1024):
+  """The f32 matmul rate of this process (a jitted [n, n] @ [n, n]): the arithmetic peak the
+  step's FLOPs are held against."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+
+  def run() -> float:
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    return 2 * n ** 3 / (time.perf_counter() - t)
+  return run
+
+
+def step_flops(cfg, variables, batch: int, context: int) -> dict[str, float]:
+  """FLOPs of one absorbed decode step: the attention over the latent cache (each of N heads
+  scores context + 1 slots over C + R and sums C of them: 2 N (2C + R) per slot, per layer) and
+  2 per active weight per token (the K of E routed experts; neither the embedding nor MTP)."""
+  L, C, R, N = cfg.num_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_heads
+  E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+  weights = 0.0
+  for path, x in flax.traverse_util.flatten_dict(variables["params"]).items():
+    if path[0] in ("mtp", "embed_tokens"):
+      continue
+    weights += x.size * (K / E if "/experts/" in "/".join(path) else 1.0)
+  return {"attention over the cache": 2.0 * L * batch * (context + 1) * N * (2 * C + R),
+          "weights": 2.0 * batch * weights}
+
+
 def step_bytes(cfg, variables, batch: int, context: int, dtype=None) -> dict[str, float]:
   """Bytes one decode step must move, term by term: each row reads its cache up to its
   position (context + 1 slots) and writes one slot per layer; the weights of the main model are
@@ -158,29 +187,42 @@ def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats:
         f"{repeats} (each run: bandwidth, then each cache dtype and attention, interleaved); "
         f"attention: {', '.join(attention)} (kernel: the CPU kernel, kernels/cpu.py; xla: XLA's "
         "blocked loop)")
-  bw = bandwidth_timer()
+  bw, mm = bandwidth_timer(), matmul_timer()
   timers = {f"{k}, {a}": loop_timer(cfg, variables, batch, context, steps,
                                     dtype=CACHE_DTYPES[k], kernel=a == "kernel")
             for k in dtypes for a in attention}
-  runs = {k: [] for k in ["bw", *timers]}
-  bw(), [run() for run in timers.values()]   # one untimed pass: the first run of a process is slow
+  runs = {k: [] for k in ["bw", "mm", *timers]}
+  bw(), mm(), [run() for run in timers.values()]   # untimed: a process's first run is slow
   for _ in range(repeats):
     runs["bw"].append(bw())
+    runs["mm"].append(max(mm() for _ in range(3)))
     for k, run in timers.items():
       runs[k].append(run())
   bandwidth = float(np.median(runs["bw"]))
-  print(f"bandwidth (jitted sum over 512 MiB, this process): {bandwidth / 1e9:.1f} GB/s")
+  peak = float(np.median(runs["mm"]))
+  flops = step_flops(cfg, variables, batch, context)
+  print(f"bandwidth (jitted sum over 512 MiB, this process): {bandwidth / 1e9:.1f} GB/s; f32 "
+        f"matmul peak (jitted 1024^3, best of 3 per run): {peak / 1e9:.1f} GFLOP/s")
+  print(f"{sum(flops.values()) / 1e6:.1f} MFLOP per step = "
+        + " + ".join(f"{name} {v / 1e6:.1f}" for name, v in flops.items())
+        + f": compute bound {sum(flops.values()) / peak * 1e3:.2f} ms")
   for key in timers:
     k = key.split(",")[0]
     terms = step_bytes(cfg, variables, batch, context, CACHE_DTYPES[k])
     total = sum(terms.values())
     fractions = [total / bandwidth / t for t in runs[key]]
+    # The roofline proper: the slower of moving the bytes and doing the FLOPs, each at this
+    # process's measured rate, run by run (an FP8 latent cache moves 4x fewer cache bytes for
+    # the same FLOPs: on a CPU its step is bound by the arithmetic, not by memory).
+    bound = [max(total / b, sum(flops.values()) / p) for b, p in zip(runs["bw"], runs["mm"])]
     t = float(np.median(runs[key]))
     print(f"cache {key}: {total / 1e6:.1f} MB per step = "
           + " + ".join(f"{name} {v / 1e6:.2f}" for name, v in terms.items()))
     print(f"  step {t * 1e3:.2f} ms ({batch / t:.0f} tok/s), roofline {total / bandwidth * 1e3:.2f} "
           f"ms: {np.median(fractions):.0%} of the memory roofline (runs: "
-          + ", ".join(f"{f:.0%}" for f in fractions) + ")", flush=True)
+          + ", ".join(f"{f:.0%}" for f in fractions) + "); "
+          f"{np.median([b / r for b, r in zip(bound, runs[key])]):.0%} of max(memory, compute)",
+          flush=True)
 
 
 def part_cache_error(cfg, variables, steps: int = 32) -> None:

@@ -114,6 +114,28 @@ def test_a_nan_in_a_visible_slot_is_not_dropped(S, nan_slots):
   assert np.isnan(np.asarray(got)).all()
 
 
+@pytest.mark.parametrize("C", [256, 254])
+@pytest.mark.parametrize("nan", [False, True])
+def test_every_e4m3_byte_is_read_as_its_value(C, nan):
+  """One visible slot: the output is that slot's latent row (a softmax over one slot is 1), so
+  every finite e4m3fn byte (both zeros, the subnormals, +-448) must come back as its value,
+  through the eight-lane decode and (C=254) the scalar tail; a NaN byte makes the output NaN."""
+  codes = np.arange(256, dtype=np.uint8)
+  row = np.concatenate([codes[(codes & 0x7F) != 0x7F], np.array([0x80, 0], np.uint8)])[:C]
+  if nan:
+    row[C // 2] = 0xFF
+  lat = jnp.asarray(row.view(jnp.float8_e4m3fn).reshape(1, 1, C))
+  rng = np.random.default_rng(C)
+  q = jnp.asarray(rng.normal(size=(1, 1, 2, C)), jnp.float32)
+  got = np.asarray(_kernel_call(q, jnp.zeros((1, 1, 2, 8)), lat,
+                                jnp.zeros((1, 1, 8), jnp.bfloat16), jnp.zeros((1, 1), jnp.int32), 0))
+  if nan:
+    assert np.isnan(got).all()
+  else:
+    want = np.broadcast_to(row.view(jnp.float8_e4m3fn).astype(np.float32), got.shape)
+    np.testing.assert_array_equal(got, want)
+
+
 @functools.lru_cache(maxsize=None)
 def _decoder(cfg, kernel: bool):
   def step(variables, tokens, cache, positions):
