@@ -184,8 +184,7 @@ void attend_impl(const Shape& d, const float* q, int64_t M4, const typename Lat:
         }
         mx = mx > x ? mx : x;
       }
-      const vi8 swap = {4, 5, 6, 7, 0, 1, 2, 3};
-      const v8 other = __builtin_shuffle(mx, swap);
+      const v8 other = swap_halves(mx);
       mx = mx > other ? mx : other;   // lanes i and i + 4: row i's block maximum
       v8 mr;
       for (int i = 0; i < 8; ++i) mr[i] = m_g[m0 + lane_row[i]];
@@ -197,7 +196,7 @@ void attend_impl(const Shape& d, const float* q, int64_t M4, const typename Lat:
         store8(pg + j * 4, e);
         sum += e;
       }
-      sum += __builtin_shuffle(sum, swap);
+      sum += swap_halves(sum);
       const v8 r = exp8(mr - base);   // the running state's rescale (0 while it is empty)
       for (int i = 0; i < 4; ++i) {
         l_g[m0 + i] = l_g[m0 + i] * r[i] + sum[i];

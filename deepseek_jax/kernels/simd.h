@@ -1,6 +1,7 @@
-// Vector and number-format helpers of the CPU kernels (latent_decode.cc): 8-lane f32 vectors in
-// GCC's vector extension (AVX2 registers on x86; GCC splits them where the target is narrower),
-// a horizontal sum of eight vectors, e^x for a softmax, and the cache formats widened to f32.
+// Vector and number-format helpers of the CPU kernels (latent_decode.cc, moe_decode.cc): 8-lane
+// f32 vectors in GCC's vector extension, which clang shares (AVX2 registers on x86; split where
+// the target is narrower), a horizontal sum of eight vectors, e^x for a softmax, and the cache
+// formats widened to f32 eight lanes at a time.
 #pragma once
 
 #include <cmath>
@@ -98,19 +99,37 @@ inline void keep(v8& x) { asm("" : "+v"(x)); }
 #else
 inline void keep(v8&) {}
 #endif
+// Lane shuffles of two 8-lane vectors by constant indices (0-7: a's lanes, 8-15: b's), in the
+// builtin each compiler has: clang's and GCC >= 12's __builtin_shufflevector, older GCC's
+// __builtin_shuffle with a mask vector.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define DSJ_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define DSJ_SHUF(a, b, ...) __builtin_shuffle(a, b, vi8{__VA_ARGS__})
+#endif
 // out[i] = sum of a[i]'s lanes for eight vectors: three levels of pairwise shuffles and adds.
 inline v8 hsum8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
-  const vi8 e0 = {0, 8, 1, 9, 4, 12, 5, 13}, o0 = {2, 10, 3, 11, 6, 14, 7, 15};
-  const vi8 e1 = {0, 1, 8, 9, 4, 5, 12, 13}, o1 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const vi8 e2 = {0, 1, 2, 3, 8, 9, 10, 11}, o2 = {4, 5, 6, 7, 12, 13, 14, 15};
-  const v8 t0 = __builtin_shuffle(a0, a1, e0) + __builtin_shuffle(a0, a1, o0);
-  const v8 t1 = __builtin_shuffle(a2, a3, e0) + __builtin_shuffle(a2, a3, o0);
-  const v8 t2 = __builtin_shuffle(a4, a5, e0) + __builtin_shuffle(a4, a5, o0);
-  const v8 t3 = __builtin_shuffle(a6, a7, e0) + __builtin_shuffle(a6, a7, o0);
-  const v8 u0 = __builtin_shuffle(t0, t1, e1) + __builtin_shuffle(t0, t1, o1);
-  const v8 u1 = __builtin_shuffle(t2, t3, e1) + __builtin_shuffle(t2, t3, o1);
-  return __builtin_shuffle(u0, u1, e2) + __builtin_shuffle(u0, u1, o2);
+#define DSJ_PAIR(a, b, e, o) (DSJ_SHUF(a, b, e) + DSJ_SHUF(a, b, o))
+#define DSJ_E0 0, 8, 1, 9, 4, 12, 5, 13
+#define DSJ_O0 2, 10, 3, 11, 6, 14, 7, 15
+#define DSJ_E1 0, 1, 8, 9, 4, 5, 12, 13
+#define DSJ_O1 2, 3, 10, 11, 6, 7, 14, 15
+#define DSJ_E2 0, 1, 2, 3, 8, 9, 10, 11
+#define DSJ_O2 4, 5, 6, 7, 12, 13, 14, 15
+  const v8 t0 = DSJ_PAIR(a0, a1, DSJ_E0, DSJ_O0), t1 = DSJ_PAIR(a2, a3, DSJ_E0, DSJ_O0);
+  const v8 t2 = DSJ_PAIR(a4, a5, DSJ_E0, DSJ_O0), t3 = DSJ_PAIR(a6, a7, DSJ_E0, DSJ_O0);
+  const v8 u0 = DSJ_PAIR(t0, t1, DSJ_E1, DSJ_O1), u1 = DSJ_PAIR(t2, t3, DSJ_E1, DSJ_O1);
+  return DSJ_PAIR(u0, u1, DSJ_E2, DSJ_O2);
+#undef DSJ_PAIR
+#undef DSJ_E0
+#undef DSJ_O0
+#undef DSJ_E1
+#undef DSJ_O1
+#undef DSJ_E2
+#undef DSJ_O2
 }
+// The upper and lower four lanes exchanged.
+inline v8 swap_halves(v8 x) { return DSJ_SHUF(x, x, 4, 5, 6, 7, 0, 1, 2, 3); }
 inline int64_t pad8(int64_t n) { return (n + kW - 1) / kW * kW; }
 
 // e^x for x <= 0 (a softmax's s - max), 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its
