@@ -79,6 +79,16 @@ def _sample(logits_V, seed, position, temperature, top_k, top_p):
   return jnp.where(temperature > 0, drawn, jnp.argmax(logits_V)).astype(jnp.int32)
 
 
+def _sample_slots(logits_SV, seed_S, position_S, temperature_S, top_k_S, top_p_S):
+  """`_sample` of every slot. While every slot is greedy the draws are skipped: under vmap the
+  per-slot `cond` in `sampling_probs` runs both branches (a sort of the vocabulary and a draw per
+  slot in every step); this `cond` on the whole batch does not."""
+  def drawn():
+    return jax.vmap(_sample)(logits_SV, seed_S, position_S, temperature_S, top_k_S, top_p_S)
+  return jax.lax.cond(jnp.any(temperature_S > 0), drawn,
+                      lambda: jnp.argmax(logits_SV, axis=-1).astype(jnp.int32))
+
+
 def _row_params(st: Slots):
   return st.temperature_S, st.top_k_S, st.top_p_S
 
@@ -117,7 +127,7 @@ def _draft(cfg, variables, pools, table, hidden_BTD, next_BT, positions_BT, inde
 def _decode_once(cfg, variables, pools, table_SM, st: Slots, group: int):
   out, pools = _main(cfg, variables, pools, table_SM, st.tokens_S[:, None],
                      st.positions_S[:, None], group)
-  next_S = jax.vmap(_sample)(out.logits_BTV[:, 0], st.seed_S, st.positions_S + 1,
+  next_S = _sample_slots(out.logits_BTV[:, 0], st.seed_S, st.positions_S + 1,
                              *_row_params(st))
   count_S, done_S, remaining_S = _settle(next_S[:, None], jnp.ones_like(next_S), st.stop_SK,
                                          st.done_S, st.remaining_S)
@@ -171,7 +181,7 @@ def speculate_slots(cfg: ModelConfig, variables, pools, table_SM, st: Slots, gro
   one = lambda k, a, b, q, d: spec.accept(k, a[None], b[None], q[None], d[None])  # noqa: E731
   accepted_S, bonus_S = (x[:, 0] for x in jax.vmap(one)(keys, p0_SV, p1_SV, st.q_SV, st.draft_S))
   accepted_S = accepted_S & st.spec_S
-  plain_S = jax.vmap(_sample)(out.logits_BTV[:, 0], st.seed_S, st.positions_S + 1,
+  plain_S = _sample_slots(out.logits_BTV[:, 0], st.seed_S, st.positions_S + 1,
                               *_row_params(st))
   first_S = jnp.where(st.spec_S, jnp.where(accepted_S, st.draft_S, bonus_S), plain_S)
   emitted_S2 = jnp.stack([first_S, jnp.where(accepted_S, bonus_S, first_S)], axis=1)

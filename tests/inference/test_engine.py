@@ -94,6 +94,10 @@ def test_per_request_stops_budgets_and_sampling(model):
   assert len(reqs[2].tokens) == 1
   sampled = Engine(cfg, variables, **SHAPES).submit(prompts[3], 15, **kw).result()
   assert reqs[3].tokens == sampled and len(sampled) == 15
+  # ... and its decode steps drew (the batch-wide greedy shortcut, steps._sample_slots, stayed
+  # off): after its first token it is not the greedy continuation.
+  greedy_after = Engine(cfg, variables, **SHAPES).submit(list(prompts[3]) + sampled[:1], 14)
+  assert sampled[1:] != greedy_after.result()
   assert (decode_slots._cache_size(), prefill_chunk._cache_size()) == compiled
 
 
