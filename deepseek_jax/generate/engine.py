@@ -4,9 +4,10 @@ scheduling, Sarathi's chunked prefill, vLLM's paged blocks).
 `Engine(cfg, variables).submit(prompt_ids, ...)` queues a request and returns a `Request`, an
 iterator of its tokens that drives the engine while it waits. Every `step()` admits queued requests
 into free slots (when the pool can promise their worst-case blocks), runs one prefill chunk of the
-oldest request still prefilling, one decode step of every running slot, and retires the finished
-ones (their blocks go back to the pool). Two compiled programs, each compiled once: decode over a
-fixed number of slots and prefill of one fixed-size chunk, both over the fixed block pool.
+oldest request still prefilling and one decode step of every running slot (in one call), or, while
+no prompt waits, up to `decode_steps` decode steps, and retires the finished ones (their blocks go
+back to the pool). Each program compiles once, over a fixed number of slots, one fixed-size chunk
+and the fixed block pool: the chunk with a decode step, the chunk alone, decode steps alone.
 Sampling parameters, seeds, stop ids and budgets are per-slot arrays. The host reads each step's
 tokens one step late, so the device never waits for Python.
 """
@@ -27,7 +28,7 @@ from deepseek_jax.generate import paged
 from deepseek_jax.generate import speculative as spec
 from deepseek_jax.generate.decode import Sampling
 from deepseek_jax.generate.steps import (Params, decode_slots, decode_slots_many, init_slots,
-                                         prefill_chunk, speculate_slots)
+                                         prefill_chunk, prefill_then_decode, speculate_slots)
 from deepseek_jax.layers import dtype_of
 from deepseek_jax.mla import ABSORBED, absorbed_weights
 
@@ -169,12 +170,23 @@ class Engine:
     self._admit()
     emits = []
     prefilling = [r for r in self.slot_of if r is not None and r.prefilled < len(r.prompt)]
-    if prefilling:
-      emits.append(self._prefill(min(prefilling, key=lambda r: r.id)))
+    prefill = self._prefill(min(prefilling, key=lambda r: r.id)) if prefilling else None
     running = [r if r is not None and r.prefilled == len(r.prompt) and not r.finished else None
                for r in self.slot_of]
-    if any(running):   # several steps per call while no prompt waits for its chunks
-      emits.append(self._decode(running, 1 if prefilling else self.decode_steps))
+    if prefill and any(running) and not self._speculating(running):
+      # The chunk and one decode step of the running slots in one call (one launch fewer).
+      req, args = prefill
+      self._ensure_ahead(running, 1, False)
+      self.pools, self.state, emit_p, emit_d = prefill_then_decode(
+          self.cfg, self.variables, self.pools, self._table(running), *args)
+      emits += [([req], emit_p), (running, emit_d)]
+    else:
+      if prefill:
+        req, args = prefill
+        self.pools, self.state, emit = prefill_chunk(self.cfg, self.variables, self.pools, *args)
+        emits.append(([req], emit))
+      if any(running):   # several steps per call while no prompt waits for its chunks
+        emits.append(self._decode(running, 1 if prefilling else self.decode_steps))
     previous, self._in_flight = self._in_flight, emits
     for emit in previous:
       self._deliver(*emit)
@@ -198,6 +210,8 @@ class Engine:
                      else np.zeros(self.max_blocks, np.int32) for r in reqs])
 
   def _prefill(self, req: Request):
+    """(req, the arguments of `prefill_chunk` after the pools) for its next chunk; its blocks
+    are ensured and `prefilled` advanced."""
     start, n = req.prefilled, len(req.prompt)
     end = min(start + self.chunk, n)
     self.blocks.ensure(req.id, end)
@@ -209,20 +223,26 @@ class Engine:
     params = Params(np.int32(n), np.int32(req.max_new_tokens), np.int32(req.seed),
                     np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p), stop_K,
                     np.bool_(req.speculative))
-    self.pools, self.state, emit = prefill_chunk(
-        self.cfg, self.variables, self.pools, self._table([req]), self.state, np.int32(req.slot),
-        tokens[:, :-1], tokens[:, 1:], np.int32(start), params, self.group, req.speculative)
+    args = (self._table([req]), self.state, np.int32(req.slot), tokens[:, :-1], tokens[:, 1:],
+            np.int32(start), params, self.group, req.speculative)
     req.prefilled, req.next_pos = end, n
-    return [req], emit
+    return req, args
 
-  def _decode(self, running, steps: int):
-    speculate = any(r is not None and r.speculative for r in running)
-    steps = 1 if speculate else steps
+  @staticmethod
+  def _speculating(running) -> bool:
+    return any(r is not None and r.speculative for r in running)
+
+  def _ensure_ahead(self, running, steps: int, speculate: bool) -> None:
     for r in running:
       if r is not None:   # blocks through the positions this call may write (within the budget)
         ahead = 2 if speculate and r.speculative else steps
         self.blocks.ensure(r.id, min(r.next_pos + ahead, len(r.prompt) + r.max_new_tokens))
         r.next_pos += ahead
+
+  def _decode(self, running, steps: int):
+    speculate = self._speculating(running)
+    steps = 1 if speculate else steps
+    self._ensure_ahead(running, steps, speculate)
     args = (self.cfg, self.variables, self.pools, self._table(running), self.state, self.group)
     if speculate:
       self.pools, self.state, emit = speculate_slots(*args)

@@ -228,3 +228,17 @@ def prefill_chunk(cfg: ModelConfig, variables, pools, table_1M, st: Slots, slot,
               req.spec, draft, q_V)
   st = jax.tree.map(lambda a, r: jnp.where(last, a.at[slot].set(r), a), st, row)
   return pools, st, (first[None, None], jnp.where(last, count, 0), done, jnp.full(1, -1))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "group", "speculative"),
+                   donate_argnames=("pools",))
+def prefill_then_decode(cfg: ModelConfig, variables, pools, table_SM, table_1M, st: Slots, slot,
+                        tokens_1T, next_1T, start, req: Params, group: int,
+                        speculative: bool = False):
+  """`prefill_chunk`, then `decode_slots` of the running slots (table_SM) in the same call: an
+  engine step that prefills launches one program, not two. -> (pools, st, the chunk's emit,
+  the decode's emit)."""
+  pools, st, emit_p = prefill_chunk(cfg, variables, pools, table_1M, st, slot, tokens_1T, next_1T,
+                                    start, req, group, speculative)
+  pools, st, emit_d = decode_slots(cfg, variables, pools, table_SM, st, group)
+  return pools, st, emit_p, emit_d

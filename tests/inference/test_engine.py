@@ -15,7 +15,8 @@ from deepseek_jax.generate import generate
 from deepseek_jax.generate import serve
 from deepseek_jax.generate.engine import Engine
 from deepseek_jax.generate.load import load_for_inference
-from deepseek_jax.generate.steps import decode_slots, decode_slots_many, prefill_chunk
+from deepseek_jax.generate.steps import (decode_slots, decode_slots_many, prefill_chunk,
+                                         prefill_then_decode)
 from deepseek_jax.hf import save_hf
 from deepseek_jax.model import Transformer
 from tests.helpers import init_model, small_config
@@ -50,9 +51,13 @@ def test_stream_equals_each_request_alone_and_generate(model):
   engine.run()
   assert engine.blocks.in_use == 0 and not engine.blocks.owned
   assert 0 < engine.blocks.peak_in_use <= engine.blocks.num_blocks - 1
-  compiled = [f._cache_size() for f in (decode_slots, decode_slots_many, prefill_chunk)]
+  programs = (decode_slots, decode_slots_many, prefill_chunk, prefill_then_decode)
+  compiled = [f._cache_size() for f in programs]
   alone = [Engine(cfg, variables, **SHAPES).submit(p, n).result() for p, n in zip(prompts, news)]
-  assert [f._cache_size() for f in (decode_slots, decode_slots_many, prefill_chunk)] == compiled
+  # A request alone prefills with nothing running (the chunk alone: one more program), and no
+  # engine compiles a program again.
+  assert [f._cache_size() for f in programs] == [compiled[0], compiled[1],
+                                                  max(compiled[2], 1), compiled[3]]
   batch = generate(cfg, variables, prompts, max(news)).tokens
   for r, a, g, n in zip(reqs, alone, batch, news):
     assert r.finished and not r.stopped and len(r.tokens) == n
