@@ -7,7 +7,8 @@ into free slots (when the pool can promise their worst-case blocks), runs one pr
 oldest request still prefilling and one decode step of every running slot (in one call), or, while
 no prompt waits, up to `decode_steps` decode steps, and retires the finished ones (their blocks go
 back to the pool). Each program compiles once, over a fixed number of slots, one fixed-size chunk
-and the fixed block pool: the chunk with a decode step, the chunk alone, decode steps alone.
+and the fixed block pool: the chunk with a decode step, several decode steps, and with MTP
+speculation the chunk alone and a speculative step.
 Sampling parameters, seeds, stop ids and budgets are per-slot arrays. The host reads each step's
 tokens one step late, so the device never waits for Python.
 """
@@ -173,8 +174,9 @@ class Engine:
     prefill = self._prefill(min(prefilling, key=lambda r: r.id)) if prefilling else None
     running = [r if r is not None and r.prefilled == len(r.prompt) and not r.finished else None
                for r in self.slot_of]
-    if prefill and any(running) and not self._speculating(running):
-      # The chunk and one decode step of the running slots in one call (one launch fewer).
+    if prefill and not self._speculating(running):
+      # The chunk and one decode step of the running slots in one call: one launch per step, and
+      # one program fewer to compile (with no slot running, the decode step emits nothing).
       req, args = prefill
       self._ensure_ahead(running, 1, False)
       self.pools, self.state, emit_p, emit_d = prefill_then_decode(

@@ -54,10 +54,7 @@ def test_stream_equals_each_request_alone_and_generate(model):
   programs = (decode_slots, decode_slots_many, prefill_chunk, prefill_then_decode)
   compiled = [f._cache_size() for f in programs]
   alone = [Engine(cfg, variables, **SHAPES).submit(p, n).result() for p, n in zip(prompts, news)]
-  # A request alone prefills with nothing running (the chunk alone: one more program), and no
-  # engine compiles a program again.
-  assert [f._cache_size() for f in programs] == [compiled[0], compiled[1],
-                                                  max(compiled[2], 1), compiled[3]]
+  assert [f._cache_size() for f in programs] == compiled   # no engine compiles a program again
   batch = generate(cfg, variables, prompts, max(news)).tokens
   for r, a, g, n in zip(reqs, alone, batch, news):
     assert r.finished and not r.stopped and len(r.tokens) == n
