@@ -110,6 +110,10 @@ class Engine:
     self.pools["mtp"] = (paged.init_pools(cfg, num_blocks, block_size, self.cache_dtype, 0)
                          if speculative else None)
     self.state = init_slots(slots, stops, cfg.vocab_size if speculative else 0)
+    # Committed to the device like every call's outputs: a program's first call (on arrays
+    # made here, uncommitted) would otherwise lower and compile it a second time.
+    device = jax.devices()[0]
+    self.pools, self.state = jax.device_put((self.pools, self.state), device)
     self.queue: collections.deque[Request] = collections.deque()
     self.slot_of: list[Request | None] = [None] * slots
     self._ids = itertools.count()

@@ -93,6 +93,12 @@ def _row_params(st: Slots):
   return st.temperature_S, st.top_k_S, st.top_p_S
 
 
+def _live_params(st: Slots):
+  """`_row_params` with done slots greedy (they emit nothing): a finished sampled request does
+  not keep `_sample_slots` drawing for the greedy ones until its slot is refilled."""
+  return jnp.where(st.done_S, 0.0, st.temperature_S), st.top_k_S, st.top_p_S
+
+
 def _settle(emitted_Ss, want_S, stop_SK, done_S, remaining_S):
   """(count, done, remaining): tokens emitted, cut after a stop id and by the budget, 0 once done."""
   s = emitted_Ss.shape[1]
@@ -128,7 +134,7 @@ def _decode_once(cfg, variables, pools, table_SM, st: Slots, group: int):
   out, pools = _main(cfg, variables, pools, table_SM, st.tokens_S[:, None],
                      st.positions_S[:, None], group)
   next_S = _sample_slots(out.logits_BTV[:, 0], st.seed_S, st.positions_S + 1,
-                             *_row_params(st))
+                         *_live_params(st))
   count_S, done_S, remaining_S = _settle(next_S[:, None], jnp.ones_like(next_S), st.stop_SK,
                                          st.done_S, st.remaining_S)
   st = st._replace(tokens_S=jnp.where(count_S > 0, next_S, st.tokens_S),
@@ -182,7 +188,7 @@ def speculate_slots(cfg: ModelConfig, variables, pools, table_SM, st: Slots, gro
   accepted_S, bonus_S = (x[:, 0] for x in jax.vmap(one)(keys, p0_SV, p1_SV, st.q_SV, st.draft_S))
   accepted_S = accepted_S & st.spec_S
   plain_S = _sample_slots(out.logits_BTV[:, 0], st.seed_S, st.positions_S + 1,
-                              *_row_params(st))
+                          *_live_params(st))
   first_S = jnp.where(st.spec_S, jnp.where(accepted_S, st.draft_S, bonus_S), plain_S)
   emitted_S2 = jnp.stack([first_S, jnp.where(accepted_S, bonus_S, first_S)], axis=1)
   a_S = accepted_S.astype(jnp.int32)

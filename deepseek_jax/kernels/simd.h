@@ -78,10 +78,10 @@ inline v8 load8(const uint8_t* p) {
 #endif
   const vu8 em = b & 0x7Fu, sign = (b & 0x80u) << 24;
   const vu8 normal = (em << 20) + (120u << 23);
-  const v8 sub = __builtin_convertvector(reinterpret_cast<const vi8&>(em), v8) * (1.0f / 512.0f);
+  const v8 sub = __builtin_convertvector(reinterpret_cast<vi8>(em), v8) * (1.0f / 512.0f);
   const v8 nan = splat(std::numeric_limits<float>::quiet_NaN());
-  const vu8 mag = em == 0x7Fu ? reinterpret_cast<const vu8&>(nan)
-                  : em < 8u ? reinterpret_cast<const vu8&>(sub) : normal;
+  const vu8 mag = em == 0x7Fu ? reinterpret_cast<vu8>(nan)
+                  : em < 8u ? reinterpret_cast<vu8>(sub) : normal;
   return reinterpret_cast<v8>(mag | sign);
 }
 inline v8 bcast(const float* p) {
@@ -150,7 +150,7 @@ inline v8 exp8(v8 in) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const vi8 bits = (n + 127) * (1 << 23);   // n >= -126: no signed shift of a negative
-  const v8 y = p * reinterpret_cast<const v8&>(bits);
+  const v8 y = p * reinterpret_cast<v8>(bits);
   return nan ? in : under ? splat(0.0f) : y;
 }
 

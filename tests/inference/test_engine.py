@@ -5,8 +5,12 @@ one-line input errors; the serve command."""
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -75,6 +79,24 @@ def test_several_decode_steps_per_call_emit_the_same_tokens(model):
     out[k], steps[k] = [(r.tokens, r.stopped) for r in reqs], engine.steps
     assert engine.blocks.in_use == 0
   assert out[1] == out[5] and steps[5] < steps[1]
+
+
+def test_a_new_engine_compiles_each_program_once(model, caplog):
+  """Its first calls take arrays it made itself, later ones the calls' outputs: both must hit
+  one compiled program (uncommitted arrays had made the first call compile it a second time)."""
+  cfg, variables = model
+  # Variables on a device, as a checkpoint loads them (with uncommitted ones it did not show).
+  variables = jax.device_put(variables, jax.devices()[0])
+  shapes = dict(SHAPES, slots=2, prefill_chunk=8)   # shapes no other test compiles
+  prompts, news = _stream(seed=3, n=2)
+  with jax.log_compiles(), caplog.at_level(logging.DEBUG):
+    engine = Engine(cfg, variables, **shapes)
+    for p, n in zip(prompts, news):
+      engine.submit(p, n)
+    engine.run()
+  compiled = collections.Counter(
+      m.group(1) for m in re.finditer(r"Finished XLA compilation of jit\((\w+)\)", caplog.text))
+  assert compiled["prefill_then_decode"] == 1 and compiled["decode_slots_many"] == 1, compiled
 
 
 def test_per_request_stops_budgets_and_sampling(model):
