@@ -241,10 +241,16 @@ def prefill_chunk(cfg: ModelConfig, variables, pools, table_1M, st: Slots, slot,
 def prefill_then_decode(cfg: ModelConfig, variables, pools, table_SM, table_1M, st: Slots, slot,
                         tokens_1T, next_1T, start, req: Params, group: int,
                         speculative: bool = False):
-  """`prefill_chunk`, then `decode_slots` of the running slots (table_SM) in the same call: an
-  engine step that prefills launches one program, not two. -> (pools, st, the chunk's emit,
-  the decode's emit)."""
+  """`prefill_chunk`, then `decode_slots` of the running slots (table_SM) in the same call, skipped
+  while no slot runs: an engine step that prefills launches one program, not two. -> (pools, st,
+  the chunk's emit, the decode's emit)."""
   pools, st, emit_p = prefill_chunk(cfg, variables, pools, table_1M, st, slot, tokens_1T, next_1T,
                                     start, req, group, speculative)
-  pools, st, emit_d = decode_slots(cfg, variables, pools, table_SM, st, group)
+
+  def idle():   # no slot running (the chunk was not its prompt's last): the step emits nothing
+    S = st.tokens_S.shape[0]
+    return pools, st, (jnp.zeros((S, 1), jnp.int32), jnp.zeros(S, jnp.int32), st.done_S)
+
+  pools, st, emit_d = jax.lax.cond(
+      jnp.all(st.done_S), idle, lambda: decode_slots(cfg, variables, pools, table_SM, st, group))
   return pools, st, emit_p, emit_d
