@@ -212,16 +212,17 @@ def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats:
     total = sum(terms.values())
     fractions = [total / bandwidth / t for t in runs[key]]
     # The roofline proper: the slower of moving the bytes and doing the FLOPs, each at this
-    # process's measured rate, run by run (an FP8 latent cache moves 4x fewer cache bytes for
-    # the same FLOPs: on a CPU its step is bound by the arithmetic, not by memory).
-    bound = [max(total / b, sum(flops.values()) / p) for b, p in zip(runs["bw"], runs["mm"])]
+    # process's measured rate (medians, as the memory roofline: an FP8 latent cache moves 4x
+    # fewer cache bytes for the same FLOPs, and on a CPU its step is bound by the arithmetic).
+    bound = max(total / bandwidth, sum(flops.values()) / peak)
     t = float(np.median(runs[key]))
     print(f"cache {key}: {total / 1e6:.1f} MB per step = "
           + " + ".join(f"{name} {v / 1e6:.2f}" for name, v in terms.items()))
     print(f"  step {t * 1e3:.2f} ms ({batch / t:.0f} tok/s), roofline {total / bandwidth * 1e3:.2f} "
           f"ms: {np.median(fractions):.0%} of the memory roofline (runs: "
           + ", ".join(f"{f:.0%}" for f in fractions) + "); "
-          f"{np.median([b / r for b, r in zip(bound, runs[key])]):.0%} of max(memory, compute)",
+          f"{np.median([bound / r for r in runs[key]]):.0%} of max(memory, compute) "
+          f"({bound * 1e3:.2f} ms)",
           flush=True)
 
 
