@@ -7,7 +7,9 @@ the same tokens whatever shares its batch. `decode_slots` feeds one token per sl
 `speculate_slots` verifies [token, draft] for every slot, accepting drafts only in the slots whose
 request speculates (the others sample exactly as in `decode_slots`), then drafts again with the
 MTP module through its own pool; `prefill_chunk` writes one request's prompt chunk and, on its
-last chunk, samples its first token (and draft) and puts the request into its slot.
+last chunk, samples its first token (and draft) and puts the request into its slot;
+`prefill_then_decode` is a chunk and a `decode_slots` step in one call (the engine's usual step
+while prompts wait), `decode_slots_many` several decode steps in one call.
 """
 
 from __future__ import annotations
