@@ -41,6 +41,7 @@ from deepseek_jax.hf import load_hf, save_hf  # noqa: E402
 from deepseek_jax.kernels import cpu as cpu_kernels  # noqa: E402
 from deepseek_jax.mla import FP8_LATENT  # noqa: E402
 from deepseek_jax.model import Transformer, init_model_cache  # noqa: E402
+from deepseek_jax.training.metrics import measure_matmul_peak  # noqa: E402
 
 CACHE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "fp8 latent": FP8_LATENT}
 
@@ -118,20 +119,6 @@ def bandwidth_timer(mib: int = 512):
   return run
 
 
-def matmul_timer(n: int = 1024):
-  """The f32 matmul rate of this process (a jitted [n, n] @ [n, n]): the arithmetic peak the
-  step's FLOPs are held against."""
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-
-  def run() -> float:
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    return 2 * n ** 3 / (time.perf_counter() - t)
-  return run
-
-
 def step_flops(cfg, variables, batch: int, context: int) -> dict[str, float]:
   """FLOPs of one absorbed decode step: the attention over the latent cache (each of N heads
   scores context + 1 slots over C + R and sums C of them: 2 N (2C + R) per slot, per layer) and
@@ -187,7 +174,7 @@ def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats:
         f"{repeats} (each run: bandwidth, then each cache dtype and attention, interleaved); "
         f"attention: {', '.join(attention)} (kernel: the CPU kernel, kernels/cpu.py; xla: XLA's "
         "blocked loop)")
-  bw, mm = bandwidth_timer(), matmul_timer()
+  bw, mm = bandwidth_timer(), lambda: measure_matmul_peak(sizes=(1024,), repeats=3)
   timers = {f"{k}, {a}": loop_timer(cfg, variables, batch, context, steps,
                                     dtype=CACHE_DTYPES[k], kernel=a == "kernel")
             for k in dtypes for a in attention}
@@ -195,7 +182,7 @@ def part_roofline(cfg, variables, batch: int, context: int, steps: int, repeats:
   bw(), mm(), [run() for run in timers.values()]   # untimed: a process's first run is slow
   for _ in range(repeats):
     runs["bw"].append(bw())
-    runs["mm"].append(max(mm() for _ in range(3)))
+    runs["mm"].append(mm())
     for k, run in timers.items():
       runs[k].append(run())
   bandwidth = float(np.median(runs["bw"]))

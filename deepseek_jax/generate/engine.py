@@ -191,8 +191,8 @@ class Engine:
         req, args = prefill
         self.pools, self.state, emit = prefill_chunk(self.cfg, self.variables, self.pools, *args)
         emits.append(([req], emit))
-      if any(running):   # several steps per call while no prompt waits for its chunks
-        emits.append(self._decode(running, 1 if prefilling else self.decode_steps))
+      if any(running):   # (with a prompt waiting only speculation comes here: one step)
+        emits.append(self._decode(running, self.decode_steps))
     previous, self._in_flight = self._in_flight, emits
     for emit in previous:
       self._deliver(*emit)
